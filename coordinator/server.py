@@ -1,0 +1,537 @@
+"""Coordinator process: client plane, worker plane, rendezvous, and the serving loop.
+
+Lifecycle: bind sockets and the rendezvous store -> wait for `workers.count` REGISTERs -> plan ->
+ASSIGN each worker -> wait for every READY -> serve. The busy loop:
+
+    1. drain the inbox (client requests, worker results and heartbeats)
+    2. schedule: while fewer than `pipeline_micro_batches` steps are in flight, ask the scheduler
+    3. dispatch each new step plan to every worker
+    4. collect: a STEP_RESULT from the last stage completes a step (arrives via step 1)
+    5. emit text deltas / DONE messages, and check worker liveness
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from coordinator.block_manager import BlockManager
+from coordinator.planner import ModelSizes, Plan, PlanError, WorkerOffer, format_plan, make_plan
+from coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
+from coordinator.sequence import Sequence
+from coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from shardline import __version__
+from shardline import protocol as P
+from shardline.config import ClusterConfig
+from shardline.model_file import read_model_spec, resolve_model_path
+from shardline.protocol import ErrorCode, MsgType, ProtocolError
+from shardline.sampling import SamplingParams
+
+log = logging.getLogger("shardline.coordinator")
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    identity: bytes
+    host: str
+    device: str
+    memory_bytes: int
+    incarnation: str
+    pid: int
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    alive: bool = True
+    weight_bytes: int = 0
+    step_time_s: float = 0.0
+
+
+@dataclass
+class Request:
+    """A client's request and its output stream state."""
+
+    client: bytes
+    request_id: str
+    seq: Sequence
+    stream: bool
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    num_logprobs: int
+    text: str = ""
+    num_tokens_sent: int = 0
+
+
+class Coordinator:
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.model_path = str(resolve_model_path(config.model))
+        self.spec = read_model_spec(self.model_path)
+        self.model_id = config.model
+        self.tokenizer = Tokenizer.from_gguf(self.model_path)
+        self.max_model_len = min(config.scheduler.max_model_len or self.spec.context_length, self.spec.context_length)
+        self.workers: dict[str, WorkerInfo] = {}
+        self.order: list[str] = []  # worker ids in registration order
+        self.plan: Plan | None = None
+        self.state = "waiting_for_workers"
+        self.scheduler: Scheduler | None = None
+        self.requests: dict[int, Request] = {}  # seq_id -> request
+        self.by_client: dict[tuple[bytes, str], int] = {}  # (client, request_id) -> seq_id
+        self.in_flight: dict[int, SchedulerOutput] = {}  # step_id -> step
+        self.step_started: dict[int, float] = {}
+        self._next_seq_id = 0
+        self._stop = False
+        self.generation = 0
+        self.stats = {"requests_total": 0, "requests_finished": 0, "generation_tokens_total": 0,
+                      "prompt_tokens_total": 0, "steps_total": 0, "step_time_s_total": 0.0}
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        import torch.distributed as dist
+
+        c = self.config.coordinator
+        self.ctx = zmq.Context.instance()
+        self.client_sock = self.ctx.socket(zmq.ROUTER)
+        self.worker_sock = self.ctx.socket(zmq.ROUTER)
+        for s in (self.client_sock, self.worker_sock):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            s.setsockopt(zmq.SNDHWM, 100_000)
+            s.setsockopt(zmq.RCVHWM, 100_000)
+        try:  # draft API in libzmq; without it a vanished client is found when a send to it fails
+            self.client_sock.setsockopt(zmq.ROUTER_NOTIFY, zmq.NOTIFY_DISCONNECT)
+        except (zmq.ZMQError, AttributeError):
+            pass
+        self.client_sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_CLIENT_FRAME_BYTES)
+        self.worker_sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        self.client_sock.bind(f"tcp://{c.host}:{c.client_port}")
+        self.worker_sock.bind(f"tcp://{c.host}:{c.worker_port}")
+        self.store = dist.TCPStore(c.host, c.rendezvous_port, is_master=True, wait_for_workers=False)
+        log.info("coordinator up: clients %s, workers %s, rendezvous %s:%d, model %s (%s)",
+                 self.config.client_address, self.config.worker_address, c.host, c.rendezvous_port,
+                 self.model_id, self.model_path)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            self._send_worker(w, MsgType.SHUTDOWN, {})
+        for req in list(self.requests.values()):
+            self._send_error(req.client, req.request_id, ErrorCode.UNAVAILABLE, "coordinator shutting down")
+        self.client_sock.close(linger=0)
+        self.worker_sock.close(linger=0)
+        del self.store
+
+    def serve_forever(self, install_signals: bool = True) -> None:
+        if install_signals:
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        self.start()
+        try:
+            poller = zmq.Poller()
+            poller.register(self.client_sock, zmq.POLLIN)
+            poller.register(self.worker_sock, zmq.POLLIN)
+            hb = self.config.heartbeat.interval_s
+            last_hb = 0.0
+            while not self._stop:
+                # 1. drain the inbox
+                timeout_ms = 0 if self._can_dispatch() else int(hb * 1000 / 4)
+                events = dict(poller.poll(timeout_ms))
+                if self.worker_sock in events:
+                    self._drain(self.worker_sock, self._on_worker_frame)
+                if self.client_sock in events:
+                    self._drain(self.client_sock, self._on_client_frame)
+                # 2-3. schedule and dispatch
+                while self._can_dispatch():
+                    out = self.scheduler.schedule()
+                    if out is None:
+                        break
+                    self._dispatch(out)
+                # 5. liveness
+                now = time.monotonic()
+                if now - last_hb >= hb:
+                    last_hb = now
+                    self._heartbeat(now)
+        finally:
+            self.close()
+
+    def _drain(self, sock, handler, limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                if sock is self.client_sock and frames:
+                    self._send_error(frames[0], "", ErrorCode.BAD_FRAME, f"expected 1 frame, got {len(frames) - 1}")
+                continue
+            identity, frame = frames
+            if not frame:  # ROUTER_NOTIFY: the peer disconnected
+                if sock is self.client_sock:
+                    self._client_gone(identity)
+                continue
+            handler(identity, frame)
+
+    # ---- worker plane --------------------------------------------------------------------
+    def _send_worker(self, w: WorkerInfo, msg_type: MsgType, body: dict) -> bool:
+        try:
+            self.worker_sock.send_multipart([w.identity, P.encode(msg_type, body)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("cannot reach worker %s: %s", w.worker_id, exc)
+            return False
+
+    def _on_worker_frame(self, identity: bytes, frame: bytes) -> None:
+        try:
+            msg_type, body = P.decode(frame)
+            if msg_type is MsgType.STEP_RESULT:
+                self._on_step_result(body)
+            elif msg_type is MsgType.HEARTBEAT:
+                w = self.workers.get(body.get("worker_id"))
+                if w is not None and w.identity == identity:
+                    w.last_heartbeat = time.monotonic()
+                    w.step_time_s = float(body.get("step_time_s", 0.0))
+            elif msg_type is MsgType.REGISTER:
+                self._on_register(identity, body)
+            elif msg_type is MsgType.READY:
+                self._on_ready(identity, body)
+            else:
+                raise ProtocolError(f"unexpected {msg_type.name} on the worker plane", ErrorCode.UNKNOWN_TYPE)
+        except ProtocolError as exc:
+            log.warning("bad frame from worker %r: %s", identity, exc)
+            self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(exc.code, str(exc)))
+        except Exception:  # a bug or a hostile peer must not take the coordinator down
+            log.exception("error handling a worker message from %r", identity)
+
+    def _on_register(self, identity: bytes, body: dict) -> None:
+        wid = P.require(body, "worker_id", str, "REGISTER")
+        version = P.require(body, "version", str, "REGISTER")
+        if version.split(".")[:2] != __version__.split(".")[:2]:
+            self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(
+                ErrorCode.VERSION_MISMATCH, f"worker {wid} runs shardline {version}, coordinator runs {__version__}"))
+            return
+        if self.state != "waiting_for_workers":
+            self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(
+                ErrorCode.UNAVAILABLE, f"cluster already planned ({self.state}); worker {wid} not needed"))
+            return
+        w = WorkerInfo(wid, identity, P.require(body, "host", str, "REGISTER"), P.require(body, "device", str, "REGISTER"),
+                       P.require(body, "memory_bytes", int, "REGISTER"), str(body.get("incarnation", "")),
+                       int(body.get("pid", 0)))
+        if wid not in self.workers:
+            self.order.append(wid)
+        self.workers[wid] = w
+        log.info("worker %s registered from %s (%s, %.1f GiB) [%d/%d]", wid, w.host, w.device,
+                 w.memory_bytes / 2**30, len(self.workers), self.config.workers.count)
+        if len(self.workers) == self.config.workers.count:
+            self._assign()
+
+    def _assign(self) -> None:
+        cfg = self.config
+        offers = [WorkerOffer(w, self.workers[w].host, self.workers[w].memory_bytes, self.workers[w].device)
+                  for w in sorted(self.order)]
+        sizes = ModelSizes.from_gguf(self.model_path, self.spec, bytes_per_element=4)
+        kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
+        try:
+            plan = make_plan(self.spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,
+                             cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks)
+        except PlanError as exc:
+            log.error("no plan fits: %s", exc)
+            self.state = f"plan_failed: {exc}"
+            return
+        self.plan = plan
+        self.generation += 1
+        log.info("plan (generation %d):\n%s", self.generation, format_plan(plan))
+        c = cfg.coordinator
+        for a in plan.assignments:
+            self._send_worker(self.workers[a.worker_id], MsgType.ASSIGN, {
+                "rank": a.rank, "world_size": plan.world_size, "stage": a.stage, "pp_size": plan.pp_size,
+                "tp_rank": a.tp_rank, "tp_size": plan.tp_size, "layer_start": a.layer_start, "layer_end": a.layer_end,
+                "model_path": self.model_path, "spec": self.spec.to_dict(), "num_kv_blocks": plan.num_kv_blocks,
+                "block_size": plan.block_size, "max_positions": self.max_model_len,
+                "store_host": c.advertise_host or c.host, "store_port": c.rendezvous_port,
+                "store_prefix": f"gen{self.generation}/", "heartbeat_interval_s": cfg.heartbeat.interval_s,
+                "heartbeat_misses": cfg.heartbeat.misses,
+            })
+        self.state = "loading"
+
+    def _on_ready(self, identity: bytes, body: dict) -> None:
+        w = self.workers.get(body.get("worker_id"))
+        if w is None or w.identity != identity:
+            return
+        w.ready = True
+        w.weight_bytes = int(body.get("weight_bytes", 0))
+        log.info("worker %s ready (%.0f MB weights, loaded in %.1f s)", w.worker_id, w.weight_bytes / 1e6,
+                 body.get("load_s", 0.0))
+        if self.state == "loading" and all(self.workers[a.worker_id].ready for a in self.plan.assignments):
+            cfg = self.config.scheduler
+            bm = BlockManager(self.plan.num_kv_blocks, self.plan.block_size, cfg.enable_prefix_caching)
+            self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+            self.scheduler.eos_token_id = self.spec.eos_token_id
+            self.max_in_flight = cfg.pipeline_micro_batches or self.plan.pp_size
+            self.state = "serving"
+            log.info("serving %s: %d KV blocks of %d tokens, %d micro-batches in flight", self.model_id,
+                     self.plan.num_kv_blocks, self.plan.block_size, self.max_in_flight)
+
+    def _heartbeat(self, now: float) -> None:
+        cfg = self.config.heartbeat
+        for w in self.workers.values():
+            if not w.alive:
+                continue
+            self._send_worker(w, MsgType.HEARTBEAT, {"time": time.time()})
+            if now - w.last_heartbeat > cfg.interval_s * cfg.misses and self.state != "loading":
+                self._worker_lost(w, f"no heartbeat for {now - w.last_heartbeat:.1f} s")
+
+    def _worker_lost(self, w: WorkerInfo, why: str) -> None:
+        w.alive = False
+        log.error("worker %s lost: %s", w.worker_id, why)
+        if self.scheduler is not None:
+            for out in self.in_flight.values():
+                self.scheduler.abort_step(out)
+            self.in_flight.clear()
+            for seq_id in list(self.requests):
+                self._finish(seq_id, "error", ErrorCode.UNAVAILABLE, f"worker {w.worker_id} lost: {why}")
+        self.state = f"degraded: worker {w.worker_id} lost"
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _can_dispatch(self) -> bool:
+        return (self.state == "serving" and len(self.in_flight) < self.max_in_flight
+                and (self.scheduler.has_work() or bool(self.scheduler._freed)))
+
+    def _dispatch(self, out: SchedulerOutput) -> None:
+        seqs = []
+        for s in out.scheduled:
+            seq = s.seq
+            entry = {"seq_id": seq.seq_id, "start": s.start, "n": s.num_new_tokens,
+                     "tokens": P.pack_ids(seq.token_ids(s.start, s.start + s.num_new_tokens)),
+                     "blocks": P.pack_ids(s.new_blocks), "reset": s.reset, "sample": s.sample}
+            if s.reset:
+                req = self.requests[seq.seq_id]
+                entry["params"] = seq.sampling_params.to_dict()
+                entry["logprobs"] = req.num_logprobs
+            seqs.append(entry)
+        body = {"step_id": out.step_id, "seqs": seqs, "free": out.freed_seq_ids}
+        frame = P.encode(MsgType.STEP, body)
+        for a in self.plan.assignments:
+            w = self.workers[a.worker_id]
+            try:
+                self.worker_sock.send_multipart([w.identity, frame], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self._worker_lost(w, f"send failed: {exc}")
+                return
+        if out.scheduled:
+            self.in_flight[out.step_id] = out
+            self.step_started[out.step_id] = time.perf_counter()
+
+    def _on_step_result(self, body: dict) -> None:
+        step_id = body.get("step_id")
+        out = self.in_flight.pop(step_id, None)
+        if out is None:
+            return
+        self.stats["steps_total"] += 1
+        self.stats["step_time_s_total"] += time.perf_counter() - self.step_started.pop(step_id, time.perf_counter())
+        seq_ids = P.unpack_ids(body["seq_ids"])
+        tokens = P.unpack_ids(body["tokens"])
+        logprobs = body.get("logprobs") or [None] * len(seq_ids)
+        sampled = dict(zip(seq_ids, tokens))
+        for sid, lp in zip(seq_ids, logprobs):
+            req = self.requests.get(sid)
+            if req is not None and lp is not None:
+                req.seq.output_logprobs.append(lp)
+        for seq in self.scheduler.update(out, sampled):
+            self._emit(seq)
+
+    # ---- outputs -------------------------------------------------------------------------
+    def _emit(self, seq: Sequence) -> None:
+        req = self.requests.get(seq.seq_id)
+        if req is None:
+            return
+        self.stats["generation_tokens_total"] += 1
+        token = seq.output_token_ids[-1]
+        delta = req.detokenizer.push([token])
+        match = req.stop_matcher.push(delta)
+        text = match.text
+        if match.stopped and not seq.is_finished:
+            seq.stop_reason = match.stop
+            self.scheduler.finish(seq.seq_id, "stop")
+        if seq.is_finished and not match.stopped:
+            text += req.stop_matcher.push(req.detokenizer.flush()).text + req.stop_matcher.flush()
+        req.text += text
+        if req.stream:
+            n = req.num_tokens_sent
+            body = {"request_id": req.request_id, "text": text, "token_ids": P.pack_ids(seq.output_token_ids[n:])}
+            if req.num_logprobs:
+                body["logprobs"] = seq.output_logprobs[n:]
+            req.num_tokens_sent = seq.num_output_tokens
+            self._reply(self.client_sock, req.client, MsgType.DELTA, body)
+        if seq.is_finished:
+            self._send_done(req)
+
+    def _send_done(self, req: Request) -> None:
+        seq = req.seq
+        now = time.monotonic()
+        t = {"queue_s": _dt(seq.arrival_time, seq.first_scheduled_time),
+             "ttft_s": _dt(seq.arrival_time, seq.first_token_time),
+             "e2e_s": now - seq.arrival_time}
+        if seq.num_output_tokens > 1 and seq.first_token_time and seq.last_token_time:
+            dt = seq.last_token_time - seq.first_token_time
+            t["decode_tokens_per_s"] = (seq.num_output_tokens - 1) / dt if dt > 0 else None
+        body = {"request_id": req.request_id, "text": req.text, "token_ids": P.pack_ids(seq.output_token_ids),
+                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason,
+                "usage": {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": seq.num_output_tokens,
+                          "cached_tokens": seq.num_cached_tokens, "num_preemptions": seq.num_preemptions},
+                "timings": t}
+        if req.num_logprobs:
+            body["logprobs"] = seq.output_logprobs
+        self._reply(self.client_sock, req.client, MsgType.DONE, body)
+        self._forget(seq.seq_id)
+        self.stats["requests_finished"] += 1
+
+    def _forget(self, seq_id: int) -> None:
+        req = self.requests.pop(seq_id, None)
+        if req is not None:
+            self.by_client.pop((req.client, req.request_id), None)
+
+    def _finish(self, seq_id: int, reason: str, code: ErrorCode | None = None, message: str = "") -> None:
+        """End a request early (abort, error) and tell its client."""
+        req = self.requests.get(seq_id)
+        if self.scheduler is not None:
+            self.scheduler.finish(seq_id, reason)
+        if req is None:
+            return
+        if code is not None:
+            self._send_error(req.client, req.request_id, code, message)
+            self._forget(seq_id)
+        else:
+            self._send_done(req)
+
+    # ---- client plane --------------------------------------------------------------------
+    def _reply(self, sock, identity: bytes, msg_type: MsgType, body: dict) -> None:
+        try:
+            sock.send_multipart([identity, P.encode(msg_type, body)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # unroutable (gone) or at the high-water mark: drop its requests
+            if sock is self.client_sock:
+                self._client_gone(identity)
+
+    def _send_error(self, client: bytes, request_id: str, code: ErrorCode, message: str) -> None:
+        self._reply(self.client_sock, client, MsgType.ERROR, P.error_body(code, message, request_id=request_id))
+
+    def _client_gone(self, client: bytes) -> None:
+        for (c, rid), seq_id in list(self.by_client.items()):
+            if c == client:
+                self.by_client.pop((c, rid), None)
+                self.requests.pop(seq_id, None)
+                if self.scheduler is not None:
+                    self.scheduler.finish(seq_id, "abort")
+
+    def _on_client_frame(self, client: bytes, frame: bytes) -> None:
+        request_id = ""
+        try:
+            msg_type, body = P.decode(frame, P.MAX_CLIENT_FRAME_BYTES)
+            rid = body.get("request_id", "")
+            request_id = rid if isinstance(rid, str) else ""
+            if msg_type is MsgType.GENERATE:
+                self._on_generate(client, body)
+            elif msg_type is MsgType.CANCEL:
+                seq_id = self.by_client.get((client, request_id))
+                if seq_id is not None:
+                    self._finish(seq_id, "abort")
+            elif msg_type is MsgType.HEALTH:
+                self._reply(self.client_sock, client, MsgType.HEALTH_REPLY, self.health())
+            elif msg_type is MsgType.STATS:
+                self._reply(self.client_sock, client, MsgType.STATS_REPLY, self.stats_snapshot())
+            elif msg_type is MsgType.MODELS:
+                self._reply(self.client_sock, client, MsgType.MODELS_REPLY, {"models": [
+                    {"id": self.model_id, "name": self.spec.name, "context_length": self.max_model_len,
+                     "architecture": self.spec.architecture}]})
+            else:
+                raise ProtocolError(f"{msg_type.name} is not a client request", ErrorCode.UNKNOWN_TYPE)
+        except ProtocolError as exc:
+            self._send_error(client, request_id, exc.code, str(exc))
+        except (ValueError, TypeError) as exc:
+            self._send_error(client, request_id, ErrorCode.INVALID_REQUEST, str(exc))
+        except Exception as exc:  # a bug must not take the coordinator down
+            log.exception("error handling a client message")
+            self._send_error(client, request_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    def _on_generate(self, client: bytes, body: dict) -> None:
+        request_id = P.require(body, "request_id", str, "GENERATE")
+        if not 0 < len(request_id) <= 128:
+            raise ProtocolError("GENERATE: request_id must be 1..128 characters", ErrorCode.INVALID_REQUEST)
+        if self.state != "serving":
+            self._send_error(client, request_id, ErrorCode.UNAVAILABLE, f"cluster not serving: {self.state}")
+            return
+        if (client, request_id) in self.by_client:
+            raise ProtocolError(f"request_id {request_id!r} is already in use", ErrorCode.INVALID_REQUEST)
+        params = SamplingParams.from_dict(body.get("params") or {})
+        num_logprobs = body.get("logprobs") or 0
+        if not isinstance(num_logprobs, int) or not 0 <= num_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={num_logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]")
+        if "prompt_token_ids" in body:
+            ids = P.unpack_ids(body["prompt_token_ids"])
+            if any(not 0 <= i < self.spec.vocab_size for i in ids):
+                raise ValueError(f"prompt_token_ids: ids must be in [0, {self.spec.vocab_size})")
+        elif "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise ValueError("messages must be a list of {role: str, content: str}")
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        else:
+            prompt = P.require(body, "prompt", str, "GENERATE")
+            if len(prompt) > P.MAX_CLIENT_FRAME_BYTES:
+                raise ValueError("prompt too long")
+            ids = self.tokenizer.encode(prompt)
+        seq = Sequence(self._next_seq_id, ids, params, request_id=request_id)
+        try:
+            self.scheduler.add(seq)
+        except RequestTooLarge as exc:
+            self._send_error(client, request_id, ErrorCode.INVALID_REQUEST, str(exc))
+            return
+        self._next_seq_id += 1
+        stream = bool(body.get("stream", False))
+        req = Request(client, request_id, seq, stream, IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
+                      StopStringMatcher(list(params.stop), params.include_stop_str_in_output), num_logprobs)
+        self.requests[seq.seq_id] = req
+        self.by_client[(client, request_id)] = seq.seq_id
+        self.stats["requests_total"] += 1
+        self.stats["prompt_tokens_total"] += len(ids)
+        self._reply(self.client_sock, client, MsgType.ACCEPTED, {"request_id": request_id, "prompt_tokens": len(ids)})
+
+    # ---- introspection -------------------------------------------------------------------
+    def health(self) -> dict:
+        up = sum(1 for w in self.workers.values() if w.alive)
+        return {"status": "ok" if self.state == "serving" else self.state, "workers_up": up,
+                "workers_expected": self.config.workers.count, "model": self.model_id}
+
+    def stats_snapshot(self) -> dict:
+        s = dict(self.stats)
+        s["state"] = self.state
+        if self.scheduler is not None:
+            bm = self.scheduler.block_manager
+            s.update(num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
+                     num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
+                     num_preemptions_total=self.scheduler.stats.num_preemptions,
+                     prefix_cache_hit_blocks=bm.num_prefix_hits)
+        s["workers"] = [{"worker_id": w.worker_id, "host": w.host, "alive": w.alive, "ready": w.ready,
+                         "heartbeat_age_s": time.monotonic() - w.last_heartbeat, "step_time_s": w.step_time_s,
+                         "weight_bytes": w.weight_bytes} for w in self.workers.values()]
+        if self.plan is not None:
+            s["plan"] = self.plan.to_dict()
+        return s
+
+
+def _dt(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def main(config: ClusterConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Coordinator(config).serve_forever()
+    return 0

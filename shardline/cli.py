@@ -1,0 +1,269 @@
+"""`shardline` command line (click): launch, coordinator, worker, generate, plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from shardline.config import ClusterConfig, ConfigError, load_config
+
+DEFAULT_CONFIG = "cluster.yaml"
+
+
+def _load(path: str | None, overrides: dict | None = None) -> ClusterConfig:
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _overrides(model, workers, pp, tp, port) -> dict:
+    o: dict = {}
+    if model:
+        o["model"] = model
+    if workers:
+        o.setdefault("workers", {})["count"] = workers
+    if pp:
+        o.setdefault("parallel", {})["pipeline_parallel"] = pp
+    if tp:
+        o.setdefault("parallel", {})["tensor_parallel"] = tp
+    if port:
+        o.setdefault("coordinator", {}).update(client_port=port, worker_port=port + 1, rendezvous_port=port + 2)
+    return o
+
+
+def _local_memory_bytes(cfg: ClusterConfig) -> int:
+    if cfg.workers.memory_gb:
+        return int(cfg.workers.memory_gb * 2**30)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * 0.8 / cfg.workers.count)
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the launcher dies, so no process outlives it (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@click.group()
+@click.version_option(package_name="shardline")
+def main() -> None:
+    """Shardline: serve an LLM split over several workers (pipeline and tensor parallel)."""
+
+
+# ---- launch -----------------------------------------------------------------------------------
+@main.command()
+@click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", help="Override `model` (packaged name or .gguf path).")
+@click.option("--workers", type=int, help="Override workers.count.")
+@click.option("--pp", type=int, help="Override parallel.pipeline_parallel.")
+@click.option("--tp", type=int, help="Override parallel.tensor_parallel.")
+@click.option("--port", type=int, help="Client port (worker plane and rendezvous use the next two).")
+@click.option("--prompt", help="Answer this prompt once the cluster is ready, print it, and stop.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="With --prompt: tokens to generate.")
+@click.option("--ready-timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for workers.")
+def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready_timeout):
+    """Start the coordinator and the local workers in the foreground; Ctrl-C/SIGTERM stops all."""
+    cfg = _load(cluster_yaml, _overrides(model, workers, pp, tp, port))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="shardline-", delete=False) as f:
+        yaml.safe_dump(cfg.model_dump(mode="json"), f)
+        cfg_path = f.name
+    exe = [sys.executable, "-m", "shardline.cli"]
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    rc = 0
+    try:
+        procs.append(subprocess.Popen(exe + ["coordinator", cfg_path], preexec_fn=_die_with_parent))
+        if cfg.workers.launch_local:
+            mem_gb = _local_memory_bytes(cfg) / 2**30
+            for i in range(cfg.workers.count):
+                procs.append(subprocess.Popen(
+                    exe + ["worker", "--coordinator", cfg.worker_address, "--device", cfg.workers.device,
+                           "--threads", str(cfg.workers.threads), "--memory-gb", f"{mem_gb:.3f}",
+                           "--worker-id", f"local-{i}"], preexec_fn=_die_with_parent))
+        from shardline.client import Client, ShardlineError
+
+        with Client(cfg.client_address) as client:
+            deadline = time.monotonic() + ready_timeout
+            ready = False
+            while not stopping and not ready:
+                if any(p.poll() is not None for p in procs):
+                    raise click.ClickException("a cluster process exited during start-up (see its log above)")
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"cluster not ready after {ready_timeout} s")
+                try:
+                    ready = client.health(timeout_s=1.0).get("status") == "ok"
+                except ShardlineError:
+                    pass
+                if not ready:
+                    time.sleep(0.2)  # poll interval
+            if ready:
+                click.echo(f"shardline: serving {cfg.model} at {cfg.client_address} "
+                           f"({cfg.workers.count} workers, pipeline {cfg.pipeline_parallel} x tensor "
+                           f"{cfg.parallel.tensor_parallel})", err=True)
+            if ready and prompt is not None:
+                click.echo(f"> {prompt}", err=True)
+                for d in client.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens):
+                    click.echo(d.text, nl=False)
+                    if d.finish_reason:
+                        click.echo()
+                        t = d.timings or {}
+                        click.echo(f"[{d.usage['completion_tokens']} tokens, finish_reason={d.finish_reason}, "
+                                   f"TTFT {t.get('ttft_s', 0) * 1000:.0f} ms, "
+                                   f"{t.get('decode_tokens_per_s') or 0:.1f} tokens/s]", err=True)
+                return
+        while not stopping:
+            if procs[0].poll() is not None:
+                rc = 1
+                click.echo("shardline: coordinator exited; stopping workers", err=True)
+                break
+            time.sleep(0.2)  # poll interval
+    finally:
+        _stop_all(procs)
+        os.unlink(cfg_path)
+        for s, h in old.items():
+            signal.signal(s, h)
+    sys.exit(rc)
+
+
+def _stop_all(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM the coordinator first (it tells the workers to shut down), then the rest;
+    SIGKILL whatever is still running after `timeout_s`."""
+    for group in (procs[:1], procs[1:]):
+        for p in group:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in group:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+# ---- coordinator / worker ---------------------------------------------------------------------
+@main.command()
+@click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", help="Override coordinator.host (bind address).")
+@click.option("--port", type=int, help="Client port (worker plane and rendezvous use the next two).")
+@click.option("--workers", type=int, help="Override workers.count.")
+def coordinator(cluster_yaml, host, port, workers):
+    """Run the coordinator alone (workers join with `shardline worker`)."""
+    o = _overrides(None, workers, None, None, port)
+    if host:
+        o.setdefault("coordinator", {})["host"] = host
+    cfg = _load(cluster_yaml, o)
+    from coordinator.server import main as run
+
+    sys.exit(run(cfg))
+
+
+@main.command()
+@click.option("--coordinator", "address", required=True, help="Worker-plane address, tcp://HOST:PORT.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="Compute threads (torch and Numba).")
+@click.option("--memory-gb", type=float, help="Memory offered for weights and KV cache (default: 80% of RAM).")
+@click.option("--worker-id", help="Stable name of this worker (default: hostname-pid).")
+@click.option("--host", help="Address this worker is reached at (default: the one routing to the coordinator).")
+def worker(address, device, threads, memory_gb, worker_id, host):
+    """Run one worker that joins a coordinator."""
+    from worker.worker import main as run
+
+    sys.exit(run(address, device, threads, int(memory_gb * 2**30) if memory_gb else None, worker_id, host))
+
+
+# ---- generate ---------------------------------------------------------------------------------
+@main.command()
+@click.argument("prompt")
+@click.option("--address", help="Client-plane address (default: $SHARDLINE_ADDRESS or tcp://127.0.0.1:7450).")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, finish_reason, usage, timings).")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for each reply.")
+def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos, chat, as_json,
+             timeout):
+    """Generate a completion from a running cluster."""
+    from shardline.client import Client, ShardlineError
+
+    params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                  stop=list(stop), ignore_eos=ignore_eos)
+    kw = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    try:
+        with Client(address, timeout_s=timeout) as c:
+            if as_json:
+                r = c.generate(**kw, **params)
+                click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+                return
+            for d in c.stream(**kw, **params):
+                click.echo(d.text, nl=False)
+            click.echo()
+    except ValueError as exc:  # SamplingParams validation
+        raise click.BadParameter(str(exc)) from None
+    except ShardlineError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+# ---- plan -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))
+@click.option("--workers", type=int, help="Override workers.count.")
+@click.option("--pp", type=int, help="Override parallel.pipeline_parallel.")
+@click.option("--tp", type=int, help="Override parallel.tensor_parallel.")
+@click.option("--memory-gb", type=float, help="Memory each worker offers (default: workers.memory_gb or a RAM share).")
+def plan(cluster_yaml, workers, pp, tp, memory_gb):
+    """Print which worker holds which layers and the bytes it needs."""
+    from coordinator.planner import ModelSizes, PlanError, WorkerOffer, format_plan, make_plan
+    from shardline.model_file import ModelError, read_model_spec, resolve_model_path
+
+    cfg = _load(cluster_yaml, _overrides(None, workers, pp, tp, None))
+    try:
+        path = resolve_model_path(cfg.model)
+        spec = read_model_spec(path)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    mem = int(memory_gb * 2**30) if memory_gb else _local_memory_bytes(cfg)
+    offers = [WorkerOffer(f"worker-{i}", cfg.coordinator.host, mem) for i in range(cfg.workers.count)]
+    sizes = ModelSizes.from_gguf(str(path), spec, bytes_per_element=4)
+    kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
+    try:
+        p = make_plan(spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,
+                      cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks)
+    except PlanError as exc:
+        raise click.ClickException(f"no plan fits: {exc}") from None
+    click.echo(f"model {cfg.model}: {spec.name}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
+               f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads ({path})")
+    click.echo(format_plan(p))
+    click.echo(f"KV pool: {p.num_kv_blocks} blocks x {p.block_size} tokens = {p.num_kv_blocks * p.block_size} tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""cluster.yaml schema: one frozen pydantic model per concern, composed into `ClusterConfig`.
+
+Facts found at run time (KV blocks per worker, the plan) live in their own objects
+(`coordinator.planner.Plan`), never written back here. Field descriptions double as docs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CLIENT_ADDRESS = "tcp://127.0.0.1:7450"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CoordinatorConfig(_Frozen):
+    host: str = Field("127.0.0.1", description="Address the coordinator binds to (client and worker planes).")
+    client_port: int = Field(7450, ge=1, le=65535, description="Client plane ZeroMQ ROUTER port.")
+    worker_port: int = Field(7451, ge=1, le=65535, description="Worker plane ZeroMQ ROUTER port.")
+    rendezvous_port: int = Field(
+        7452, ge=1, le=65535, description="torch.distributed TCPStore port hosted by the coordinator."
+    )
+    advertise_host: str | None = Field(
+        None, description="Address workers use to reach the rendezvous store (default: host)."
+    )
+
+
+class WorkersConfig(_Frozen):
+    count: int = Field(2, ge=1, le=64, description="Number of workers the cluster waits for before planning.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Device of the workers `shardline launch` starts.")
+    threads: int = Field(1, ge=1, le=256, description="Compute threads per worker process (torch and Numba).")
+    memory_gb: float | None = Field(
+        None, gt=0, description="Memory each local worker offers for weights and KV cache (default: a share of RAM)."
+    )
+    kv_cache_gb: float | None = Field(
+        0.5, gt=0, description="Most memory per worker for its KV cache pool (GiB); None: all memory left after weights."
+    )
+    launch_local: bool = Field(True, description="`shardline launch` starts `count` workers on this host.")
+
+
+class ParallelConfig(_Frozen):
+    pipeline_parallel: int | None = Field(
+        None, ge=1, description="Pipeline stages (layer-wise split). None: one stage per worker / tensor_parallel."
+    )
+    tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel ranks per stage (must divide head counts).")
+    layer_split: Literal["even", "memory"] = Field(
+        "even", description="How layers are spread over stages: evenly, or in proportion to worker memory."
+    )
+
+
+class SchedulerConfig(_Frozen):
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="Most sequences in one step.")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Token budget of one step (decode + prompt chunks).")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest sequence (prompt + output) in tokens; default: the model's context length."
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="Force the KV pool size in blocks (default: from worker memory)."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    pipeline_micro_batches: int | None = Field(
+        None, ge=1, description="Step plans in flight at once (default: the number of pipeline stages)."
+    )
+
+
+class HeartbeatConfig(_Frozen):
+    interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats on the worker plane.")
+    misses: int = Field(5, ge=1, description="Missed heartbeats before a worker is declared dead.")
+
+
+class ClusterConfig(_Frozen):
+    """The whole cluster.yaml."""
+
+    model: str = Field("smollm2-135m", description="Packaged model name or path to a .gguf file.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Activation dtype of the workers.")
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    workers: WorkersConfig = WorkersConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        pp = self.pipeline_parallel
+        tp = self.parallel.tensor_parallel
+        if pp * tp != self.workers.count:
+            raise ValueError(
+                f"pipeline_parallel={pp} x tensor_parallel={tp} = {pp * tp} does not match workers.count={self.workers.count}"
+            )
+        ports = [self.coordinator.client_port, self.coordinator.worker_port, self.coordinator.rendezvous_port]
+        if len(set(ports)) != 3:
+            raise ValueError(f"coordinator ports must differ, got {ports}")
+        return self
+
+    @property
+    def pipeline_parallel(self) -> int:
+        if self.parallel.pipeline_parallel is not None:
+            return self.parallel.pipeline_parallel
+        return max(1, self.workers.count // self.parallel.tensor_parallel)
+
+    @property
+    def client_address(self) -> str:
+        return f"tcp://{self.coordinator.host}:{self.coordinator.client_port}"
+
+    @property
+    def worker_address(self) -> str:
+        return f"tcp://{self.coordinator.host}:{self.coordinator.worker_port}"
+
+
+class ConfigError(ValueError):
+    """cluster.yaml that cannot be used; the message names the file and the field."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> ClusterConfig:
+    """Load and validate cluster.yaml (or the defaults when `path` is None).
+
+    `overrides` is a nested dict merged over the file (used by the CLI and tests).
+
+    Raises:
+        ConfigError: unreadable YAML, unknown fields, or values out of range (field named).
+    """
+    data: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{where}: invalid cluster config:\n" + "\n".join(lines)) from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out

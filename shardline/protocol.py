@@ -1,0 +1,173 @@
+"""Wire protocol for the client and worker planes (docs/protocol.md is the spec).
+
+Every ZeroMQ message is one frame (a ROUTER adds the peer identity in front of it):
+
+    offset  size  field
+    0       2     magic  b"SL"
+    2       1     protocol major version
+    3       1     protocol minor version
+    4       2     message type (uint16, little-endian), see `MsgType`
+    6       ...   msgpack body: a map with string keys
+
+Token-id arrays travel as packed little-endian int32 bytes (`pack_ids` / `unpack_ids`). A peer
+with another major version is refused with an ERROR naming both versions; a newer minor version
+is accepted (fields are only ever added). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+
+MAGIC = b"SL"
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+HEADER = struct.Struct("<2sBBH")
+HEADER_BYTES = HEADER.size
+
+# Limits applied when decoding anything a peer sent (see docs/protocol.md, "Limits").
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # weight chunks are the largest messages
+MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
+MAX_PROMPT_TOKENS = 1 << 20
+
+
+class MsgType(enum.IntEnum):
+    """Message types. 1-63: client plane; 64-127: worker plane; 255: either."""
+
+    # client plane
+    GENERATE = 1
+    ACCEPTED = 2
+    DELTA = 3
+    DONE = 4
+    CANCEL = 5
+    HEALTH = 6
+    HEALTH_REPLY = 7
+    STATS = 8
+    STATS_REPLY = 9
+    MODELS = 10
+    MODELS_REPLY = 11
+    # worker plane
+    REGISTER = 64
+    ASSIGN = 65
+    READY = 66
+    STEP = 67
+    STEP_RESULT = 68
+    HEARTBEAT = 69
+    DRAIN = 70
+    SHUTDOWN = 71
+    # both
+    ERROR = 255
+
+
+class ErrorCode(enum.IntEnum):
+    """Error codes carried in ERROR and DONE messages."""
+
+    BAD_FRAME = 1  # malformed header, body or schema
+    VERSION_MISMATCH = 2
+    UNKNOWN_TYPE = 3
+    INVALID_REQUEST = 4  # a field out of range, a prompt too long
+    OVERLOADED = 5
+    UNAVAILABLE = 6  # no workers / cluster not ready
+    INTERNAL = 7
+    CANCELLED = 8
+    NOT_FOUND = 9
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be decoded; `code` is the `ErrorCode` to answer with."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_FRAME):
+        super().__init__(message)
+        self.code = code
+
+
+def encode(msg_type: MsgType, body: dict[str, Any] | None = None) -> bytes:
+    """Encode one message: header + msgpack body."""
+    return HEADER.pack(MAGIC, PROTOCOL_MAJOR, PROTOCOL_MINOR, int(msg_type)) + msgpack.packb(
+        body or {}, use_bin_type=True
+    )
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, dict[str, Any]]:
+    """Decode one frame into (type, body).
+
+    Raises:
+        ProtocolError: too large, too short, bad magic, other major version, unknown type, or a
+            body that is not a msgpack map with string keys.
+    """
+    if len(frame) > max_bytes:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(frame) < HEADER_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, major, minor, mtype = HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}, expected {MAGIC!r}")
+    if major != PROTOCOL_MAJOR:
+        raise ProtocolError(
+            f"protocol version {major}.{minor} is not supported; this peer speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}",
+            ErrorCode.VERSION_MISMATCH,
+        )
+    try:
+        msg_type = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {mtype}", ErrorCode.UNKNOWN_TYPE) from None
+    n = len(frame) - HEADER_BYTES
+    try:
+        body = msgpack.unpackb(
+            memoryview(frame)[HEADER_BYTES:],
+            raw=False,
+            strict_map_key=True,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=max(n, 16),
+            max_map_len=max(n, 16),
+        )
+    except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException,
+            RecursionError) as exc:
+        raise ProtocolError(f"malformed msgpack body for {msg_type.name}: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{msg_type.name} body must be a map, got {type(body).__name__}")
+    return msg_type, body
+
+
+def pack_ids(ids) -> bytes:
+    """Token ids -> packed little-endian int32 bytes."""
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def unpack_ids(data: bytes, max_len: int = MAX_PROMPT_TOKENS) -> list[int]:
+    """Packed little-endian int32 bytes -> list of token ids.
+
+    Raises:
+        ProtocolError: not bytes, a length not a multiple of 4, or more than `max_len` ids.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"token ids must be packed int32 bytes, got {type(data).__name__}")
+    if len(data) % 4:
+        raise ProtocolError(f"packed token ids have {len(data)} bytes, not a multiple of 4")
+    if len(data) // 4 > max_len:
+        raise ProtocolError(f"{len(data) // 4} token ids exceed the limit of {max_len}")
+    return np.frombuffer(data, dtype="<i4").tolist()
+
+
+def error_body(code: ErrorCode, message: str, **extra) -> dict[str, Any]:
+    return {"code": int(code), "code_name": code.name, "message": message, **extra}
+
+
+def require(body: dict, key: str, types, msg_type: str = "message"):
+    """Return body[key] after checking its type; raises ProtocolError naming the field."""
+    if key not in body:
+        raise ProtocolError(f"{msg_type}: missing field {key!r}")
+    value = body[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        raise ProtocolError(f"{msg_type}: field {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)

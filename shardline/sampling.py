@@ -1,0 +1,101 @@
+"""Sampling parameters of a request: validated once, travel as a plain dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each generated token and when to stop.
+
+    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables nucleus
+    sampling. A request with a `seed` draws from its own generator keyed by (seed, position), so
+    its tokens do not depend on what else is in the batch.
+
+    Raises:
+        ValueError: on construction, naming the field, when a value is outside its range.
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        self._check()
+
+    def _check(self):
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", "must be an integer in [0, max_tokens]")
+        if not _is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            bad("temperature", "must be a number in [0, 100]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            bad("top_k", "must be an integer >= -1 (0 or -1 disables it)")
+        if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be a number in (0, 1]")
+        if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "must be a number in [0, 1]")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            bad("seed", "must be an integer in [0, 2**63)")
+        if len(self.stop) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
+            bad("stop", "must be at most 16 non-empty strings of at most 256 characters")
+        if len(self.stop_token_ids) > 64 or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be at most 64 non-negative integers")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "must be a boolean")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            bad("include_stop_str_in_output", "must be a boolean")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        d["stop_token_ids"] = list(self.stop_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """Build from a wire dict; unknown keys are refused by name.
+
+        Raises:
+            ValueError: an unknown key or a value out of range (the field is named).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling params must be a map, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(map(str, unknown))}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -1,0 +1,36 @@
+"""Paged KV cache of one worker: its layers, its KV heads.
+
+    k_cache[layer]: [num_blocks, block_size, num_kv_heads_local, head_dim]   (v_cache alike)
+
+    block b:  slot b*block_size + 0 | b*block_size + 1 | ... | b*block_size + block_size-1
+              each slot holds one token's K (or V) for all local KV heads: [num_kv_heads_local, head_dim]
+
+The coordinator's block manager owns the block ids; the worker only writes K/V at the slots a
+step's slot mapping names and reads the slots of each sequence's block table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat views of layer i: [num_blocks * block_size, num_kv_heads, head_dim] for K and V."""
+        return self.k[i].flatten(0, 1), self.v[i].flatten(0, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 4) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes

@@ -1,0 +1,285 @@
+"""Llama-family decoder stage: the layers [layer_start, layer_end) of one pipeline stage.
+
+RMSNorm, rotary position embedding (adjacent-pair rotation, matching GGUF's Q/K row layout),
+grouped-query attention over a paged KV cache, SwiGLU MLP, and on the last stage the final norm
+and the (tied or untied) lm_head. References: Touvron et al. 2023 (LLaMA), Su et al. 2021
+(RoFormer), Ainslie et al. 2023 (GQA), Kwon et al. 2023 (PagedAttention).
+
+Activations inside a step are packed: all scheduled sequences' new tokens are concatenated into
+one `[num_tokens, hidden]` tensor; `AttentionMetadata` says which rows belong to which sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shardline.model_file import ModelSpec
+from worker.kv_cache import KVCache
+from worker.loader import GGUFShardLoader, ShardSpec
+
+
+# ---- linear layers --------------------------------------------------------------------------
+class DenseLinear(torch.nn.Module):
+    """y = x @ W.T (+ b) with W float32 [out_features, in_features]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def make_linear(
+    loader: GGUFShardLoader, names: list[str], rows: list[tuple[int, int]] | None = None,
+    cols: tuple[int, int] | None = None, bias: bool = False,
+) -> torch.nn.Module:
+    """One linear layer from GGUF weights: `names` are fused along the output dimension (QKV,
+    gate+up), each cut to its `rows` range; or one weight cut to input columns `cols`.
+    """
+    if cols is not None:
+        (name,) = names
+        return DenseLinear(loader.cols(name, *cols))
+    parts, biases = [], []
+    for i, name in enumerate(names):
+        r = rows[i] if rows else None
+        parts.append(loader.rows(name, *r) if r else loader.dense(name))
+        if bias:
+            bname = name.replace(".weight", ".bias")
+            biases.append(loader.rows(bname, *r) if r else loader.dense(bname))
+    w = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    b = (torch.cat(biases, 0) if len(biases) > 1 else biases[0]) if bias else None
+    return DenseLinear(w.contiguous(), b)
+
+
+# ---- step metadata ----------------------------------------------------------------------
+@dataclass
+class AttentionMetadata:
+    """Where each token of a step goes in the KV cache and what it attends to.
+
+    positions:     [num_tokens] int64, position of each token in its sequence
+    slot_mapping:  [num_tokens] int64, flat KV slot (block * block_size + offset) of each token
+    prefills:      per sequence with more than one new token: (row_start, row_end, context_slots)
+                   with context_slots [context_len] int64 (the slots of positions 0..context_len)
+    decode_rows:   [num_decode] int64 rows of single-token sequences, or None
+    decode_slots:  [num_decode, max_context] int64 context slots (padded with 0)
+    decode_mask:   [num_decode, 1, 1, max_context] bool, True where a slot is attended
+    sample_rows:   [num_sampled] int64 rows whose hidden state feeds the lm_head
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    prefills: list[tuple[int, int, torch.Tensor]]
+    decode_rows: torch.Tensor | None
+    decode_slots: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    sample_rows: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def build_attention_metadata(
+    entries: list[tuple[int, int, list[int], bool]], block_size: int
+) -> AttentionMetadata:
+    """entries: per scheduled sequence (start position, num_new_tokens, block_table, sample)."""
+    positions, slots, prefills, sample_rows = [], [], [], []
+    dec_rows, dec_ctx = [], []
+    row = 0
+    for start, n, table, sample in entries:
+        end = start + n
+        table_t = torch.tensor(table, dtype=torch.int64)
+        ctx_pos = torch.arange(end, dtype=torch.int64)
+        ctx_slots = table_t[ctx_pos // block_size] * block_size + ctx_pos % block_size
+        positions.append(ctx_pos[start:end])
+        slots.append(ctx_slots[start:end])
+        if n == 1:
+            dec_rows.append(row)
+            dec_ctx.append(ctx_slots)
+        else:
+            prefills.append((row, row + n, ctx_slots))
+        if sample:
+            sample_rows.append(row + n - 1)
+        row += n
+    decode_rows = decode_slots = decode_mask = None
+    if dec_rows:
+        max_ctx = max(len(c) for c in dec_ctx)
+        decode_slots = torch.zeros(len(dec_rows), max_ctx, dtype=torch.int64)
+        decode_mask = torch.zeros(len(dec_rows), 1, 1, max_ctx, dtype=torch.bool)
+        for i, c in enumerate(dec_ctx):
+            decode_slots[i, : len(c)] = c
+            decode_mask[i, 0, 0, : len(c)] = True
+        decode_rows = torch.tensor(dec_rows, dtype=torch.int64)
+    return AttentionMetadata(
+        positions=torch.cat(positions),
+        slot_mapping=torch.cat(slots),
+        prefills=prefills,
+        decode_rows=decode_rows,
+        decode_slots=decode_slots,
+        decode_mask=decode_mask,
+        sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
+    )
+
+
+# ---- layers -------------------------------------------------------------------------------
+class RMSNorm(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding:
+    """RoPE on adjacent pairs: (x[2i], x[2i+1]) rotated by pos * theta^(-2i/head_dim)."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        self.cos = angles.cos().float()  # [max_positions, head_dim // 2]
+        self.sin = angles.sin().float()
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, num_heads, head_dim]
+        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+        sin = self.sin[positions].unsqueeze(1)
+        x2 = x.unflatten(-1, (-1, 2))
+        a, b = x2[..., 0], x2[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, layer: int, all_reduce):
+        super().__init__()
+        tp = loader.shard.tp_size
+        p = f"blk.{layer}."
+        self.num_heads = spec.num_heads // tp
+        self.num_kv_heads = spec.num_kv_heads // tp
+        self.head_dim = spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
+        self.all_reduce = all_reduce
+        self.input_norm = RMSNorm(loader.dense(p + "attn_norm.weight"), spec.rms_norm_eps)
+        self.post_attention_norm = RMSNorm(loader.dense(p + "ffn_norm.weight"), spec.rms_norm_eps)
+        q_rows = loader.head_rows(p + "attn_q.weight", spec.num_heads)
+        kv_rows = loader.head_rows(p + "attn_k.weight", spec.num_kv_heads)
+        # column-parallel fused QKV; row-parallel output projection
+        self.qkv_proj = make_linear(
+            loader, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+            rows=[q_rows, kv_rows, kv_rows], bias=spec.attention_bias,
+        )
+        self.o_proj = make_linear(loader, [p + "attn_output.weight"], cols=q_rows)
+        f = loader.ffn_range()
+        self.gate_up_proj = make_linear(loader, [p + "ffn_gate.weight", p + "ffn_up.weight"], rows=[f, f])
+        self.down_proj = make_linear(loader, [p + "ffn_down.weight"], cols=f)
+        self.ffn_local = f[1] - f[0]
+
+    def attention(self, q, k, v, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+        # q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D] (flat view)
+        k_cache, v_cache = kv
+        k_cache[meta.slot_mapping] = k
+        v_cache[meta.slot_mapping] = v
+        out = torch.empty_like(q)
+        for r0, r1, ctx in meta.prefills:
+            n, L = r1 - r0, ctx.shape[0]
+            kk = k_cache[ctx].transpose(0, 1)  # [Hkv, L, D]
+            vv = v_cache[ctx].transpose(0, 1)
+            qq = q[r0:r1].transpose(0, 1)  # [Hq, n, D]
+            # causal with an offset: row i (position L-n+i) sees context positions <= L-n+i
+            mask = torch.ones(n, L, dtype=torch.bool).tril(diagonal=L - n)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
+            out[r0:r1] = o.transpose(0, 1)
+        if meta.decode_rows is not None:
+            kk = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            vv = v_cache[meta.decode_slots].transpose(1, 2)
+            qq = q[meta.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, enable_gqa=True)
+            out[meta.decode_rows] = o.squeeze(2)
+        return out
+
+    def forward(self, x, meta: AttentionMetadata, kv, rope: RotaryEmbedding):
+        # x: [T, hidden]
+        h = self.input_norm(x)
+        qkv = self.qkv_proj(h)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rope(q.view(-1, self.num_heads, self.head_dim), meta.positions)
+        k = rope(k.view(-1, self.num_kv_heads, self.head_dim), meta.positions)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        attn = self.attention(q, k, v, meta, kv).flatten(1)
+        x = x + self.all_reduce(self.o_proj(attn))
+        h = self.post_attention_norm(x)
+        gate, up = self.gate_up_proj(h).split([self.ffn_local, self.ffn_local], dim=-1)
+        return x + self.all_reduce(self.down_proj(F.silu(gate) * up))
+
+
+class StageModel(torch.nn.Module):
+    """The part of the model one worker runs.
+
+    forward(tokens or hidden, meta) -> hidden [num_tokens, hidden] float32 on non-last stages,
+    logits [num_sampled, vocab] float32 (rows `meta.sample_rows`) on the last stage.
+    """
+
+    def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, max_positions: int, all_reduce=None):
+        super().__init__()
+        self.spec = spec
+        self.shard = loader.shard
+        all_reduce = all_reduce or (lambda t: t)
+        s = loader.shard
+        self.embed_tokens = loader.dense("token_embd.weight") if s.is_first else None
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(spec, loader, i, all_reduce) for i in range(s.layer_start, s.layer_end)
+        )
+        self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, max_positions)
+        self.norm = self.lm_head = None
+        if s.is_last:
+            self.norm = RMSNorm(loader.dense("output_norm.weight"), spec.rms_norm_eps)
+            name = "token_embd.weight" if spec.tie_word_embeddings else "output.weight"
+            if s.is_first and spec.tie_word_embeddings:
+                self.lm_head = DenseLinear(self.embed_tokens)
+            else:
+                self.lm_head = make_linear(loader, [name])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self._all_tensors():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def _all_tensors(self):
+        for mod in self.modules():
+            for v in vars(mod).values():
+                if isinstance(v, torch.Tensor):
+                    yield v
+        if self.embed_tokens is not None:
+            yield self.embed_tokens
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        if self.shard.is_first:
+            x = F.embedding(x, self.embed_tokens)  # x: [T] int64 -> [T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, meta, kv_cache.layer(i), self.rope)
+        if not self.shard.is_last:
+            return x
+        return self.lm_head(self.norm(x[meta.sample_rows]))

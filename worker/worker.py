@@ -1,0 +1,217 @@
+"""Worker process: registers with the coordinator, loads its shard, executes step plans.
+
+The worker decides nothing: it replays exactly the plan the coordinator sends (STEP), in the
+order sent. Loop:
+
+    1. poll the coordinator socket (up to one heartbeat interval)
+    2. ASSIGN -> load shard, join torch.distributed, allocate the KV pool, reply READY
+       STEP   -> update block tables, forward, send hidden states on / sample and reply
+       HEARTBEAT -> note the coordinator is alive; SHUTDOWN -> leave the loop
+    3. send a heartbeat when one is due; exit if the coordinator has been silent too long
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+
+import torch
+import zmq
+
+from shardline import __version__
+from shardline import protocol as P
+from shardline.model_file import ModelSpec
+from shardline.protocol import MsgType
+from shardline.sampling import SamplingParams
+
+log = logging.getLogger("shardline.worker")
+
+
+def local_ip_towards(address: str) -> str:
+    """The local IPv4 address this host uses to reach tcp://HOST:PORT (no packet is sent)."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), int(port)))
+        return s.getsockname()[0]
+
+
+def default_memory_bytes() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+
+
+class Worker:
+    def __init__(self, coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
+                 worker_id: str | None = None, host: str | None = None):
+        self.coordinator = coordinator
+        self.device = device
+        self.threads = threads
+        self.memory_bytes = memory_bytes or default_memory_bytes()
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.host = host or local_ip_towards(coordinator)
+        self.heartbeat_interval_s = 1.0
+        self.heartbeat_misses = 10
+        self._stop = False
+        self.model = self.kv_cache = self.comm = None
+        self.block_tables: dict[int, list[int]] = {}
+        self.params: dict[int, tuple[SamplingParams, int]] = {}
+        self.step_time_s = 0.0
+        self.num_steps = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def run(self) -> int:
+        torch.set_num_threads(self.threads)
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(self.threads))
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        ctx = zmq.Context.instance()
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
+        self.sock.connect(self.coordinator)
+        self._send(MsgType.REGISTER, {
+            "worker_id": self.worker_id, "incarnation": self.incarnation, "host": self.host,
+            "device": self.device, "memory_bytes": self.memory_bytes, "version": __version__,
+            "pid": os.getpid(), "threads": self.threads,
+        })
+        log.info("worker %s registered with %s from %s", self.worker_id, self.coordinator, self.host)
+        last_sent = last_heard = time.monotonic()
+        rc = 0
+        try:
+            while not self._stop:
+                if self.sock.poll(int(self.heartbeat_interval_s * 1000)):
+                    msg_type, body = P.decode(self.sock.recv())
+                    last_heard = time.monotonic()
+                    if msg_type is MsgType.STEP:
+                        self.execute_step(body)
+                    elif msg_type is MsgType.ASSIGN:
+                        self.assign(body)
+                    elif msg_type is MsgType.SHUTDOWN:
+                        log.info("worker %s: shutdown requested", self.worker_id)
+                        break
+                    elif msg_type is MsgType.ERROR:
+                        log.error("coordinator refused this worker: %s", body.get("message"))
+                        rc = 1
+                        break
+                    last_heard = time.monotonic()  # handling (a load) may take long
+                now = time.monotonic()
+                if now - last_sent >= self.heartbeat_interval_s:
+                    self._send(MsgType.HEARTBEAT, {"worker_id": self.worker_id, "num_steps": self.num_steps,
+                                                   "step_time_s": self.step_time_s})
+                    last_sent = now
+                if now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
+                    log.error("coordinator silent for %.1f s; exiting", now - last_heard)
+                    rc = 1
+                    break
+        finally:
+            self.close()
+        return rc
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        if self.comm is not None:
+            try:
+                self.comm.close()
+            except Exception:  # the peers may already be gone
+                pass
+            self.comm = None
+        self.sock.close(linger=0)
+
+    def _send(self, msg_type: MsgType, body: dict) -> None:
+        self.sock.send(P.encode(msg_type, body))
+
+    # ---- ASSIGN: load the shard ----------------------------------------------------------
+    def assign(self, a: dict) -> None:
+        from worker.comm import StageComm
+        from worker.kv_cache import KVCache
+        from worker.loader import GGUFShardLoader, ShardSpec
+        from worker.model import StageModel
+
+        t0 = time.monotonic()
+        spec = ModelSpec.from_dict(a["spec"])
+        self.spec = spec
+        self.stage, self.pp_size = a["stage"], a["pp_size"]
+        self.tp_rank, self.tp_size = a["tp_rank"], a["tp_size"]
+        self.block_size = a["block_size"]
+        self.heartbeat_interval_s = a.get("heartbeat_interval_s", self.heartbeat_interval_s)
+        self.heartbeat_misses = max(self.heartbeat_misses, a.get("heartbeat_misses", 0) * 2)
+        self.shard = ShardSpec(a["layer_start"], a["layer_end"], self.stage == 0, self.stage == self.pp_size - 1,
+                               self.tp_rank, self.tp_size)
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        self.comm = StageComm(a["rank"], a["world_size"], self.stage, self.pp_size, self.tp_rank, self.tp_size,
+                              a["store_host"], a["store_port"], a["store_prefix"], backend, self.host)
+        loader = GGUFShardLoader(a["model_path"], spec, self.shard)
+        self.model = StageModel(spec, loader, a["max_positions"], all_reduce=self.comm.all_reduce)
+        n_layers = self.shard.layer_end - self.shard.layer_start
+        self.kv_cache = KVCache(n_layers, a["num_kv_blocks"], self.block_size, spec.num_kv_heads // self.tp_size,
+                                spec.head_dim)
+        from worker.sampler import Sampler
+
+        self.sampler = Sampler()
+        load_s = time.monotonic() - t0
+        log.info("worker %s: stage %d layers [%d, %d) tp %d/%d loaded in %.1f s (%.0f MB weights, %.0f MB KV)",
+                 self.worker_id, self.stage, self.shard.layer_start, self.shard.layer_end, self.tp_rank,
+                 self.tp_size, load_s, self.model.weight_bytes() / 1e6, self.kv_cache.nbytes / 1e6)
+        self._send(MsgType.READY, {"worker_id": self.worker_id, "weight_bytes": self.model.weight_bytes(),
+                                   "kv_bytes": self.kv_cache.nbytes, "load_s": load_s})
+
+    # ---- STEP: one forward pass ----------------------------------------------------------
+    def execute_step(self, plan: dict) -> None:
+        """Run one step plan. Plan fields: step_id, free [seq ids], seqs [maps with seq_id, start,
+        n, tokens (packed int32), blocks (packed int32 new block-table entries), reset, sample,
+        params (first time only)]."""
+        from worker.model import build_attention_metadata
+
+        t0 = time.perf_counter()
+        for seq_id in plan.get("free", ()):
+            self.block_tables.pop(seq_id, None)
+            self.params.pop(seq_id, None)
+        seqs = plan["seqs"]
+        if not seqs:
+            return
+        entries, tokens = [], []
+        for s in seqs:
+            sid = s["seq_id"]
+            new_blocks = P.unpack_ids(s["blocks"])
+            if s["reset"]:
+                self.block_tables[sid] = new_blocks
+            else:
+                self.block_tables[sid].extend(new_blocks)
+            if s.get("params") is not None:
+                self.params[sid] = (SamplingParams.from_dict(s["params"]), s.get("logprobs") or 0)
+            entries.append((s["start"], s["n"], self.block_tables[sid], s["sample"]))
+            if self.shard.is_first:
+                tokens.extend(P.unpack_ids(s["tokens"]))
+        meta = build_attention_metadata(entries, self.block_size)
+        if self.shard.is_first:
+            x = torch.tensor(tokens, dtype=torch.int64)
+        else:
+            x = self.comm.recv_hidden((meta.num_tokens, self.spec.hidden_size), torch.float32)
+        out = self.model(x, meta, self.kv_cache)
+        if not self.shard.is_last:
+            self.comm.send_hidden(out)
+        elif self.tp_rank == 0:
+            sampled = [s for s in seqs if s["sample"]]
+            params = [self.params[s["seq_id"]][0] for s in sampled]
+            nlp = [self.params[s["seq_id"]][1] for s in sampled]
+            positions = [s["start"] + s["n"] for s in sampled]
+            res = self.sampler(out, params, positions, nlp)
+            body = {"step_id": plan["step_id"], "seq_ids": P.pack_ids([s["seq_id"] for s in sampled]),
+                    "tokens": P.pack_ids(res.token_ids), "forward_s": time.perf_counter() - t0}
+            if any(nlp):
+                body["logprobs"] = [None if lp is None else [lp[0], [list(t) for t in lp[1]]] for lp in res.logprobs]
+            self._send(MsgType.STEP_RESULT, body)
+        self.step_time_s = time.perf_counter() - t0
+        self.num_steps += 1
+
+
+def main(coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
+         worker_id: str | None = None, host: str | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return Worker(coordinator, device, threads, memory_bytes, worker_id, host).run()
