@@ -74,6 +74,7 @@ class Coordinator:
         self.spec = read_model_spec(self.model_path)
         self.model_id = config.model
         self.tokenizer = Tokenizer.from_gguf(self.model_path)
+        self.model_sizes = ModelSizes.from_gguf(self.model_path, self.spec, bytes_per_element=4)
         self.max_model_len = min(config.scheduler.max_model_len or self.spec.context_length, self.spec.context_length)
         self.workers: dict[str, WorkerInfo] = {}
         self.order: list[str] = []  # worker ids in registration order
@@ -235,7 +236,7 @@ class Coordinator:
         cfg = self.config
         offers = [WorkerOffer(w, self.workers[w].host, self.workers[w].memory_bytes, self.workers[w].device)
                   for w in sorted(self.order)]
-        sizes = ModelSizes.from_gguf(self.model_path, self.spec, bytes_per_element=4)
+        sizes = self.model_sizes
         kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
         try:
             plan = make_plan(self.spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,
@@ -519,7 +520,7 @@ class Coordinator:
                      num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
                      num_preemptions_total=self.scheduler.stats.num_preemptions,
                      prefix_cache_hit_blocks=bm.num_prefix_hits)
-        s["workers"] = [{"worker_id": w.worker_id, "host": w.host, "alive": w.alive, "ready": w.ready,
+        s["workers"] = [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "alive": w.alive, "ready": w.ready,
                          "heartbeat_age_s": time.monotonic() - w.last_heartbeat, "step_time_s": w.step_time_s,
                          "weight_bytes": w.weight_bytes} for w in self.workers.values()]
         if self.plan is not None:

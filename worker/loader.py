@@ -64,6 +64,12 @@ class GGUFShardLoader:
             raise KeyError(f"tensor {name!r} not in the model file")
         return self.tensors[name]
 
+    def quantized(self, name: str):
+        """A 2-D weight kept packed as stored (kernels.formats.QuantizedWeight, a memmap view)."""
+        from kernels.formats import QuantizedWeight
+
+        return QuantizedWeight.from_gguf(self.raw(name))
+
     def dense(self, name: str) -> torch.Tensor:
         """Whole tensor as float32 (norm weights, biases, embeddings)."""
         return torch.from_numpy(np.require(_dequantize(self.raw(name)), requirements=["C", "W"]))

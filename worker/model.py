@@ -42,26 +42,82 @@ class DenseLinear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def _concat_rows(parts):
+    """Fuse packed weights along the output dimension (same qtype and in_features)."""
+    import numpy as np
+    from kernels.formats import QuantizedWeight
+
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    assert all(p.qtype == first.qtype and p.in_features == first.in_features for p in parts)
+    cat = lambda arrs: None if arrs[0] is None else np.ascontiguousarray(np.concatenate(arrs, 0))  # noqa: E731
+    return QuantizedWeight(first.qtype, (sum(p.out_features for p in parts), first.in_features),
+                           cat([p.data for p in parts]), cat([p.scales for p in parts]), cat([p.mins for p in parts]),
+                           first.group_size)
+
+
 def make_linear(
     loader: GGUFShardLoader, names: list[str], rows: list[tuple[int, int]] | None = None,
-    cols: tuple[int, int] | None = None, bias: bool = False,
+    cols: tuple[int, int] | None = None, bias: bool = False, quantized: bool = True,
 ) -> torch.nn.Module:
     """One linear layer from GGUF weights: `names` are fused along the output dimension (QKV,
-    gate+up), each cut to its `rows` range; or one weight cut to input columns `cols`.
+    gate+up), each cut to its `rows` range (column-parallel shard); or one weight cut to input
+    columns `cols` (row-parallel shard). With `quantized` the weight stays packed as in the file
+    and runs through kernels.dispatch; otherwise it is dequantized to float32.
     """
-    if cols is not None:
-        (name,) = names
-        return DenseLinear(loader.cols(name, *cols))
-    parts, biases = [], []
-    for i, name in enumerate(names):
-        r = rows[i] if rows else None
-        parts.append(loader.rows(name, *r) if r else loader.dense(name))
-        if bias:
-            bname = name.replace(".weight", ".bias")
-            biases.append(loader.rows(bname, *r) if r else loader.dense(bname))
-    w = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-    b = (torch.cat(biases, 0) if len(biases) > 1 else biases[0]) if bias else None
-    return DenseLinear(w.contiguous(), b)
+    if not quantized:
+        if cols is not None:
+            return DenseLinear(loader.cols(names[0], *cols))
+        parts = [loader.rows(n, *r) if rows else loader.dense(n) for n, r in zip(names, rows or [None] * len(names))]
+        w = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    else:
+        from kernels.dispatch import QuantizedLinear
+
+        full = [loader.quantized(n) for n in names]
+        if cols is not None:
+            (q,) = full
+            w = q if cols == (0, q.in_features) else q.col_slice(*cols)
+        else:
+            w = _concat_rows([q if not rows or rows[i] == (0, q.out_features) else q.row_slice(*rows[i])
+                              for i, q in enumerate(full)])
+    b = None
+    if bias:
+        bs = [loader.rows(n.replace(".weight", ".bias"), *r) if rows else loader.dense(n.replace(".weight", ".bias"))
+              for n, r in zip(names, rows or [None] * len(names))]
+        b = torch.cat(bs, 0) if len(bs) > 1 else bs[0]
+    if not quantized:
+        return DenseLinear(w.contiguous(), b)
+    return QuantizedLinear(w, b)
+
+
+def linear_nbytes(layer: torch.nn.Module) -> int:
+    """Bytes of a linear layer's weight as held (packed for QuantizedLinear)."""
+    if hasattr(layer, "qweight"):
+        return layer.qweight.nbytes
+    return layer.nbytes
+
+
+class QuantizedEmbedding:
+    """Token embedding kept packed: looks up rows and dequantizes only those.
+
+    weight: QuantizedWeight [vocab, hidden]; __call__(ids [T] int64) -> [T, hidden] float32.
+    """
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        from kernels.dispatch import dequantize
+        from kernels.formats import QuantizedWeight
+
+        w = self.weight
+        rows = w.data[ids.numpy()]
+        return dequantize(QuantizedWeight(w.qtype, (rows.shape[0], w.in_features), rows, group_size=w.group_size))
 
 
 # ---- step metadata ----------------------------------------------------------------------
@@ -240,7 +296,7 @@ class StageModel(torch.nn.Module):
         self.shard = loader.shard
         all_reduce = all_reduce or (lambda t: t)
         s = loader.shard
-        self.embed_tokens = loader.dense("token_embd.weight") if s.is_first else None
+        self.embed_tokens = QuantizedEmbedding(loader.quantized("token_embd.weight")) if s.is_first else None
         self.layers = torch.nn.ModuleList(
             DecoderLayer(spec, loader, i, all_reduce) for i in range(s.layer_start, s.layer_end)
         )
@@ -249,35 +305,37 @@ class StageModel(torch.nn.Module):
         if s.is_last:
             self.norm = RMSNorm(loader.dense("output_norm.weight"), spec.rms_norm_eps)
             name = "token_embd.weight" if spec.tie_word_embeddings else "output.weight"
-            if s.is_first and spec.tie_word_embeddings:
-                self.lm_head = DenseLinear(self.embed_tokens)
-            else:
-                self.lm_head = make_linear(loader, [name])
+            self.lm_head = make_linear(loader, [name])
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in self._all_tensors():
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
+        """Bytes of the weights this stage holds (packed where kept packed; a tied embedding
+        and lm_head share the file's bytes and are counted once)."""
+        total = sum(linear_nbytes(m) for m in self.modules() if hasattr(m, "qweight") or isinstance(m, DenseLinear))
+        total += sum(m.weight.numel() * 4 for m in self.modules() if isinstance(m, RMSNorm))
+        if self.embed_tokens is not None and not (self.lm_head is not None and self.spec.tie_word_embeddings):
+            total += self.embed_tokens.nbytes
         return total
 
-    def _all_tensors(self):
-        for mod in self.modules():
-            for v in vars(mod).values():
-                if isinstance(v, torch.Tensor):
-                    yield v
-        if self.embed_tokens is not None:
-            yield self.embed_tokens
+    def calibrate(self) -> None:
+        """Measure each linear's kernel/GEMM crossover now rather than during the first request."""
+        from kernels.dispatch import calibrate
+
+        seen = set()
+        for m in self.modules():
+            if hasattr(m, "qweight"):
+                key = (m.qweight.qtype, m.qweight.shape)
+                if key not in seen:
+                    seen.add(key)
+                    calibrate(m.qweight)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         if self.shard.is_first:
-            x = F.embedding(x, self.embed_tokens)  # x: [T] int64 -> [T, hidden]
+            x = self.embed_tokens(x)  # x: [T] int64 -> [T, hidden]
         for i, layer in enumerate(self.layers):
             x = layer(x, meta, kv_cache.layer(i), self.rope)
         if not self.shard.is_last:

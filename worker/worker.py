@@ -103,7 +103,7 @@ class Worker:
                     self._send(MsgType.HEARTBEAT, {"worker_id": self.worker_id, "num_steps": self.num_steps,
                                                    "step_time_s": self.step_time_s})
                     last_sent = now
-                if now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
+                if self.model is not None and now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
                     log.error("coordinator silent for %.1f s; exiting", now - last_heard)
                     rc = 1
                     break

@@ -1,0 +1,215 @@
+"""Numba CUDA kernels for the same formats (import lazily: `kernels` imports without CUDA).
+
+    gemv:     decode. One thread block per output row; its TPB threads stride over the row's
+              32-value quant blocks, each keeping one partial sum per token (n_tokens <= 8), then
+              a shared-memory tree reduction (no warp shuffles, so NUMBA_ENABLE_CUDASIM runs it).
+    gemm:     prefill. 16x16 output tiles (tokens x rows); per 32-wide k step each thread loads
+              2 activations and dequantizes 2 weights into shared memory, then 32 FMAs.
+    dequant:  packed -> float32 [out, in], for dequantize + torch bf16 GEMM at many tokens.
+
+Value decoding follows ggml-quants.c (see formats.py); fp16 scales via a 65536-entry float32
+table in device memory. Kernels run on torch's current stream (`cuda.external_stream`) over
+zero-copy views of torch tensors (`cuda.as_cuda_array`). Under the simulator both are missing,
+so tensors (on the CPU there) are passed as NumPy views and the default stream is used.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+import torch
+from numba import cuda, float32, int32
+
+from .cpu import F16_LUT, FMT
+from .formats import QuantizedWeight
+
+SIM = not hasattr(cuda, "external_stream")  # the simulator lacks it (numba 0.68)
+TPB = 32 if SIM else 128  # GEMV threads per block (power of two for the tree reduction);
+#                          small under the simulator, which runs each thread as a Python thread
+MAX_TOK = 8      # GEMV tokens per launch (partial sums kept in registers/local memory)
+TILE = 16        # GEMM output tile edge
+DEQ_TPB = 64 if SIM else 256
+
+_dev_cache: "weakref.WeakKeyDictionary[QuantizedWeight, dict]" = weakref.WeakKeyDictionary()
+
+
+@cuda.jit(device=True, inline=True)
+def _f16(data, r, o, lut):
+    return lut[int32(data[r, o]) | (int32(data[r, o + 1]) << 8)]
+
+
+@cuda.jit(device=True)
+def _value(fmt, data, scales, mins, g, lut, r, k):
+    """W[r, k] as float32 (one element; block header read per call, cached by L1)."""
+    b = k // 32
+    j = k % 32
+    if fmt == 0:      # Q8_0
+        q = int32(data[r, b * 34 + 2 + j])
+        return float32(q - ((q & 128) << 1)) * _f16(data, r, b * 34, lut)
+    if fmt == 1 or fmt == 2:
+        bs = 18 if fmt == 1 else 20
+        off = 2 if fmt == 1 else 4
+        byte = int32(data[r, b * bs + off + (j % 16)])
+        nib = (byte & 15) if j < 16 else (byte >> 4)
+        d = _f16(data, r, b * bs, lut)
+        if fmt == 1:
+            return float32(nib - 8) * d
+        return float32(nib) * d + _f16(data, r, b * bs + 2, lut)
+    gi = k // g
+    if fmt == 3:      # int8 (codes stored as uint8 bit patterns)
+        q = int32(data[r, k])
+        v = float32(q - ((q & 128) << 1)) * scales[r, gi]
+    else:             # int4
+        byte = int32(data[r, b * 16 + (j % 16)])
+        nib = (byte & 15) if j < 16 else (byte >> 4)
+        if mins.shape[1] == 0:
+            return float32(nib - 8) * scales[r, gi]
+        v = float32(nib) * scales[r, gi]
+    if mins.shape[1] > 0:
+        v += mins[r, gi]
+    return v
+
+
+@cuda.jit
+def _gemv_kernel(fmt, data, scales, mins, g, lut, x, y):
+    # grid: out rows; block: TPB threads. x: [n, in] float32 (n <= MAX_TOK); y: [n, out]
+    r = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    n = x.shape[0]
+    k = x.shape[1]
+    part = cuda.local.array(MAX_TOK, float32)
+    for t in range(MAX_TOK):
+        part[t] = 0.0
+    for b in range(tid, k // 32, TPB):        # threads stride over quant blocks
+        for j in range(32):
+            v = _value(fmt, data, scales, mins, g, lut, r, b * 32 + j)
+            for t in range(n):
+                part[t] += v * x[t, b * 32 + j]
+    red = cuda.shared.array(TPB, float32)
+    for t in range(n):
+        red[tid] = part[t]
+        cuda.syncthreads()
+        s = TPB // 2
+        while s > 0:                            # shared-memory tree reduction
+            if tid < s:
+                red[tid] += red[tid + s]
+            cuda.syncthreads()
+            s //= 2
+        if tid == 0:
+            y[t, r] = red[0]
+        cuda.syncthreads()
+
+
+@cuda.jit
+def _gemm_kernel(fmt, data, scales, mins, g, lut, x, y):
+    # block (TILE, TILE): thread (tx, ty) -> y[t0 + ty, r0 + tx]; k steps of 32
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    r0 = cuda.blockIdx.x * TILE
+    t0 = cuda.blockIdx.y * TILE
+    n = x.shape[0]
+    k = x.shape[1]
+    out = data.shape[0]
+    xs = cuda.shared.array((TILE, 32), float32)   # activations [tokens, k-step]
+    ws = cuda.shared.array((TILE, 32), float32)   # dequantized weights [rows, k-step]
+    acc = float32(0.0)
+    for k0 in range(0, k, 32):
+        for c in range(2):                       # 256 threads fill 2 x 16 x 32 values
+            col = tx * 2 + c
+            t = t0 + ty
+            xs[ty, col] = x[t, k0 + col] if t < n else float32(0.0)
+            r = r0 + ty
+            ws[ty, col] = _value(fmt, data, scales, mins, g, lut, r, k0 + col) if r < out \
+                else float32(0.0)
+        cuda.syncthreads()
+        for j in range(32):
+            acc += xs[ty, j] * ws[tx, j]
+        cuda.syncthreads()
+    if t0 + ty < n and r0 + tx < out:
+        y[t0 + ty, r0 + tx] = acc
+
+
+@cuda.jit
+def _dequant_kernel(fmt, data, scales, mins, g, lut, out):
+    k = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y
+    if k < out.shape[1]:
+        out[r, k] = _value(fmt, data, scales, mins, g, lut, r, k)
+
+
+def _arr(t: torch.Tensor):
+    """Zero-copy Numba view of a torch tensor (NumPy view under the simulator)."""
+    return t.numpy() if SIM else cuda.as_cuda_array(t)
+
+
+def _stream():
+    return 0 if SIM else cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+
+
+def device_weight(w: QuantizedWeight, device) -> dict:
+    """Copies of w's arrays on `device` as torch tensors, cached per weight object."""
+    if w.qtype not in FMT:
+        raise ValueError(f"cuda kernels: unsupported qtype {w.qtype.value}")
+    ent = _dev_cache.get(w)
+    if ent is None or ent["device"] != torch.device(device):
+        def put(a, dt):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=dt)).to(device)
+        empty = np.zeros((1, 0), np.float32)
+        ent = {"device": torch.device(device),
+               "data": put(np.asarray(w.data).view(np.uint8), np.uint8),
+               "scales": put(empty if w.scales is None else w.scales, np.float32),
+               "mins": put(empty if w.mins is None else w.mins, np.float32),
+               "lut": put(F16_LUT, np.float32)}
+        _dev_cache[w] = ent
+    return ent
+
+
+def _args(w: QuantizedWeight, device):
+    d = device_weight(w, device)
+    return (FMT[w.qtype], _arr(d["data"]), _arr(d["scales"]), _arr(d["mins"]),
+            int(w.group_size), _arr(d["lut"]))
+
+
+def gemv(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """Decode GEMV: x float32 [n_tokens <= 8, in] (device) -> float32 [n_tokens, out]."""
+    n = x.shape[0]
+    if n > MAX_TOK or x.shape[1] != w.in_features:
+        raise ValueError(f"cuda gemv: x {list(x.shape)} vs weight {w.shape} (n_tokens <= {MAX_TOK})")
+    y = torch.empty((n, w.out_features), dtype=torch.float32, device=x.device)
+    _gemv_kernel[w.out_features, TPB, _stream()](*_args(w, x.device), _arr(x), _arr(y))
+    return y
+
+
+def gemm(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """Tiled GEMM: x float32 [n_tokens, in] (device) -> float32 [n_tokens, out]."""
+    if x.shape[1] != w.in_features:
+        raise ValueError(f"cuda gemm: x {list(x.shape)} vs weight {w.shape}")
+    n = x.shape[0]
+    y = torch.empty((n, w.out_features), dtype=torch.float32, device=x.device)
+    grid = (math.ceil(w.out_features / TILE), math.ceil(n / TILE))
+    _gemm_kernel[grid, (TILE, TILE), _stream()](*_args(w, x.device), _arr(x), _arr(y))
+    return y
+
+
+def dequantize(w: QuantizedWeight, device) -> torch.Tensor:
+    """Packed weight -> float32 [out, in] on `device`."""
+    out = torch.empty(w.shape, dtype=torch.float32, device=device)
+    grid = (math.ceil(w.in_features / DEQ_TPB), w.out_features)
+    _dequant_kernel[grid, DEQ_TPB, _stream()](*_args(w, device), _arr(out))
+    return out
+
+
+def matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """Device dispatch (see dispatch.py): GEMV, tiled GEMM, or dequantize + torch bf16 GEMM."""
+    from .dispatch import CUDA_CROSSOVER, CUDA_GEMV_MAX_TOKENS
+    n = x.shape[0]
+    if w.qtype not in FMT:
+        from .dispatch import dequantize as deq_cpu
+        return x @ deq_cpu(w).to(x.device).T
+    if n <= CUDA_GEMV_MAX_TOKENS:
+        return gemv(x, w)
+    if n < CUDA_CROSSOVER:
+        return gemm(x, w)
+    wt = dequantize(w, x.device).to(torch.bfloat16)
+    return (x.to(torch.bfloat16) @ wt.T).float()

@@ -1,0 +1,142 @@
+"""Numba CPU kernels and dispatch against the NumPy reference; the real model's tensors."""
+from __future__ import annotations
+
+import functools
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from kernels import cpu, dispatch
+from kernels.dispatch import QuantizedLinear, quantized_matmul
+from kernels.formats import QuantizedWeight, quantize
+from kernels.reference import dequantize_ref, matmul_ref
+
+from .helpers import KERNEL_FORMATS, MODEL, assert_matmul_close, random_weight
+
+# out_features not a multiple of any chunk/tile size; in_features a multiple of 32 (and of the
+# group sizes used).
+SHAPES = [(1, 64), (37, 96), (130, 256), (257, 384)]
+TOKENS = [1, 3, 17, 64]
+
+
+@pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_vs_reference(qtype, sym, shape):
+    rng = np.random.default_rng(hash((qtype, sym, shape)) % 2**32)
+    g = 96 if shape[1] % 96 == 0 and qtype.startswith("int") else 32
+    w = random_weight(qtype, sym, *shape, rng, group_size=g)
+    wdeq = dequantize_ref(w)
+    # q * s + m may be one fused multiply-add (fastmath): a few ulp of the group's magnitude
+    np.testing.assert_allclose(cpu.dequantize(w), wdeq, rtol=1e-6, atol=1e-6 * np.abs(wdeq).max())
+    for n in TOKENS:
+        x = rng.standard_normal((n, shape[1])).astype(np.float32)
+        ref = matmul_ref(x, w).astype(np.float64)
+        for fn in (cpu.gemv, cpu.gemm):
+            assert_matmul_close(fn(x, w), x, wdeq, ref)
+
+
+@pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS + [("f32", True), ("f16", True),
+                                                        ("bf16", True)])
+def test_dispatch_all_paths(qtype, sym):
+    rng = np.random.default_rng(7)
+    if qtype.startswith("f") or qtype == "bf16":
+        w = quantize(rng.standard_normal((45, 128)).astype(np.float32), qtype)
+    else:
+        w = random_weight(qtype, sym, 45, 128, rng)
+    wdeq = dequantize_ref(w)
+    torch.testing.assert_close(dispatch.dequantize(w), torch.from_numpy(wdeq))
+    key = (w.qtype, w.shape)
+    for cross in (2, 1000):  # force the torch tile path, then the kernel path
+        dispatch.set_crossover(w.qtype, w.shape, cross)
+        for n in TOKENS:
+            x = rng.standard_normal((n, 128)).astype(np.float32)
+            y = quantized_matmul(torch.from_numpy(x), w)
+            assert y.dtype == torch.float32 and y.shape == (n, 45)
+            assert_matmul_close(y.numpy(), x, wdeq, matmul_ref(x, w).astype(np.float64))
+    dispatch._crossover.clear()
+    del key
+
+
+def test_torch_tiles_many_tiles(monkeypatch):
+    rng = np.random.default_rng(8)
+    w = random_weight("q4_1", True, 100, 64, rng)
+    monkeypatch.setattr(dispatch, "TILE_FLOATS", 64 * 16)  # 16-row tiles -> 7 tiles
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    y = dispatch._torch_tiles(torch.from_numpy(x), w).numpy()
+    assert_matmul_close(y, x, dequantize_ref(w), matmul_ref(x, w).astype(np.float64))
+
+
+def test_calibrate_caches_a_crossover():
+    w = random_weight("q4_1", True, 64, 128, np.random.default_rng(9))
+    c = dispatch.calibrate(w, tokens=(4, 8))
+    assert c in (4, 8, 9) and dispatch.calibrate(w, tokens=(4, 8)) == c
+
+
+def test_quantized_linear():
+    rng = np.random.default_rng(10)
+    w = random_weight("int4", False, 24, 64, rng)
+    bias = torch.from_numpy(rng.standard_normal(24).astype(np.float32))
+    lin = QuantizedLinear(w, bias)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 64)).astype(np.float32))
+    y = lin(x)
+    assert y.shape == (2, 3, 24)
+    ref = matmul_ref(x.reshape(6, 64).numpy(), w) + bias.numpy()
+    np.testing.assert_allclose(y.reshape(6, 24).numpy(), ref, rtol=1e-4, atol=1e-4)
+    assert "int4" in repr(lin)
+
+
+def test_errors():
+    w = random_weight("q4_0", True, 8, 64, np.random.default_rng(11))
+    with pytest.raises(ValueError, match=r"q4_0 weight \(8, 64\)"):
+        quantized_matmul(torch.zeros(2, 32), w)
+    with pytest.raises(ValueError, match="unsupported qtype"):
+        cpu.gemv(np.zeros((1, 64), np.float32),
+                 QuantizedWeight("f32", (8, 64), np.ones((8, 64), np.float32), group_size=1))
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k"])
+def test_k_quants_reference(qtype):
+    rng = np.random.default_rng(12)
+    wf = rng.standard_normal((4, 256)).astype(np.float32)
+    t = gguf.GGMLQuantizationType[qtype.upper()]
+    # gguf has no K-quant quantizer: random bytes with small fp16 scales are valid blocks
+    nbytes = {"q4_k": 144, "q6_k": 210}[qtype]
+    raw = rng.integers(0, 256, (4, nbytes), dtype=np.uint8)
+    d_off = {"q4_k": 0, "q6_k": 208}[qtype]
+    raw[:, d_off:d_off + 2] = np.full((4, 1), 0.01, np.float16).view(np.uint8)
+    if qtype == "q4_k":
+        raw[:, 2:4] = np.full((4, 1), 0.005, np.float16).view(np.uint8)
+    w = QuantizedWeight(qtype, (4, 256), raw, group_size=256)
+    ref = gguf.quants.dequantize(raw, t).reshape(4, 256)
+    assert np.count_nonzero(ref) > 0
+    np.testing.assert_array_equal(dispatch.dequantize(w).numpy(), ref)
+    x = torch.from_numpy(wf[:2])
+    torch.testing.assert_close(quantized_matmul(x, w), x @ torch.from_numpy(ref).T)
+
+
+@functools.lru_cache(maxsize=1)
+def _model_tensors():
+    return {x.name: x for x in gguf.GGUFReader(MODEL).tensors}
+
+
+@pytest.mark.skipif(not os.path.exists(MODEL), reason="default model not installed")
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.3.attn_k.weight",
+                                  "blk.29.ffn_gate.weight", "token_embd.weight"])
+def test_real_model_tensors(name):
+    t = _model_tensors()[name]
+    w = QuantizedWeight.from_gguf(t)
+    if name == "token_embd.weight":
+        w = w.row_slice(1000, 3003)  # lm_head shard: 2003 rows
+    wdeq = gguf.quants.dequantize(np.asarray(w.data), t.tensor_type).reshape(w.shape)
+    np.testing.assert_array_equal(cpu.dequantize(w), wdeq)
+    rng = np.random.default_rng(13)
+    for n in (1, 3, 17):
+        x = rng.standard_normal((n, w.in_features)).astype(np.float32)
+        ref = x.astype(np.float64) @ wdeq.astype(np.float64).T
+        for fn in (cpu.gemv, cpu.gemm):
+            assert_matmul_close(fn(x, w), x, wdeq, ref)
+        dispatch.set_crossover(w.qtype, w.shape, 8)  # no calibration here: both paths run
+        assert_matmul_close(quantized_matmul(torch.from_numpy(x), w).numpy(), x, wdeq, ref)
