@@ -74,7 +74,7 @@ class Coordinator:
         self.spec = read_model_spec(self.model_path)
         self.model_id = config.model
         self.tokenizer = Tokenizer.from_gguf(self.model_path)
-        self.model_sizes = ModelSizes.from_gguf(self.model_path, self.spec, bytes_per_element=4)
+        self.model_sizes = ModelSizes.from_gguf(self.model_path, self.spec)
         self.max_model_len = min(config.scheduler.max_model_len or self.spec.context_length, self.spec.context_length)
         self.workers: dict[str, WorkerInfo] = {}
         self.order: list[str] = []  # worker ids in registration order
@@ -517,6 +517,7 @@ class Coordinator:
         if self.scheduler is not None:
             bm = self.scheduler.block_manager
             s.update(num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
+                     num_steps_in_flight=len(self.in_flight),
                      num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
                      num_preemptions_total=self.scheduler.stats.num_preemptions,
                      prefix_cache_hit_blocks=bm.num_prefix_hits)

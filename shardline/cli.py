@@ -252,7 +252,7 @@ def plan(cluster_yaml, workers, pp, tp, memory_gb):
         raise click.ClickException(str(exc)) from None
     mem = int(memory_gb * 2**30) if memory_gb else _local_memory_bytes(cfg)
     offers = [WorkerOffer(f"worker-{i}", cfg.coordinator.host, mem) for i in range(cfg.workers.count)]
-    sizes = ModelSizes.from_gguf(str(path), spec, bytes_per_element=4)
+    sizes = ModelSizes.from_gguf(str(path), spec)
     kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
     try:
         p = make_plan(spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,

@@ -9,7 +9,7 @@ import pytest
 
 from shardline.local import LocalCluster
 
-MAX_ALIVE = 2  # clusters kept running at once (each holds a copy of the weights per worker)
+MAX_ALIVE = 3  # clusters kept running at once (each holds a copy of the weights per worker)
 
 
 class ClusterPool:
@@ -49,7 +49,7 @@ def pp_config(pp: int, **scheduler) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def default_cluster(clusters):
     """The default layout: 2 workers, pipeline 2."""
     return clusters.get(pp_config(2))

@@ -1,0 +1,144 @@
+"""Continuous batching on the real model: outputs do not depend on batch composition, chunk size,
+seat count or preemption; cancellation and disconnection free every KV block."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from shardline import Client, InvalidRequestError
+from tests.integration.conftest import pp_config
+
+pytestmark = pytest.mark.integration
+
+TARGET = "Here is a short story about a robot who learns to paint. Once upon a time,"
+OTHERS = [
+    "The three primary colors are",
+    "def quicksort(arr):",
+    "In 1969, the first humans",
+    "A haiku about autumn leaves:",
+    "The chemical formula of water is",
+    "Translate to French: good morning ->",
+    "The largest planet in the solar system is",
+]
+N = 24
+
+
+def _greedy(client: Client, prompt: str, n: int = N) -> list[int]:
+    return client.generate(prompt, max_tokens=n, ignore_eos=True).token_ids
+
+
+def _concurrently(client: Client, prompts: list[str], n: int = N, **params) -> list[list[int]]:
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futs = [pool.submit(lambda p: client.generate(p, max_tokens=n, ignore_eos=True, **params).token_ids, p)
+                for p in prompts]
+        return [f.result() for f in futs]
+
+
+def _wait_idle(client: Client, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = client.stats()
+        if s["num_requests_running"] == 0 and s["num_requests_waiting"] == 0 and s["num_steps_in_flight"] == 0:
+            return s
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)  # poll interval
+
+
+@pytest.fixture(scope="module")
+def reference(clusters):
+    """Greedy tokens of TARGET alone on the default cluster (2 stages, budget 512)."""
+    return _greedy(clusters.get(pp_config(2)).client, TARGET)
+
+
+def test_same_output_alone_and_with_seven_concurrent(default_cluster, reference):
+    outs = _concurrently(default_cluster.client, [TARGET] + OTHERS)
+    assert outs[0] == reference
+    alone = [_greedy(default_cluster.client, p) for p in OTHERS[:2]]
+    assert outs[1:3] == alone
+
+
+def test_same_output_with_one_seat_and_small_chunks(clusters, reference):
+    one_seat = clusters.get(pp_config(2, max_num_seqs=1))
+    assert _concurrently(one_seat.client, [TARGET, OTHERS[0]])[0] == reference
+    chunked = clusters.get(pp_config(2, max_num_batched_tokens=16))
+    outs = _concurrently(chunked.client, [TARGET] + OTHERS[:3])
+    assert outs[0] == reference
+
+
+def test_preemption_gives_the_same_outputs(clusters, default_cluster):
+    prompts = [TARGET] + OTHERS
+    big = _concurrently(default_cluster.client, prompts, n=48)
+    small = clusters.get(pp_config(2, num_kv_blocks=24, enable_prefix_caching=False))
+    before = small.client.stats()
+    outs = _concurrently(small.client, prompts, n=48)
+    after = _wait_idle(small.client)
+    assert after["num_preemptions_total"] > before["num_preemptions_total"], "the pool was meant to force preemption"
+    assert outs == big
+    assert after["num_free_blocks"] == after["num_kv_blocks"] == 24
+
+
+def test_too_large_request_fails_fast_while_small_one_completes(clusters):
+    small = clusters.get(pp_config(2, num_kv_blocks=24, enable_prefix_caching=False))
+    c = small.client
+    with ThreadPoolExecutor(2) as pool:
+        ok = pool.submit(lambda: c.generate(TARGET, max_tokens=16, ignore_eos=True))
+        t0 = time.monotonic()
+        with pytest.raises(InvalidRequestError, match="exceeds"):
+            c.generate(prompt_token_ids=[1000 + i for i in range(24 * 16)], max_tokens=4)
+        assert time.monotonic() - t0 < 5.0
+        assert len(ok.result().token_ids) == 16
+
+
+def test_seeded_sampling_is_independent_of_the_batch(default_cluster):
+    c = default_cluster.client
+    params = dict(temperature=0.8, top_p=0.95, seed=1234)
+    alone = c.generate(TARGET, max_tokens=N, ignore_eos=True, **params).token_ids
+    with ThreadPoolExecutor(8) as pool:
+        futs = [pool.submit(lambda: c.generate(TARGET, max_tokens=N, ignore_eos=True, **params).token_ids)]
+        futs += [pool.submit(lambda p=p: c.generate(p, max_tokens=N, temperature=1.0, ignore_eos=True).token_ids)
+                 for p in OTHERS]
+        batched = futs[0].result()
+        [f.result() for f in futs[1:]]
+    assert batched == alone
+    other_seed = c.generate(TARGET, max_tokens=N, ignore_eos=True, temperature=0.8, top_p=0.95, seed=99).token_ids
+    assert other_seed != alone
+
+
+def test_cancelled_streams_free_their_blocks(default_cluster):
+    c = default_cluster.client
+    start = _wait_idle(c)
+    n_cancelled = 0
+
+    def one(i: int) -> int:
+        got = 0
+        stream = c.stream(f"{i}: {TARGET}", max_tokens=200, ignore_eos=True)
+        for d in stream:
+            got += len(d.token_ids)
+            if got >= 2:
+                break
+        stream.close()  # cancels
+        return got
+
+    with ThreadPoolExecutor(10) as pool:
+        for got in pool.map(one, range(50)):
+            assert got >= 2
+            n_cancelled += 1
+    assert n_cancelled == 50
+    end = _wait_idle(c)
+    assert end["num_free_blocks"] == start["num_free_blocks"] == end["num_kv_blocks"]
+    assert end["requests_finished"] >= start["requests_finished"]
+
+
+def test_disconnected_client_frees_its_blocks(default_cluster):
+    c = default_cluster.client
+    start = _wait_idle(c)
+    gone = Client(default_cluster.address)
+    stream = gone.stream(TARGET, max_tokens=400, ignore_eos=True)
+    next(stream)
+    gone._closed = True  # vanish without a CANCEL, as a crashed client would
+    gone._sock.close(linger=0)
+    s = _wait_idle(c, timeout_s=10)  # fails if the server kept generating for a client that is gone
+    assert s["num_free_blocks"] == start["num_free_blocks"]
