@@ -202,21 +202,23 @@ class RMSNorm(torch.nn.Module):
 
 
 class RotaryEmbedding:
-    """RoPE on adjacent pairs: (x[2i], x[2i+1]) rotated by pos * theta^(-2i/head_dim)."""
+    """RoPE on adjacent pairs: (x[2i], x[2i+1]) rotated by pos * theta^(-2i/head_dim), done as a
+    complex multiplication of (x[2i] + i x[2i+1]) by exp(i pos theta_i)."""
 
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        self.cos = angles.cos().float()  # [max_positions, head_dim // 2]
-        self.sin = angles.sin().float()
+        self.freqs_cis = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # [max_pos, head_dim/2]
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, num_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
-        sin = self.sin[positions].unsqueeze(1)
-        x2 = x.unflatten(-1, (-1, 2))
-        a, b = x2[..., 0], x2[..., 1]
-        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    def for_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, 1, head_dim // 2] complex64 rotations, computed once per step."""
+        return self.freqs_cis[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, num_heads, head_dim] float32 (may be a strided view) -> same shape, contiguous
+        xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * rot).flatten(-2)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -268,14 +270,13 @@ class DecoderLayer(torch.nn.Module):
             out[meta.decode_rows] = o.squeeze(2)
         return out
 
-    def forward(self, x, meta: AttentionMetadata, kv, rope: RotaryEmbedding):
-        # x: [T, hidden]
+    def forward(self, x, meta: AttentionMetadata, kv, rot: torch.Tensor):
+        # x: [T, hidden]; rot: [T, 1, head_dim/2] complex64 rotary factors of the step
         h = self.input_norm(x)
-        qkv = self.qkv_proj(h)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rope(q.view(-1, self.num_heads, self.head_dim), meta.positions)
-        k = rope(k.view(-1, self.num_kv_heads, self.head_dim), meta.positions)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(h)  # [T, q_size + 2 * kv_size]
+        qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim)), rot)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].unflatten(-1, (self.num_kv_heads, self.head_dim))
         attn = self.attention(q, k, v, meta, kv).flatten(1)
         x = x + self.all_reduce(self.o_proj(attn))
         h = self.post_attention_norm(x)
@@ -336,8 +337,9 @@ class StageModel(torch.nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         if self.shard.is_first:
             x = self.embed_tokens(x)  # x: [T] int64 -> [T, hidden]
+        rot = self.rope.for_positions(meta.positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, meta, kv_cache.layer(i), self.rope)
+            x = layer(x, meta, kv_cache.layer(i), rot)
         if not self.shard.is_last:
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))
