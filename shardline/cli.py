@@ -232,6 +232,26 @@ def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 
+# ---- batch ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("input_jsonl", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Results JSONL (appended; a rerun skips lines already there).")
+@click.option("--address", help="Client-plane address (default: $SHARDLINE_ADDRESS or tcp://127.0.0.1:7450).")
+@click.option("--concurrency", type=int, default=32, show_default=True, help="Requests in flight at once.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def batch(input_jsonl, output, address, concurrency, no_progress):
+    """Offline batch inference: every line of INPUT_JSONL (prompt/messages/prompt_token_ids and
+    sampling parameters) through a running cluster; results in input order."""
+    from shardline.batch import run_batch
+    from shardline.client import ShardlineError
+
+    try:
+        stats = run_batch(input_jsonl, output, address, concurrency, progress=not no_progress)
+    except (ValueError, ShardlineError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(stats), err=True)
+
+
 # ---- plan -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))

@@ -142,3 +142,37 @@ def test_disconnected_client_frees_its_blocks(default_cluster):
     gone._sock.close(linger=0)
     s = _wait_idle(c, timeout_s=10)  # fails if the server kept generating for a client that is gone
     assert s["num_free_blocks"] == start["num_free_blocks"]
+
+
+def test_batch_command_writes_in_order_and_resumes(default_cluster, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    inp = tmp_path / "in.jsonl"
+    rows = [{"id": f"r{i}", "prompt": f"Count: {i}, {i + 1},", "max_tokens": 4 + i % 3, "ignore_eos": True}
+            for i in range(12)]
+    rows[5] = {"id": "bad", "prompt": "x", "temperature": -3}
+    inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "shardline.cli", "batch", str(inp), "-o", str(out), "--address",
+           default_cluster.address, "--concurrency", "4", "--no-progress"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in results] == list(range(12))
+    assert [r["id"] for r in results] == [r["id"] for r in rows]
+    assert "temperature" in results[5]["error"]
+    for i, r in enumerate(results):
+        if i != 5:
+            assert len(r["token_ids"]) == rows[i]["max_tokens"] and r["finish_reason"] == "length"
+    # a torn run: keep 7 complete lines and half of the 8th; the rerun completes only the rest
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:7]) + lines[7][:10])
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    stats = json.loads(second.stderr.strip().splitlines()[-1])
+    assert stats["skipped"] == 7 and stats["completed"] == 5
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in again] == list(range(12))
+    assert [r.get("token_ids") for r in again] == [r.get("token_ids") for r in results]
