@@ -321,6 +321,22 @@ class StageModel(torch.nn.Module):
             total += self.embed_tokens.nbytes
         return total
 
+    @torch.inference_mode()
+    def warm_up(self, kv_cache: KVCache, block_size: int) -> None:
+        """Run a few dummy steps so every kernel path (GEMV, small GEMM, tiled GEMM) is compiled
+        before the first request: Numba compiles on first call, which takes seconds on a fresh
+        machine. Writes garbage into KV block 0..; the coordinator's block ids overwrite it."""
+        num_blocks = kv_cache.num_blocks
+        for n in (1, 4, 96):
+            n = min(n, num_blocks * block_size)
+            table = list(range(-(-n // block_size)))
+            meta = build_attention_metadata([(0, n, table, True)], block_size)
+            if self.shard.is_first:
+                x = torch.zeros(n, dtype=torch.int64)
+            else:
+                x = torch.zeros(n, self.spec.hidden_size)
+            self(x, meta, kv_cache)
+
     def calibrate(self) -> None:
         """Measure each linear's kernel/GEMM crossover now rather than during the first request."""
         from kernels.dispatch import calibrate

@@ -154,6 +154,7 @@ class Worker:
         from worker.sampler import Sampler
 
         self.sampler = Sampler()
+        self.model.warm_up(self.kv_cache, self.block_size)
         load_s = time.monotonic() - t0
         log.info("worker %s: stage %d layers [%d, %d) tp %d/%d loaded in %.1f s (%.0f MB weights, %.0f MB KV)",
                  self.worker_id, self.stage, self.shard.layer_start, self.shard.layer_end, self.tp_rank,
