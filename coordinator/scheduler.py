@@ -65,7 +65,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        num_micro_batches: int = 1,
     ):
+        assert num_micro_batches >= 1
+        self.num_micro_batches = num_micro_batches
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -133,10 +136,15 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         num_preempted = 0
         bm = self.block_manager
+        # Pipeline micro-batching: a step takes about 1/P of the active sequences, so P steps
+        # of disjoint sequences can be in flight and every stage stays busy.
+        active = len(self.running) + len(self.waiting)
+        seats = min(self.max_num_seqs, max(1, -(-active // self.num_micro_batches)))
 
         # 1. Running sequences (decode, or the rest of a chunked prompt), oldest first.
         i = 0
-        while i < len(self.running) and budget > 0:
+        blocked = False  # a running sequence waits for blocks held by a newer one in flight
+        while i < len(self.running) and budget > 0 and len(scheduled) < seats:
             seq = self.running[i]
             if seq.seq_id in self.in_flight:
                 i += 1
@@ -145,6 +153,13 @@ class Scheduler:
             assert n > 0
             while not bm.allocate(seq, n):
                 victim = self._pick_victim(exclude=scheduled)
+                if victim is seq and any(s.seq_id in self.in_flight for s in self.running[i + 1:]):
+                    # A newer sequence is in flight: wait for it and preempt it when it returns.
+                    # Preempting `seq` instead lets two sequences evict each other forever.
+                    blocked = True
+                    seq = None
+                    i += 1
+                    break
                 if victim is None or victim is seq:
                     if victim is seq:
                         self._preempt(seq)
@@ -160,8 +175,9 @@ class Scheduler:
             i += 1
 
         # 2. Waiting sequences, in arrival order, while budget, seats and blocks last.
-        if num_preempted == 0:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if num_preempted == 0 and not blocked:
+            while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+                   and len(scheduled) < seats):
                 seq = self.waiting[0]
                 cached = bm.find_cached_prefix(seq) if not seq.block_table else []
                 n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size, budget)

@@ -272,9 +272,10 @@ class Coordinator:
         if self.state == "loading" and all(self.workers[a.worker_id].ready for a in self.plan.assignments):
             cfg = self.config.scheduler
             bm = BlockManager(self.plan.num_kv_blocks, self.plan.block_size, cfg.enable_prefix_caching)
-            self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
-            self.scheduler.eos_token_id = self.spec.eos_token_id
             self.max_in_flight = cfg.pipeline_micro_batches or self.plan.pp_size
+            self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+                                       self.max_in_flight)
+            self.scheduler.eos_token_id = self.spec.eos_token_id
             self.state = "serving"
             log.info("serving %s: %d KV blocks of %d tokens, %d micro-batches in flight", self.model_id,
                      self.plan.num_kv_blocks, self.plan.block_size, self.max_in_flight)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from shardline import Client, InvalidRequestError
-from tests.integration.conftest import pp_config
+from tests.integration.conftest import assert_same_greedy, pp_config
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +26,21 @@ OTHERS = [
 N = 24
 
 
-def _greedy(client: Client, prompt: str, n: int = N) -> list[int]:
-    return client.generate(prompt, max_tokens=n, ignore_eos=True).token_ids
+def _greedy(client: Client, prompt: str, n: int = N):
+    return client.generate(prompt, max_tokens=n, ignore_eos=True, logprobs=2)
 
 
-def _concurrently(client: Client, prompts: list[str], n: int = N, **params) -> list[list[int]]:
+def _concurrently(client: Client, prompts: list[str], n: int = N, **params) -> list:
     with ThreadPoolExecutor(len(prompts)) as pool:
-        futs = [pool.submit(lambda p: client.generate(p, max_tokens=n, ignore_eos=True, **params).token_ids, p)
+        futs = [pool.submit(lambda p: client.generate(p, max_tokens=n, ignore_eos=True, logprobs=2, **params), p)
                 for p in prompts]
         return [f.result() for f in futs]
+
+
+def _all_same(xs, ys) -> None:
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert_same_greedy(x, y)
 
 
 def _wait_idle(client: Client, timeout_s: float = 30.0) -> dict:
@@ -55,17 +61,17 @@ def reference(clusters):
 
 def test_same_output_alone_and_with_seven_concurrent(default_cluster, reference):
     outs = _concurrently(default_cluster.client, [TARGET] + OTHERS)
-    assert outs[0] == reference
+    assert_same_greedy(reference, outs[0])
     alone = [_greedy(default_cluster.client, p) for p in OTHERS[:2]]
-    assert outs[1:3] == alone
+    _all_same(alone, outs[1:3])
 
 
 def test_same_output_with_one_seat_and_small_chunks(clusters, reference):
     one_seat = clusters.get(pp_config(2, max_num_seqs=1))
-    assert _concurrently(one_seat.client, [TARGET, OTHERS[0]])[0] == reference
+    assert_same_greedy(reference, _concurrently(one_seat.client, [TARGET, OTHERS[0]])[0])
     chunked = clusters.get(pp_config(2, max_num_batched_tokens=16))
     outs = _concurrently(chunked.client, [TARGET] + OTHERS[:3])
-    assert outs[0] == reference
+    assert_same_greedy(reference, outs[0])
 
 
 def test_preemption_gives_the_same_outputs(clusters, default_cluster):
@@ -76,7 +82,7 @@ def test_preemption_gives_the_same_outputs(clusters, default_cluster):
     outs = _concurrently(small.client, prompts, n=48)
     after = _wait_idle(small.client)
     assert after["num_preemptions_total"] > before["num_preemptions_total"], "the pool was meant to force preemption"
-    assert outs == big
+    _all_same(big, outs)
     assert after["num_free_blocks"] == after["num_kv_blocks"] == 24
 
 
