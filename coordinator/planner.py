@@ -97,12 +97,11 @@ def kv_bytes_per_block(spec: ModelSpec, num_layers: int, block_size: int, tp_siz
 
 def check_parallel(spec: ModelSpec, pp_size: int, tp_size: int) -> None:
     """Raises PlanError when the model cannot be split this way."""
-    if spec.num_heads % tp_size:
-        raise PlanError(f"tensor_parallel={tp_size} does not divide num_heads={spec.num_heads}")
-    if spec.num_kv_heads % tp_size:
-        raise PlanError(f"tensor_parallel={tp_size} does not divide num_kv_heads={spec.num_kv_heads}")
-    if spec.intermediate_size % tp_size:
-        raise PlanError(f"tensor_parallel={tp_size} does not divide intermediate_size={spec.intermediate_size}")
+    counts = {"num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads,
+              "intermediate_size": spec.intermediate_size}
+    bad = [f"{k}={v}" for k, v in counts.items() if v % tp_size]
+    if bad:  # name every count it does not divide
+        raise PlanError(f"tensor_parallel={tp_size} does not divide {', '.join(bad)}")
     if pp_size > spec.num_layers:
         raise PlanError(f"pipeline_parallel={pp_size} exceeds num_layers={spec.num_layers}")
 
@@ -110,6 +109,10 @@ def check_parallel(spec: ModelSpec, pp_size: int, tp_size: int) -> None:
 def split_layers(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
     """Contiguous layer ranges in proportion to `weights` (each stage gets at least one layer)."""
     pp = len(weights)
+    if len(set(weights)) == 1:  # even: the first num_layers % pp stages get one more layer
+        q, r = divmod(num_layers, pp)
+        bounds = [i * q + min(i, r) for i in range(pp + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(pp)]
     total = sum(weights)
     bounds = [0]
     for i in range(1, pp):

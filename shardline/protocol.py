@@ -131,6 +131,8 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, dic
         raise ProtocolError(f"malformed msgpack body for {msg_type.name}: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{msg_type.name} body must be a map, got {type(body).__name__}")
+    if not all(isinstance(k, str) for k in body):  # strict_map_key still lets bytes keys through
+        raise ProtocolError(f"{msg_type.name} body must be a map with string keys")
     return msg_type, body
 
 

@@ -60,7 +60,7 @@ class Sampler:
         if p.top_p < 1.0:
             sorted_p, idx = probs.sort(descending=True)
             cum = sorted_p.cumsum(0)
-            drop = (cum - sorted_p) > p.top_p  # keep the smallest prefix whose mass reaches top_p
+            drop = (cum - sorted_p) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
         gen = self._generator
