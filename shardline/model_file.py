@@ -112,13 +112,18 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
             f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     a = arch
+    for key in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length"):
+        if _field(reader, f"{a}.{key}") is None:
+            raise ModelError(f"{path}: metadata key {a}.{key} is missing")
     hidden = int(_field(reader, f"{a}.embedding_length"))
     heads = int(_field(reader, f"{a}.attention.head_count"))
     kv_heads = int(_field(reader, f"{a}.attention.head_count_kv", heads))
     names = {t.name for t in reader.tensors}
     vocab = _field(reader, f"{a}.vocab_size")
-    if vocab is None:
+    if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if vocab is None:
+        raise ModelError(f"{path}: no {a}.vocab_size and no tokenizer.ggml.tokens in metadata")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     if eos is None:
         raise ModelError(f"{path}: no tokenizer.ggml.eos_token_id in metadata")
