@@ -77,6 +77,7 @@ class Coordinator:
         self.model_sizes = ModelSizes.from_gguf(self.model_path, self.spec)
         self.max_model_len = min(config.scheduler.max_model_len or self.spec.context_length, self.spec.context_length)
         self.workers: dict[str, WorkerInfo] = {}
+        self._by_identity: dict[bytes, WorkerInfo] = {}
         self.order: list[str] = []  # worker ids in registration order
         self.plan: Plan | None = None
         self.state = "waiting_for_workers"
@@ -191,12 +192,13 @@ class Coordinator:
     def _on_worker_frame(self, identity: bytes, frame: bytes) -> None:
         try:
             msg_type, body = P.decode(frame)
+            w = self._by_identity.get(identity)
+            if w is not None:
+                w.last_heartbeat = time.monotonic()  # any message shows the worker is alive
             if msg_type is MsgType.STEP_RESULT:
                 self._on_step_result(body)
             elif msg_type is MsgType.HEARTBEAT:
-                w = self.workers.get(body.get("worker_id"))
-                if w is not None and w.identity == identity:
-                    w.last_heartbeat = time.monotonic()
+                if w is not None:
                     w.step_time_s = float(body.get("step_time_s", 0.0))
             elif msg_type is MsgType.REGISTER:
                 self._on_register(identity, body)
@@ -227,6 +229,7 @@ class Coordinator:
         if wid not in self.workers:
             self.order.append(wid)
         self.workers[wid] = w
+        self._by_identity[identity] = w
         log.info("worker %s registered from %s (%s, %.1f GiB) [%d/%d]", wid, w.host, w.device,
                  w.memory_bytes / 2**30, len(self.workers), self.config.workers.count)
         if len(self.workers) == self.config.workers.count:
