@@ -1,8 +1,12 @@
 """Kernel benchmark: effective GB/s (packed weight bytes / time) and GFLOP/s of the Numba CPU
 kernels per format, shape and n_tokens, next to the machine's measured memory read bandwidth and
-torch fp32/bf16 GEMM GFLOP/s; also the measured CPU crossover (kernel vs dequantize+torch GEMM).
+torch fp32/bf16 GEMM GFLOP/s. Paths: gemv/gemm (q8_0/q4_*: row-interleaved packed kernels),
+gemv_rw/gemm_rw (the plain row-wise kernels on the file layout), torch / torch_bf16 (dequantized
+tiles + fp32 / bf16 GEMM). With --crossover: kernel vs fp32 vs bf16 tiles on the SmolLM2-135M
+shapes at n = 4..512 (the measurement behind kernels.dispatch.CPU_CROSSOVER; run it with
+NUMBA_NUM_THREADS=1 for the 1-thread workers), then the table in use.
 
-    python bench/kernels.py [--quick] [--out bench/results/kernels.json]
+    python bench/kernels.py [--quick] [--crossover] [--out bench/results/kernels.json]
 
 Writes JSON and a PNG (bench/results/kernels.json, kernels.png).
 """
@@ -58,6 +62,8 @@ def torch_gflops(dtype, n=1024) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer formats/shapes; under a minute")
+    ap.add_argument("--crossover", action="store_true",
+                    help="measure kernel vs fp32/bf16 tiles on the model's shapes, n = 4..512")
     ap.add_argument("--out", default="bench/results/kernels.json")
     args = ap.parse_args()
     shapes, formats, tokens = SHAPES, FORMATS, TOKENS
@@ -89,10 +95,17 @@ def main():
                 x = rng.standard_normal((n, inf)).astype(np.float32)
                 xt = torch.from_numpy(x)
                 paths = {"gemv": lambda: cpu.gemv(x, w)} if n <= 8 else {}
-                if n > 1:
+                if n <= 8 and qtype.startswith("q"):
+                    paths["gemv_rw"] = lambda: cpu.gemv_rowwise(x, w)
+                if n > 1 and not qtype.startswith("q"):
+                    paths["gemm"] = lambda: cpu.gemm(x, w)  # q*: the same kernel as gemv
+                if n > 1 and n <= 64:
+                    paths["gemm_rw"] = lambda: cpu.gemm_rowwise(x, w)
+                if n > 8 and qtype.startswith("q"):
                     paths["gemm"] = lambda: cpu.gemm(x, w)
                 if n >= 8:
                     paths["torch"] = lambda: dispatch._torch_tiles(xt, w)
+                    paths["torch_bf16"] = lambda: dispatch._torch_tiles(xt, w, True)
                 for path, fn in paths.items():
                     t = best_time(fn, min_time)
                     row = {"qtype": qtype, "shape": [out, inf], "n_tokens": n, "path": path,
@@ -101,16 +114,46 @@ def main():
                     res["rows"].append(row)
                     print(f"{qtype:6} {out:>5}x{inf:<6} {n:>4} {path:6} {row['ms']:9.3f} "
                           f"{row['GBps']:7.1f} {row['GFLOPs']:8.1f}")
-            if (out, inf) != (49152, 576) or not args.quick:
-                c = dispatch.calibrate(w, tokens=(4, 16, 64) if args.quick
-                                       else dispatch.CALIBRATION_TOKENS)
-                res["crossover"][f"{qtype} {out}x{inf}"] = c
-                print(f"  crossover {qtype} {out}x{inf}: torch path from n_tokens = {c}")
+    res["crossover_table"] = {q.value: n for q, n in dispatch.CPU_CROSSOVER.items()}
+    if args.crossover:
+        res["crossover_rows"] = crossover_rows(rng)
+    print("dispatch.CPU_CROSSOVER (torch bf16 tiles from n_tokens):", res["crossover_table"])
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(res, indent=1))
     plot(res, out_path.with_suffix(".png"))
     print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
+
+
+def crossover_rows(rng):
+    """Median ms of the kernel, fp32 tiles and bf16 tiles per (qtype, shape, n)."""
+    from tests.kernels.helpers import random_ggml
+
+    def med(fn, reps):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    rows = []
+    for q, o, i in [("q4_1", 960, 576), ("q4_1", 576, 576), ("q4_1", 3072, 576),
+                    ("q4_1", 576, 1536), ("q8_0", 49152, 576)]:
+        w = random_ggml(q, o, i, rng)
+        for n in (4, 8, 16, 32, 64, 128, 512):
+            x = torch.from_numpy(rng.standard_normal((n, i)).astype(np.float32))
+            reps = max(3, int(40 / (1 + n * o * i / 3e7)))
+            t = {"kernel": med(lambda: cpu.gemm(x.numpy(), w), reps),
+                 "fp32": med(lambda: dispatch._torch_tiles(x, w), reps),
+                 "bf16": med(lambda: dispatch._torch_tiles(x, w, True), reps)}
+            best = min(t, key=t.get)
+            rows.append({"qtype": q, "shape": [o, i], "n_tokens": n, "best": best,
+                         **{k + "_ms": v * 1e3 for k, v in t.items()}})
+            print(f"  {q} {o:>5}x{i:<5} n={n:<4} kernel {t['kernel']*1e3:8.3f}  fp32 "
+                  f"{t['fp32']*1e3:8.3f}  bf16 {t['bf16']*1e3:8.3f} ms  best {best}", flush=True)
+    return rows
 
 
 def plot(res, path):

@@ -50,6 +50,7 @@ class WorkerInfo:
     alive: bool = True
     weight_bytes: int = 0
     step_time_s: float = 0.0
+    rss_bytes: int = 0
 
 
 @dataclass
@@ -200,6 +201,7 @@ class Coordinator:
             elif msg_type is MsgType.HEARTBEAT:
                 if w is not None:
                     w.step_time_s = float(body.get("step_time_s", 0.0))
+                    w.rss_bytes = int(body.get("rss_bytes", 0))
             elif msg_type is MsgType.REGISTER:
                 self._on_register(identity, body)
             elif msg_type is MsgType.READY:
@@ -270,6 +272,7 @@ class Coordinator:
             return
         w.ready = True
         w.weight_bytes = int(body.get("weight_bytes", 0))
+        w.rss_bytes = int(body.get("rss_bytes", 0))
         log.info("worker %s ready (%.0f MB weights, loaded in %.1f s)", w.worker_id, w.weight_bytes / 1e6,
                  body.get("load_s", 0.0))
         if self.state == "loading" and all(self.workers[a.worker_id].ready for a in self.plan.assignments):
@@ -527,7 +530,7 @@ class Coordinator:
                      prefix_cache_hit_blocks=bm.num_prefix_hits)
         s["workers"] = [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "alive": w.alive, "ready": w.ready,
                          "heartbeat_age_s": time.monotonic() - w.last_heartbeat, "step_time_s": w.step_time_s,
-                         "weight_bytes": w.weight_bytes} for w in self.workers.values()]
+                         "weight_bytes": w.weight_bytes, "rss_bytes": w.rss_bytes} for w in self.workers.values()]
         if self.plan is not None:
             s["plan"] = self.plan.to_dict()
         return s

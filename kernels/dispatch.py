@@ -1,14 +1,16 @@
 """Choose a matmul per device and n_tokens, and wrap quantized weights as torch modules.
 
 CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
-    n_tokens <= 2            fused GEMV (one pass over the packed weight per token)
-    2 < n_tokens < crossover small GEMM (each packed row dequantized once into L1, dotted with all)
-    n_tokens >= crossover    dequantize tiles of rows to float32, torch GEMM per tile
-  crossover is measured, not guessed: `calibrate(w)` times the kernel path against the torch path
-  at a few n_tokens and caches the first n where torch wins, per (qtype, shape, numba threads).
-  The first call for a new (qtype, shape) with n_tokens > 2 pays the calibration (tens of ms for
-  the small model's shapes, ~0.5 s for 4096x4096); `set_crossover` pins it, e.g. from
-  `python bench/kernels.py` output.
+    n_tokens < crossover     the Numba kernel: q8_0/q4_0/q4_1 the row-interleaved kernels (4
+                             tokens per pass over the weight); int8/int4 fused GEMV for <= 2
+                             tokens, else the row-wise small GEMM
+    n_tokens >= crossover    dequantize tiles of rows to float32, round tile and x to bfloat16,
+                             torch (oneDNN) bf16 GEMM accumulating in float32 (TILE_BF16; False:
+                             float32 tiles and fp32 GEMM)
+  The crossover comes from CPU_CROSSOVER, a table measured once per qtype (not per shape, not at
+  worker start: the lazy per-shape calibration cost up to seconds and was unreliable under load).
+  `set_crossover` pins one (qtype, shape); `calibrate(w)` still measures one on this machine and
+  pins it for the process.
 CUDA (cuda.py): n_tokens <= 8 GEMV kernel, <= CUDA_CROSSOVER tiled GEMM kernel, else dequantize
   to bf16 + torch GEMM. CUDA_CROSSOVER is a placeholder until bench/gpu_kernels.py runs on a GPU.
 f32/f16/bf16 weights: torch GEMM. Q4_K/Q6_K: reference dequantization (gguf) + torch GEMM.
@@ -25,6 +27,18 @@ from . import cpu, reference
 from .formats import FLOAT_TYPES, QType, QuantizedWeight
 
 GEMV_MAX_TOKENS = 2
+# First n_tokens at which dequantized tiles + torch bf16 GEMM beat the Numba kernel, single thread
+# (NUMBA_NUM_THREADS=1, torch 1 thread), AMD EPYC (Zen 4) dev machine, medians; measured by
+#   NUMBA_NUM_THREADS=1 python bench/kernels.py --crossover
+# on the SmolLM2-135M shapes (960x576, 576x576, 3072x576, 576x1536; 49152x576 for q8_0), n in
+# 4, 8, 16, 32, 64, 128, 512. q4_1 (ms, kernel / fp32 tiles / bf16 tiles), e.g. 3072x576:
+#   n=16 0.885 / 1.228 / 1.113   n=32 1.794 / 1.829 / 1.400   n=64 4.18 / 3.03 / 2.05
+# the kernel won at n <= 16 and bf16 at n >= 32 on all four shapes; fp32 tiles never won.
+# q8_0 49152x576: n=8 10.2 / 14.4 / 14.3, n=16 20.7 / 19.5 / 17.1 -> bf16 from 16.
+# q4_0 shares q4_1's kernel (fewer bytes: same table). int8/int4: not measured (row-wise kernel,
+# about 3x slower than the packed ones): 8 is a guess; measure with `calibrate`.
+CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, QType.INT4: 8}
+TILE_BF16 = True  # the torch path for many tokens: bf16 GEMM (~3 significant digits) or fp32
 CUDA_GEMV_MAX_TOKENS = 8
 CUDA_CROSSOVER = 64  # not yet measured on a GPU (see bench/gpu_kernels.py)
 TILE_FLOATS = 1 << 20  # dequantized tile size for the torch path: 4 MiB of float32
@@ -46,16 +60,21 @@ def _float_weight(w: QuantizedWeight) -> torch.Tensor:
     return t.view(torch.bfloat16) if w.qtype is QType.BF16 else t
 
 
-def _torch_tiles(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """y = x @ W.T by dequantizing tiles of output rows to float32 and calling torch's GEMM."""
+def _torch_tiles(x: torch.Tensor, w: QuantizedWeight, bf16: bool = False) -> torch.Tensor:
+    """y = x @ W.T by dequantizing tiles of output rows to float32 and calling torch's GEMM
+    (with bf16: tile and x rounded to bfloat16, product accumulated by oneDNN, result float32)."""
     out, inf = w.shape
     y = torch.empty((x.shape[0], out), dtype=torch.float32)
     rows = max(16, TILE_FLOATS // inf)
     buf = np.empty((min(rows, out), inf), np.float32)
+    xb = x.bfloat16() if bf16 else x
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
-        tile = cpu.dequantize(w.row_slice(r0, r1), buf[: r1 - r0])
-        y[:, r0:r1] = x @ torch.from_numpy(tile).T
+        tile = torch.from_numpy(cpu.dequantize(w.row_slice(r0, r1), buf[: r1 - r0]))
+        if bf16:
+            y[:, r0:r1] = (xb @ tile.bfloat16().T).float()
+        else:
+            y[:, r0:r1] = x @ tile.T
     return y
 
 
@@ -76,9 +95,10 @@ def _best_time(fn, reps: int = 3) -> float:
 
 
 def calibrate(w: QuantizedWeight, tokens=CALIBRATION_TOKENS) -> int:
-    """Measure the n_tokens from which dequantize+torch GEMM beats the Numba kernel for w's
-    (qtype, shape) on this machine; cached. Returns a value in tokens, or max(tokens)+1 if the
-    kernel won everywhere. Uses random activations (timing only)."""
+    """Measure on this machine the n_tokens from which dequantize + torch GEMM (TILE_BF16) beats
+    the Numba kernel for w's (qtype, shape), and pin it for this process (as `set_crossover`).
+    Returns a value in tokens, or max(tokens)+1 if the kernel won everywhere. Uses random
+    activations (timing only). Not called by dispatch: CPU_CROSSOVER is used unless pinned."""
     key = (w.qtype, w.shape, numba.get_num_threads(), torch.get_num_threads())
     if key in _crossover:
         return _crossover[key]
@@ -86,11 +106,17 @@ def calibrate(w: QuantizedWeight, tokens=CALIBRATION_TOKENS) -> int:
     cross = max(tokens) + 1
     for n in tokens:
         x = torch.randn((n, w.in_features), generator=gen)
-        if _best_time(lambda: _torch_tiles(x, w)) < _best_time(lambda: _kernel(x, w)):
+        if _best_time(lambda: _torch_tiles(x, w, TILE_BF16)) < _best_time(lambda: _kernel(x, w)):
             cross = n
             break
     _crossover[key] = cross
     return cross
+
+
+def crossover(w: QuantizedWeight) -> int:
+    """n_tokens from which the CPU torch path is taken for w: pinned value, else the table."""
+    key = (w.qtype, w.shape, numba.get_num_threads(), torch.get_num_threads())
+    return _crossover.get(key, CPU_CROSSOVER.get(w.qtype, 8))
 
 
 def set_crossover(qtype, shape, n_tokens: int) -> None:
@@ -121,9 +147,9 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         return x @ _float_weight(w).float().T
     if not cpu.supported(w.qtype):
         return x @ dequantize(w).T  # Q4_K / Q6_K: reference path
-    if n <= GEMV_MAX_TOKENS or n < calibrate(w):
+    if n <= GEMV_MAX_TOKENS or n < crossover(w):
         return _kernel(x, w)
-    return _torch_tiles(x, w)
+    return _torch_tiles(x, w, TILE_BF16)
 
 
 class QuantizedLinear(torch.nn.Module):

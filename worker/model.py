@@ -92,9 +92,13 @@ def make_linear(
 
 
 def linear_nbytes(layer: torch.nn.Module) -> int:
-    """Bytes of a linear layer's weight as held (packed for QuantizedLinear)."""
+    """Bytes a linear layer's weight holds: the packed file bytes, plus the row-interleaved copy
+    the CPU kernels build on first use (kernels/cpu.py), when there is one."""
     if hasattr(layer, "qweight"):
-        return layer.qweight.nbytes
+        from kernels import cpu
+
+        packed = cpu._pack_cache.get(layer.qweight)
+        return layer.qweight.nbytes + (sum(a.nbytes for a in packed[1:]) if packed else 0)
     return layer.nbytes
 
 

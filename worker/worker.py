@@ -39,6 +39,15 @@ def local_ip_towards(address: str) -> str:
         return s.getsockname()[0]
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process in bytes (Linux /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 def default_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
@@ -101,7 +110,7 @@ class Worker:
                 now = time.monotonic()
                 if now - last_sent >= self.heartbeat_interval_s:
                     self._send(MsgType.HEARTBEAT, {"worker_id": self.worker_id, "num_steps": self.num_steps,
-                                                   "step_time_s": self.step_time_s})
+                                                   "step_time_s": self.step_time_s, "rss_bytes": rss_bytes()})
                     last_sent = now
                 if self.model is not None and now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
                     log.error("coordinator silent for %.1f s; exiting", now - last_heard)
@@ -160,6 +169,7 @@ class Worker:
                  self.worker_id, self.stage, self.shard.layer_start, self.shard.layer_end, self.tp_rank,
                  self.tp_size, load_s, self.model.weight_bytes() / 1e6, self.kv_cache.nbytes / 1e6)
         self._send(MsgType.READY, {"worker_id": self.worker_id, "weight_bytes": self.model.weight_bytes(),
+                                   "rss_bytes": rss_bytes(),
                                    "kv_bytes": self.kv_cache.nbytes, "load_s": load_s})
 
     # ---- STEP: one forward pass ----------------------------------------------------------

@@ -45,3 +45,14 @@ def assert_matmul_close(y: np.ndarray, x: np.ndarray, wdeq: np.ndarray, ref: np.
     err = np.abs(y.astype(np.float64) - ref)
     assert y.shape == ref.shape
     assert np.all(err <= bound), f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+def assert_matmul_close_bf16(y: np.ndarray, x: np.ndarray, wdeq: np.ndarray, ref: np.ndarray):
+    """The bf16 GEMM path: x and W each rounded to bfloat16 (unit roundoff u = 2^-8), products
+    exact in float32, accumulated in float32: |x~ w~ - x w| <= (2u + u^2) |x w| per term, so
+    |y - ref| <= (2^-7 + 2^-16 + 1e-5) * (|x| @ |W|.T) + 1e-6 elementwise."""
+    c = 2.0**-7 + 2.0**-16 + 1e-5
+    bound = c * (np.abs(x).astype(np.float64) @ np.abs(wdeq).astype(np.float64).T) + 1e-6
+    err = np.abs(y.astype(np.float64) - ref)
+    assert y.shape == ref.shape
+    assert np.all(err <= bound), f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"

@@ -14,12 +14,13 @@ from kernels.dispatch import QuantizedLinear, quantized_matmul
 from kernels.formats import QuantizedWeight, quantize
 from kernels.reference import dequantize_ref, matmul_ref
 
-from .helpers import KERNEL_FORMATS, MODEL, assert_matmul_close, random_weight
+from .helpers import (KERNEL_FORMATS, MODEL, assert_matmul_close, assert_matmul_close_bf16,
+                      random_weight)
 
 # out_features not a multiple of any chunk/tile size; in_features a multiple of 32 (and of the
 # group sizes used).
-SHAPES = [(1, 64), (37, 96), (130, 256), (257, 384)]
-TOKENS = [1, 3, 17, 64]
+SHAPES = [(1, 64), (37, 96), (130, 256), (257, 384)]  # 257: 5 packed groups of 64, the last 1 row
+TOKENS = [1, 2, 3, 4, 5, 17, 64]  # the packed kernels take tokens 4 at a time: every remainder
 
 
 @pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS)
@@ -34,7 +35,7 @@ def test_kernels_vs_reference(qtype, sym, shape):
     for n in TOKENS:
         x = rng.standard_normal((n, shape[1])).astype(np.float32)
         ref = matmul_ref(x, w).astype(np.float64)
-        for fn in (cpu.gemv, cpu.gemm):
+        for fn in (cpu.gemv, cpu.gemm, cpu.gemv_rowwise, cpu.gemm_rowwise):
             assert_matmul_close(fn(x, w), x, wdeq, ref)
 
 
@@ -48,16 +49,30 @@ def test_dispatch_all_paths(qtype, sym):
         w = random_weight(qtype, sym, 45, 128, rng)
     wdeq = dequantize_ref(w)
     torch.testing.assert_close(dispatch.dequantize(w), torch.from_numpy(wdeq))
-    key = (w.qtype, w.shape)
-    for cross in (2, 1000):  # force the torch tile path, then the kernel path
+    float_w = qtype in ("f32", "f16", "bf16")
+    # force the torch tile path (bf16, then fp32), then the kernel path
+    for cross, bf16 in ((2, True), (2, False), (1000, True)):
         dispatch.set_crossover(w.qtype, w.shape, cross)
-        for n in TOKENS:
-            x = rng.standard_normal((n, 128)).astype(np.float32)
-            y = quantized_matmul(torch.from_numpy(x), w)
-            assert y.dtype == torch.float32 and y.shape == (n, 45)
-            assert_matmul_close(y.numpy(), x, wdeq, matmul_ref(x, w).astype(np.float64))
+        dispatch.TILE_BF16 = bf16
+        try:
+            for n in TOKENS:
+                x = rng.standard_normal((n, 128)).astype(np.float32)
+                y = quantized_matmul(torch.from_numpy(x), w)
+                assert y.dtype == torch.float32 and y.shape == (n, 45)
+                check = (assert_matmul_close_bf16 if bf16 and cross == 2 and n > 2 and not float_w
+                         else assert_matmul_close)
+                check(y.numpy(), x, wdeq, matmul_ref(x, w).astype(np.float64))
+        finally:
+            dispatch.TILE_BF16 = True
     dispatch._crossover.clear()
-    del key
+
+
+def test_crossover_table():
+    w = random_weight("q4_1", True, 64, 128, np.random.default_rng(6))
+    assert dispatch.crossover(w) == dispatch.CPU_CROSSOVER[w.qtype]
+    dispatch.set_crossover(w.qtype, w.shape, 5)
+    assert dispatch.crossover(w) == 5
+    dispatch._crossover.clear()
 
 
 def test_torch_tiles_many_tiles(monkeypatch):
@@ -138,5 +153,25 @@ def test_real_model_tensors(name):
         ref = x.astype(np.float64) @ wdeq.astype(np.float64).T
         for fn in (cpu.gemv, cpu.gemm):
             assert_matmul_close(fn(x, w), x, wdeq, ref)
-        dispatch.set_crossover(w.qtype, w.shape, 8)  # no calibration here: both paths run
-        assert_matmul_close(quantized_matmul(torch.from_numpy(x), w).numpy(), x, wdeq, ref)
+        dispatch.set_crossover(w.qtype, w.shape, 8)  # both paths run: n = 17 takes bf16 tiles
+        check = assert_matmul_close_bf16 if n >= 8 and dispatch.TILE_BF16 else assert_matmul_close
+        check(quantized_matmul(torch.from_numpy(x), w).numpy(), x, wdeq, ref)
+    dispatch._crossover.clear()
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_packed_serial_and_parallel(qtype):
+    """The packed kernels one-threaded and split over Numba's threads (groups >= 4 per thread)."""
+    import numba
+    rng = np.random.default_rng(14)
+    w = random_weight(qtype, True, 64 * 9 + 3, 128, rng)
+    wdeq = dequantize_ref(w)
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            for n in (1, 6):
+                x = rng.standard_normal((n, 128)).astype(np.float32)
+                assert_matmul_close(cpu.gemv(x, w), x, wdeq, matmul_ref(x, w).astype(np.float64))
+    finally:
+        numba.set_num_threads(before)
