@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import paged_decode_attention
 from shardline.model_file import ModelSpec
 from worker.kv_cache import KVCache
 from worker.loader import GGUFShardLoader, ShardSpec
@@ -61,10 +62,11 @@ def make_linear(
     loader: GGUFShardLoader, names: list[str], rows: list[tuple[int, int]] | None = None,
     cols: tuple[int, int] | None = None, bias: bool = False, quantized: bool = True,
 ) -> torch.nn.Module:
-    """One linear layer from GGUF weights: `names` are fused along the output dimension (QKV,
-    gate+up), each cut to its `rows` range (column-parallel shard); or one weight cut to input
-    columns `cols` (row-parallel shard). With `quantized` the weight stays packed as in the file
-    and runs through kernels.dispatch; otherwise it is dequantized to float32.
+    """One linear layer from the loader's weights (GGUF names): `names` are fused along the output
+    dimension (QKV, gate+up), each cut to its `rows` range (column-parallel shard); or one weight
+    cut to input columns `cols` (row-parallel shard). With `quantized` the weight stays packed as
+    the loader gives it (GGUF: as in the file; safetensors: as quantized on load) and runs through
+    kernels.dispatch; otherwise it is dequantized to float32.
     """
     if not quantized:
         if cols is not None:
@@ -74,13 +76,10 @@ def make_linear(
     else:
         from kernels.dispatch import QuantizedLinear
 
-        full = [loader.quantized(n) for n in names]
         if cols is not None:
-            (q,) = full
-            w = q if cols == (0, q.in_features) else q.col_slice(*cols)
+            w = loader.linear_weight(names[0], cols=cols)
         else:
-            w = _concat_rows([q if not rows or rows[i] == (0, q.out_features) else q.row_slice(*rows[i])
-                              for i, q in enumerate(full)])
+            w = _concat_rows([loader.linear_weight(n, rows=r) for n, r in zip(names, rows or [None] * len(names))])
     b = None
     if bias:
         bs = [loader.rows(n.replace(".weight", ".bias"), *r) if rows else loader.dense(n.replace(".weight", ".bias"))
@@ -120,8 +119,11 @@ class QuantizedEmbedding:
         from kernels.formats import QuantizedWeight
 
         w = self.weight
-        rows = w.data[ids.numpy()]
-        return dequantize(QuantizedWeight(w.qtype, (rows.shape[0], w.in_features), rows, group_size=w.group_size))
+        i = ids.numpy()
+        rows = w.data[i]
+        pick = lambda a: None if a is None else a[i]  # noqa: E731  (int8/int4: per-row scales, mins)
+        return dequantize(QuantizedWeight(w.qtype, (rows.shape[0], w.in_features), rows, pick(w.scales),
+                                          pick(w.mins), w.group_size))
 
 
 # ---- step metadata ----------------------------------------------------------------------
@@ -134,18 +136,20 @@ class AttentionMetadata:
     prefills:      per sequence with more than one new token: (row_start, row_end, context_slots)
                    with context_slots [context_len] int64 (the slots of positions 0..context_len)
     decode_rows:   [num_decode] int64 rows of single-token sequences, or None
-    decode_slots:  [num_decode, max_context] int64 context slots (padded with 0)
-    decode_mask:   [num_decode, 1, 1, max_context] bool, True where a slot is attended
+    decode_block_tables: [num_decode, max_blocks] int32 block tables of those sequences (padded 0)
+    decode_context_lens: [num_decode] int32 tokens each decode attends to (its position + 1)
     sample_rows:   [num_sampled] int64 rows whose hidden state feeds the lm_head
+    block_size:    tokens per KV block
     """
 
     positions: torch.Tensor
     slot_mapping: torch.Tensor
     prefills: list[tuple[int, int, torch.Tensor]]
     decode_rows: torch.Tensor | None
-    decode_slots: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decode_block_tables: torch.Tensor | None
+    decode_context_lens: torch.Tensor | None
     sample_rows: torch.Tensor
+    block_size: int
 
     @property
     def num_tokens(self) -> int:
@@ -157,40 +161,41 @@ def build_attention_metadata(
 ) -> AttentionMetadata:
     """entries: per scheduled sequence (start position, num_new_tokens, block_table, sample)."""
     positions, slots, prefills, sample_rows = [], [], [], []
-    dec_rows, dec_ctx = [], []
+    dec_rows, dec_tables, dec_lens = [], [], []
     row = 0
     for start, n, table, sample in entries:
         end = start + n
-        table_t = torch.tensor(table, dtype=torch.int64)
-        ctx_pos = torch.arange(end, dtype=torch.int64)
-        ctx_slots = table_t[ctx_pos // block_size] * block_size + ctx_pos % block_size
-        positions.append(ctx_pos[start:end])
-        slots.append(ctx_slots[start:end])
         if n == 1:
+            positions.append(torch.tensor([start], dtype=torch.int64))
+            slots.append(torch.tensor([table[start // block_size] * block_size + start % block_size]))
             dec_rows.append(row)
-            dec_ctx.append(ctx_slots)
+            dec_tables.append(table)
+            dec_lens.append(end)
         else:
+            table_t = torch.tensor(table, dtype=torch.int64)
+            ctx_pos = torch.arange(end, dtype=torch.int64)
+            ctx_slots = table_t[ctx_pos // block_size] * block_size + ctx_pos % block_size
+            positions.append(ctx_pos[start:end])
+            slots.append(ctx_slots[start:end])
             prefills.append((row, row + n, ctx_slots))
         if sample:
             sample_rows.append(row + n - 1)
         row += n
-    decode_rows = decode_slots = decode_mask = None
+    decode_rows = decode_tables = decode_lens = None
     if dec_rows:
-        max_ctx = max(len(c) for c in dec_ctx)
-        decode_slots = torch.zeros(len(dec_rows), max_ctx, dtype=torch.int64)
-        decode_mask = torch.zeros(len(dec_rows), 1, 1, max_ctx, dtype=torch.bool)
-        for i, c in enumerate(dec_ctx):
-            decode_slots[i, : len(c)] = c
-            decode_mask[i, 0, 0, : len(c)] = True
+        width = max(len(t) for t in dec_tables)
+        decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int32)
+        decode_lens = torch.tensor(dec_lens, dtype=torch.int32)
         decode_rows = torch.tensor(dec_rows, dtype=torch.int64)
     return AttentionMetadata(
         positions=torch.cat(positions),
         slot_mapping=torch.cat(slots),
         prefills=prefills,
         decode_rows=decode_rows,
-        decode_slots=decode_slots,
-        decode_mask=decode_mask,
+        decode_block_tables=decode_tables,
+        decode_context_lens=decode_lens,
         sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
+        block_size=block_size,
     )
 
 
@@ -267,11 +272,9 @@ class DecoderLayer(torch.nn.Module):
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
             out[r0:r1] = o.transpose(0, 1)
         if meta.decode_rows is not None:
-            kk = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-            vv = v_cache[meta.decode_slots].transpose(1, 2)
-            qq = q[meta.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, enable_gqa=True)
-            out[meta.decode_rows] = o.squeeze(2)
+            out[meta.decode_rows] = paged_decode_attention(
+                q[meta.decode_rows], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                meta.block_size)
         return out
 
     def forward(self, x, meta: AttentionMetadata, kv, rot: torch.Tensor):

@@ -372,8 +372,8 @@ def test_build_attention_metadata_maps_positions_to_slots():
     (row0, row1, ctx), = meta.prefills
     assert (row0, row1, ctx.tolist()) == (0, 3, [20, 21, 22, 23, 8, 9, 10])
     assert meta.decode_rows.tolist() == [3, 4]
-    assert meta.decode_slots.tolist() == [[4, 5, 6, 7, 12, 13, 14], [28, 29, 0, 0, 0, 0, 0]]
-    assert meta.decode_mask[:, 0, 0].tolist() == [[True] * 7, [True, True] + [False] * 5]
+    assert meta.decode_block_tables.tolist() == [[1, 3], [7, 0]]
+    assert meta.decode_context_lens.tolist() == [7, 2]
     assert meta.sample_rows.tolist() == [3, 4]
 
 

@@ -1,0 +1,125 @@
+"""Paged decode attention: one new query token per sequence against its KV blocks.
+
+The decode half of PagedAttention (Kwon et al. 2023, "Efficient Memory Management for Large
+Language Model Serving with PagedAttention", and vLLM's `paged_attention_v1` kernel): each
+sequence's keys and values live in fixed-size blocks of a shared pool, found through the
+sequence's block table, so nothing is gathered or padded before the softmax.
+
+    q:             float32 [num_seqs, num_heads, head_dim]
+    k_cache:       float32 [num_slots, num_kv_heads, head_dim]  (num_slots = num_blocks * block_size;
+    v_cache:       float32 [num_slots, num_kv_heads, head_dim]   slot = block * block_size + offset)
+    block_tables:  int32   [num_seqs, max_blocks_per_seq]  (entries past a sequence's length unused)
+    context_lens:  int32   [num_seqs]  tokens each query attends to (positions 0 .. len-1)
+    returns        float32 [num_seqs, num_heads, head_dim]
+
+Grouped-query attention (Ainslie et al. 2023): query head j reads KV head j // (num_heads //
+num_kv_heads), as `torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)`.
+
+CPU: a Numba kernel, parallel over (sequence, KV head); for each it scores all the group's query
+heads against each key once (the key row is read once per group, not once per query head), takes
+an exact softmax in float32 and accumulates the values. The 64-float head_dim loops vectorize.
+Other devices: `paged_decode_attention_torch`, which gathers the slots and calls SDPA (also the
+reference the tests check the kernel against).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit, prange
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, out):
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    for w in prange(num_seqs * num_kv_heads):
+        b = w // num_kv_heads
+        h = w % num_kv_heads
+        length = context_lens[b]
+        h0 = h * group
+        scores = np.empty((group, length), np.float32)
+        for t in range(length):
+            slot = block_tables[b, t // block_size] * block_size + t % block_size
+            k = k_cache[slot, h]
+            for g in range(group):
+                qg = q[b, h0 + g]
+                s = np.float32(0.0)
+                for d in range(head_dim):
+                    s += qg[d] * k[d]
+                scores[g, t] = s * scale
+        acc = np.zeros((group, head_dim), np.float32)
+        for g in range(group):
+            m = scores[g, 0]
+            for t in range(1, length):
+                m = max(m, scores[g, t])
+            total = np.float32(0.0)
+            for t in range(length):
+                p = np.exp(scores[g, t] - m)
+                scores[g, t] = p
+                total += p
+            scores[g, :length] *= np.float32(1.0) / total
+        for t in range(length):
+            slot = block_tables[b, t // block_size] * block_size + t % block_size
+            v = v_cache[slot, h]
+            for g in range(group):
+                p = scores[g, t]
+                a = acc[g]
+                for d in range(head_dim):
+                    a[d] += p * v[d]
+        for g in range(group):
+            out[b, h0 + g] = acc[g]
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens, block_size):
+    if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q must be [seqs, heads, dim] and caches [slots, kv_heads, dim]; got "
+                         f"{list(q.shape)}, {list(k_cache.shape)}, {list(v_cache.shape)}")
+    if q.shape[2] != k_cache.shape[2] or q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads of dim {q.shape[2]} do not group over "
+                         f"{k_cache.shape[1]} KV heads of dim {k_cache.shape[2]}")
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
+        raise ValueError("block_tables and context_lens need one row per sequence")
+    if len(context_lens) and (int(context_lens.min()) < 1
+                              or int(context_lens.max()) > block_tables.shape[1] * block_size):
+        raise ValueError("context_lens must be in [1, max_blocks_per_seq * block_size]")
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           block_size: int, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v per sequence over its paged context (shapes in the module doc).
+
+    scale defaults to 1/sqrt(head_dim). CPU float32 tensors use the Numba kernel; anything else
+    the torch reference. Raises ValueError on inconsistent shapes or context lengths.
+    """
+    _check(q, k_cache, v_cache, block_tables, context_lens, block_size)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    if q.is_cuda or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    out = torch.empty_like(q)
+    _paged_decode(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                  block_tables.to(torch.int32).numpy(), context_lens.to(torch.int32).numpy(),
+                  int(block_size), np.float32(scale), out.numpy())
+    return out
+
+
+def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, block_size: int,
+                                 scale: float | None = None) -> torch.Tensor:
+    """The same result by gathering each sequence's slots (padded to the longest) and calling
+    torch's scaled_dot_product_attention with a padding mask. Any device."""
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    max_len = int(context_lens.max())
+    pos = torch.arange(max_len, device=q.device)
+    tables = block_tables.to(device=q.device, dtype=torch.int64)
+    slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+    mask = pos.unsqueeze(0) < context_lens.to(q.device).unsqueeze(1)  # [B, L]
+    slots = torch.where(mask, slots, torch.zeros_like(slots))
+    kk = k_cache[slots].transpose(1, 2)  # [B, Hkv, L, D]
+    vv = v_cache[slots].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask[:, None, None, :],
+                                       scale=scale, enable_gqa=True)
+    return o.squeeze(2)
