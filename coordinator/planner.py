@@ -1,7 +1,8 @@
 """Planner: model file x workers -> pipeline stages (layer ranges) x tensor-parallel shards.
 
-Inputs: the model's hyperparameters and per-layer tensor sizes (from the GGUF tensor table), and
-each worker's offered memory. Output: a `Plan`, one `StageAssignment` per worker, and the KV
+Inputs: the model's hyperparameters and per-layer tensor sizes (from the GGUF tensor table, or a
+safetensors checkpoint's headers at the size its quantization gives), and each worker's offered
+memory. Output: a `Plan`, one `StageAssignment` per worker, and the KV
 pool size (blocks) that every worker can hold: the minimum across workers, since a block id
 names the same slot range on every stage.
 
@@ -90,6 +91,46 @@ class ModelSizes:
             head += embed
         return cls(tuple(layer), embed, head)
 
+    @classmethod
+    def from_safetensors(cls, directory: str, spec: ModelSpec, quantization: str = "none", group_size: int = 32,
+                         dtype: str = "float32") -> "ModelSizes":
+        """Sizes of a Hugging Face checkpoint as the workers keep it after quantizing on load:
+        2-D weights at `bytes_per_element(quantization, ...)` (the embedding and lm_head at
+        `embedding_quantization`'s rate), norms and biases float32. Shapes from the safetensors
+        headers only."""
+        from shardline.model_file import (SafetensorsCheckpoint, bytes_per_element, embedding_quantization,
+                                          hf_expected_tensors)
+
+        ckpt = SafetensorsCheckpoint(directory)
+        layer_rate = bytes_per_element(quantization, group_size, dtype)
+        embed_rate = bytes_per_element(embedding_quantization(quantization), group_size, dtype)
+        layer = [0] * spec.num_layers
+        embed = head = 0
+        for name, shape in hf_expected_tensors(spec).items():
+            n = ckpt.numel(name)
+            if name.startswith("model.layers."):
+                layer[int(name.split(".")[2])] += int(n * layer_rate) if len(shape) == 2 else 4 * n
+            elif name == "model.embed_tokens.weight":
+                embed = int(n * embed_rate)
+            elif name == "lm_head.weight":
+                head += int(n * embed_rate)
+            else:  # model.norm.weight
+                head += 4 * n
+        if spec.tie_word_embeddings:
+            head += embed
+        return cls(tuple(layer), embed, head)
+
+    @classmethod
+    def from_model(cls, path: str, spec: ModelSpec, quantization: str = "none", group_size: int = 32,
+                   dtype: str = "float32") -> "ModelSizes":
+        """`from_gguf` for a GGUF file (packed bytes as stored), `from_safetensors` for a
+        checkpoint directory."""
+        from shardline.model_file import is_safetensors_checkpoint
+
+        if is_safetensors_checkpoint(path):
+            return cls.from_safetensors(path, spec, quantization, group_size, dtype)
+        return cls.from_gguf(path, spec)
+
 
 def kv_bytes_per_block(spec: ModelSpec, num_layers: int, block_size: int, tp_size: int, dtype_bytes: int = 4) -> int:
     return 2 * num_layers * block_size * (spec.num_kv_heads // tp_size) * spec.head_dim * dtype_bytes
@@ -104,6 +145,19 @@ def check_parallel(spec: ModelSpec, pp_size: int, tp_size: int) -> None:
         raise PlanError(f"tensor_parallel={tp_size} does not divide {', '.join(bad)}")
     if pp_size > spec.num_layers:
         raise PlanError(f"pipeline_parallel={pp_size} exceeds num_layers={spec.num_layers}")
+
+
+def check_quantization(spec: ModelSpec, tp_size: int, group_size: int) -> None:
+    """Raises PlanError when int8/int4 groups of `group_size` do not tile every weight row of a
+    tensor-parallel shard: the input widths hidden_size, intermediate_size / tp (down_proj shard)
+    and num_heads / tp * head_dim (o_proj shard) must be multiples of it."""
+    widths = {"hidden_size": spec.hidden_size,
+              "intermediate_size / tensor_parallel": spec.intermediate_size // tp_size,
+              "num_heads / tensor_parallel * head_dim": spec.num_heads // tp_size * spec.head_dim}
+    bad = [f"{k}={v}" for k, v in widths.items() if v % group_size]
+    if bad:
+        raise PlanError(f"quantization_group_size={group_size} does not divide {', '.join(bad)}; "
+                        f"use 32 or another size that does")
 
 
 def split_layers(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
@@ -125,15 +179,20 @@ def split_layers(num_layers: int, weights: list[float]) -> list[tuple[int, int]]
 
 def make_plan(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp_size: int, tp_size: int,
               block_size: int, layer_split: str = "even", kv_cache_bytes: int | None = None,
-              num_kv_blocks: int | None = None, min_kv_blocks: int = 16) -> Plan:
+              num_kv_blocks: int | None = None, min_kv_blocks: int = 16,
+              quant_group_size: int | None = None) -> Plan:
     """Assign workers to stages and layers, and size the KV pool.
 
-    Workers are taken in the given order: stage-major, TP rank minor.
+    Workers are taken in the given order: stage-major, TP rank minor. `quant_group_size`: the
+    int8/int4 group size when weights are quantized on load (checked by `check_quantization`).
 
     Raises:
-        PlanError: the split is impossible or the weights plus `min_kv_blocks` do not fit.
+        PlanError: the split is impossible, the quantization groups do not tile the shards, or
+            the weights plus `min_kv_blocks` do not fit.
     """
     check_parallel(spec, pp_size, tp_size)
+    if quant_group_size is not None:
+        check_quantization(spec, tp_size, quant_group_size)
     if len(workers) != pp_size * tp_size:
         raise PlanError(f"pipeline_parallel={pp_size} x tensor_parallel={tp_size} needs {pp_size * tp_size} "
                         f"workers, {len(workers)} registered")
@@ -148,8 +207,8 @@ def make_plan(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp
         w_bytes = sum(sizes.layer_bytes[l0:l1]) // tp_size
         if stage == 0:
             w_bytes += sizes.embed_bytes
-        if stage == pp_size - 1 and not (stage == 0 and spec.tie_word_embeddings):
-            w_bytes += sizes.head_bytes
+        if stage == pp_size - 1:  # lm_head + final norm; a tied lm_head on stage 0 is the embedding
+            w_bytes += sizes.head_bytes - (sizes.embed_bytes if stage == 0 and spec.tie_word_embeddings else 0)
         per_block = kv_bytes_per_block(spec, l1 - l0, block_size, tp_size)
         for tp_rank, w in enumerate(g):
             room = w.memory_bytes - w_bytes

@@ -74,8 +74,9 @@ class Coordinator:
         self.model_path = str(resolve_model_path(config.model))
         self.spec = read_model_spec(self.model_path)
         self.model_id = config.model
-        self.tokenizer = Tokenizer.from_gguf(self.model_path)
-        self.model_sizes = ModelSizes.from_gguf(self.model_path, self.spec)
+        self.tokenizer = Tokenizer.from_model_path(self.model_path)
+        self.model_sizes = ModelSizes.from_model(self.model_path, self.spec, config.quantization,
+                                                 config.quantization_group_size, config.dtype)
         self.max_model_len = min(config.scheduler.max_model_len or self.spec.context_length, self.spec.context_length)
         self.workers: dict[str, WorkerInfo] = {}
         self._by_identity: dict[bytes, WorkerInfo] = {}
@@ -245,7 +246,8 @@ class Coordinator:
         kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
         try:
             plan = make_plan(self.spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,
-                             cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks)
+                             cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks,
+                             quant_group_size=cfg.quantization_group_size if cfg.quantization != "none" else None)
         except PlanError as exc:
             log.error("no plan fits: %s", exc)
             self.state = f"plan_failed: {exc}"
@@ -262,7 +264,8 @@ class Coordinator:
                 "block_size": plan.block_size, "max_positions": self.max_model_len,
                 "store_host": c.advertise_host or c.host, "store_port": c.rendezvous_port,
                 "store_prefix": f"gen{self.generation}/", "heartbeat_interval_s": cfg.heartbeat.interval_s,
-                "heartbeat_misses": cfg.heartbeat.misses,
+                "heartbeat_misses": cfg.heartbeat.misses, "quantization": cfg.quantization,
+                "quantization_group_size": cfg.quantization_group_size, "dtype": cfg.dtype,
             })
         self.state = "loading"
 

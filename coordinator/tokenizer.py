@@ -4,6 +4,7 @@ The tokenizer is rebuilt from a GGUF file's metadata (keys as in the GGUF spec,
 https://github.com/ggml-org/ggml/blob/master/docs/gguf.md, `tokenizer.ggml.*`): the vocabulary and
 merges go into a `tokenizers` byte-level BPE model, and the pre-tokenizer regexes are the ones
 llama.cpp uses for the file's `tokenizer.ggml.pre` value (src/llama-vocab.cpp, `regex_exprs`).
+A Hugging Face checkpoint directory's tokenizer.json is loaded as is (`Tokenizer.from_hf_directory`).
 
     text --added-token split--> pieces --regex splits--> words --byte map--> BPE --> ids
     ids  --token_bytes--> raw UTF-8 bytes --decode--> text
@@ -19,7 +20,9 @@ import codecs
 import json
 import logging
 import os
+import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -96,6 +99,35 @@ def _spelled_bytes(token: str) -> bytes:
         return token.encode("utf-8")
 
 
+def _sentencepiece_bytes(token: str) -> bytes:
+    """Raw bytes of a SentencePiece-style BPE token: `<0xNN>` is byte NN (byte fallback), U+2581
+    is a space, the rest is UTF-8 text."""
+    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+def _has_component(node: Any, kind: str) -> bool:
+    """True when a tokenizer.json component (possibly a Sequence of them) has `type == kind`."""
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == kind:
+        return True
+    return any(_has_component(n, kind) for key in ("decoders", "pretokenizers") for n in node.get(key) or [])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
 def _read_gguf_tokenizer(path: str | os.PathLike) -> dict[str, Any]:
     from gguf import GGUFReader  # imported here: reading metadata is the only use
 
@@ -130,6 +162,7 @@ class Tokenizer:
         add_eos_token: bool = False,
         chat_template: str | None = None,
         pre: str | None = None,
+        token_bytes: list[bytes] | None = None,
     ):
         self._tok = hf_tokenizer
         self._tokens = tokens
@@ -143,7 +176,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.pre = pre
         # token id -> raw bytes; special tokens are spelled by their text (as in decode()).
-        self._token_bytes: list[bytes] = [_spelled_bytes(t) for t in tokens]
+        # Byte-level BPE unless the caller gives them (SentencePiece-style vocabularies).
+        self._token_bytes: list[bytes] = token_bytes if token_bytes is not None else [_spelled_bytes(t) for t in tokens]
         self._compiled_template = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -215,6 +249,82 @@ class Tokenizer:
             chat_template=meta.get("tokenizer.chat_template"),
             pre=pre,
         )
+
+    @classmethod
+    def from_model_path(cls, path: str | os.PathLike) -> "Tokenizer":
+        """`from_hf_directory` for a Hugging Face checkpoint directory, else `from_gguf`."""
+        if Path(path).is_dir():
+            return cls.from_hf_directory(path)
+        return cls.from_gguf(path)
+
+    @classmethod
+    def from_hf_directory(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """The tokenizer of a Hugging Face checkpoint directory.
+
+        tokenizer.json is loaded as is by the `tokenizers` library (normalizer, pre-tokenizer, BPE
+        model, added tokens). From tokenizer_config.json: `bos_token` / `eos_token` (else
+        config.json's ids), `add_bos_token` / `add_eos_token` (else what tokenizer.json's post
+        processor adds), and `chat_template` (a string, or a list of named templates: "default");
+        else the chat_template.jinja file transformers >= 4.43 writes beside it. Added tokens
+        marked special are the special tokens.
+
+        Token bytes for streaming: byte-level BPE (decoder ByteLevel: GPT-2, Llama 3, SmolLM,
+        Qwen2) spells each byte as one character; SentencePiece-style BPE (byte_fallback, U+2581
+        for a space: Llama 2, Mistral, TinyLlama) stands for byte NN with `<0xNN>` and for a space
+        with U+2581. (Its decoder also strips the first leading space of a decoded text; streamed
+        deltas keep it, as they should after a prompt.)
+
+        Raises:
+            ValueError: no tokenizer.json, a tokenizer model other than BPE, a BPE of neither kind,
+                or unreadable JSON.
+        """
+        d = Path(directory)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"{d}: no tokenizer.json (the coordinator tokenizes with it)")
+        spec = _read_json(path)
+        hf = _HFTokenizer.from_file(str(path))
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path}: tokenizer model {model.get('type')!r} is not supported, only BPE")
+        byte_level = _has_component(spec.get("decoder"), "ByteLevel")
+        sentencepiece = model.get("byte_fallback") or _has_component(spec.get("decoder"), "ByteFallback")
+        if not byte_level and not sentencepiece:
+            raise ValueError(f"{path}: neither a byte-level BPE (ByteLevel decoder) nor a SentencePiece-style one "
+                             f"(byte_fallback); cannot map tokens to bytes")
+        vocab = hf.get_vocab(with_added_tokens=True)
+        tokens = [""] * (max(vocab.values()) + 1)
+        for t, i in vocab.items():
+            tokens[i] = t
+        special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        tcfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        mcfg = _read_json(d / "config.json") if (d / "config.json").is_file() else {}
+
+        def token_id(key: str) -> int | None:
+            v = tcfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str) and hf.token_to_id(v) is not None:
+                return hf.token_to_id(v)
+            v = mcfg.get(f"{key}_id")
+            v = v[0] if isinstance(v, list) and v else v
+            return v if isinstance(v, int) else None
+
+        bos, eos = token_id("bos_token"), token_id("eos_token")
+        template = tcfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text()
+        probe = hf.encode("a", add_special_tokens=True).ids
+        add_bos = tcfg.get("add_bos_token", bos is not None and probe[:1] == [bos])
+        add_eos = tcfg.get("add_eos_token", eos is not None and probe[-1:] == [eos])
+        token_bytes = None if byte_level else [
+            t.encode("utf-8") if i in special_ids else _sentencepiece_bytes(t) for i, t in enumerate(tokens)]
+        return cls(hf, tokens, special_ids, bos_token_id=bos, eos_token_id=eos,
+                   unk_token_id=token_id("unk_token"), pad_token_id=token_id("pad_token"),
+                   add_bos_token=bool(add_bos), add_eos_token=bool(add_eos), chat_template=template,
+                   pre="tokenizer.json", token_bytes=token_bytes)
 
     # ---- ids <-> text -------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ def main() -> None:
 # ---- launch -----------------------------------------------------------------------------------
 @main.command()
 @click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", help="Override `model` (packaged name or .gguf path).")
+@click.option("--model", help="Override `model` (packaged name, .gguf path or safetensors checkpoint directory).")
 @click.option("--workers", type=int, help="Override workers.count.")
 @click.option("--pp", type=int, help="Override parallel.pipeline_parallel.")
 @click.option("--tp", type=int, help="Override parallel.tensor_parallel.")
@@ -272,15 +272,17 @@ def plan(cluster_yaml, workers, pp, tp, memory_gb):
         raise click.ClickException(str(exc)) from None
     mem = int(memory_gb * 2**30) if memory_gb else _local_memory_bytes(cfg)
     offers = [WorkerOffer(f"worker-{i}", cfg.coordinator.host, mem) for i in range(cfg.workers.count)]
-    sizes = ModelSizes.from_gguf(str(path), spec)
+    sizes = ModelSizes.from_model(str(path), spec, cfg.quantization, cfg.quantization_group_size, cfg.dtype)
     kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
     try:
         p = make_plan(spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,
-                      cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks)
+                      cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks,
+                      quant_group_size=cfg.quantization_group_size if cfg.quantization != "none" else None)
     except PlanError as exc:
         raise click.ClickException(f"no plan fits: {exc}") from None
+    quant = f", weights {cfg.quantization} (group {cfg.quantization_group_size})" if cfg.quantization != "none" else ""
     click.echo(f"model {cfg.model}: {spec.name}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
-               f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads ({path})")
+               f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads ({path}){quant}")
     click.echo(format_plan(p))
     click.echo(f"KV pool: {p.num_kv_blocks} blocks x {p.block_size} tokens = {p.num_kv_blocks * p.block_size} tokens")
 

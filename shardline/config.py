@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shardline.model_file import PACKAGED_MODELS
+
 DEFAULT_CLIENT_ADDRESS = "tcp://127.0.0.1:7450"
 
 
@@ -78,8 +80,24 @@ class HeartbeatConfig(_Frozen):
 class ClusterConfig(_Frozen):
     """The whole cluster.yaml."""
 
-    model: str = Field("smollm2-135m", description="Packaged model name or path to a .gguf file.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Activation dtype of the workers.")
+    model: str = Field(
+        "smollm2-135m",
+        description="Packaged model name, path to a .gguf file, or a Hugging Face checkpoint directory "
+                    "(config.json + *.safetensors + tokenizer.json).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Activation dtype of the workers; with quantization none, also the dtype a "
+                               "safetensors checkpoint's weights are kept in."
+    )
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="Safetensors checkpoints: quantize the weights on load to per-group int8 (symmetric) "
+                            "or int4 (asymmetric; embedding and lm_head int8), or keep them float (none). GGUF "
+                            "models are already quantized and take only none."
+    )
+    quantization_group_size: Literal[32, 64, 96, 128] = Field(
+        32, description="Weights per int8/int4 scale along the input dimension; must divide the hidden size, the "
+                        "per-rank FFN size and the per-rank attention width. Larger: less memory, more error."
+    )
     coordinator: CoordinatorConfig = CoordinatorConfig()
     workers: WorkersConfig = WorkersConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -97,6 +115,9 @@ class ClusterConfig(_Frozen):
         ports = [self.coordinator.client_port, self.coordinator.worker_port, self.coordinator.rendezvous_port]
         if len(set(ports)) != 3:
             raise ValueError(f"coordinator ports must differ, got {ports}")
+        if self.quantization != "none" and (self.model in PACKAGED_MODELS or self.model.endswith(".gguf")):
+            raise ValueError(f"quantization={self.quantization} applies to Hugging Face safetensors checkpoints; "
+                             f"model {self.model!r} is a GGUF file, already quantized (use quantization: none)")
         return self
 
     @property

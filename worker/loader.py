@@ -1,4 +1,9 @@
-"""Load one stage's shard of a Llama-family GGUF file: only its layers, only its TP slice.
+"""Load one stage's shard of a Llama-family model: only its layers, only its TP slice.
+
+Two sources, one interface (`has`, `dense`, `rows`, `cols`, `quantized`, `linear_weight`,
+`head_rows`, `ffn_range`; tensors named as in GGUF): `GGUFShardLoader` keeps a GGUF file's
+quantized weights packed as stored, and `SafetensorsShardLoader` reads a Hugging Face checkpoint
+and quantizes it on load. `open_shard_loader` picks one by the model path.
 
 GGUF tensor names (llama.cpp): token_embd, blk.{i}.attn_norm / attn_q / attn_k / attn_v /
 attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down, output_norm, output (absent when tied).
@@ -7,7 +12,9 @@ A 2-D weight with GGUF shape [in, out] is a NumPy array [out, in] of quant block
 llama.cpp's converter permutes the rows of Q and K inside each head so that RoPE rotates
 adjacent pairs (x[2i], x[2i+1]) instead of HF's halves; the model here rotates adjacent pairs,
 so the rows are used as stored. The permutation stays inside a head, so slicing by head for
-tensor parallelism is still exact.
+tensor parallelism is still exact. Hugging Face checkpoints keep Q and K in the rotate-half
+layout, so `SafetensorsShardLoader` applies the converter's permutation on load (see
+`permute_rope_rows`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shardline.model_file import ModelSpec
+from shardline.model_file import (ModelError, ModelSpec, SafetensorsCheckpoint, embedding_quantization,
+                                  hf_tensor_name, is_safetensors_checkpoint)
+
+# Float32 values read (and quantized) at a time when loading a safetensors weight: 16 MiB, so the
+# float copy held while loading stays far below one layer's, whatever the tensor's size.
+LOAD_CHUNK_FLOATS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,10 @@ class GGUFShardLoader:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def close(self) -> None:
+        """Nothing to release: the packed weights are views of the file's memory map, which must
+        stay mapped while the model runs."""
+
     def raw(self, name: str):
         if name not in self.tensors:
             raise KeyError(f"tensor {name!r} not in the model file")
@@ -69,6 +85,17 @@ class GGUFShardLoader:
         from kernels.formats import QuantizedWeight
 
         return QuantizedWeight.from_gguf(self.raw(name))
+
+    def linear_weight(self, name: str, rows: tuple[int, int] | None = None,
+                      cols: tuple[int, int] | None = None):
+        """A 2-D weight's output rows [r0, r1) or input columns [c0, c1) (a TP shard), packed:
+        rows are views of the file; columns are copied (see QuantizedWeight.col_slice)."""
+        q = self.quantized(name)
+        if cols is not None and cols != (0, q.in_features):
+            return q.col_slice(*cols)
+        if rows is not None and rows != (0, q.out_features):
+            return q.row_slice(*rows)
+        return q
 
     def dense(self, name: str) -> torch.Tensor:
         """Whole tensor as float32 (norm weights, biases, embeddings)."""
@@ -92,3 +119,170 @@ class GGUFShardLoader:
     def ffn_range(self) -> tuple[int, int]:
         per = self.spec.intermediate_size // self.shard.tp_size
         return self.shard.tp_rank * per, (self.shard.tp_rank + 1) * per
+
+
+def permute_rope_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """Hugging Face Q/K rows (or biases) -> the adjacent-pair RoPE layout the model uses.
+
+    w: [n_heads * head_dim, ...] float32, whole heads. Within each head, HF rotates the halves
+    (x[i], x[i + head_dim/2]); llama.cpp's convert_hf_to_gguf.py `permute` interleaves them so
+    that row 2i is HF row i and row 2i+1 is HF row i + head_dim/2:
+
+        HF head rows:   0 1 2 ... d/2-1 | d/2 d/2+1 ... d-1
+        ours:           0 d/2 1 d/2+1 2 ... d/2-1 d-1
+
+    (`reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`, the converter's formula.)
+    """
+    assert w.shape[0] % head_dim == 0, f"{w.shape[0]} rows are not whole heads of {head_dim}"
+    return np.ascontiguousarray(
+        w.reshape(-1, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+class SafetensorsShardLoader:
+    """Reads one shard of a Hugging Face checkpoint (config.json + *.safetensors) and quantizes it
+    on load.
+
+    Tensors are asked for by their GGUF names (worker/model.py's vocabulary) and mapped to HF names
+    (`shardline.model_file.hf_tensor_name`). Each 2-D weight is read in chunks of about
+    LOAD_CHUNK_FLOATS values (only this shard's rows / columns), Q and K rows permuted into the
+    adjacent-pair RoPE layout, and each chunk encoded by `kernels.formats.quantize`:
+
+        quantization  2-D weights                                    embedding, lm_head
+        none          f32 (dtype float32) / bf16                     same
+        int8          int8 symmetric (scale per group)               int8 symmetric
+        int4          int4 asymmetric (scale and min per group)      int8 symmetric (see embedding_quantization)
+
+    int4 keeps a per-group minimum (zero point) as ggml's Q4_1 and AWQ/GPTQ do: with 16 levels
+    over [min, max] instead of 15 over [-amax, amax], its error bound is (max-min)/30 against
+    amax/14; int8 has levels to spare and stays symmetric.
+
+    so the float copy held while loading is one chunk, not a layer. Norms and biases stay
+    float32. A tied lm_head shares the embedding's encoded weight.
+
+    Raises:
+        ModelError: a tensor the model needs is missing.
+        ValueError: an unknown quantization or dtype.
+    """
+
+    def __init__(self, path: str, spec: ModelSpec, shard: ShardSpec, quantization: str = "none",
+                 group_size: int = 32, dtype: str = "float32"):
+        if quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"unknown quantization {quantization!r}; expected none, int8 or int4")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"unknown dtype {dtype!r}; expected float32 or bfloat16")
+        self.spec = spec
+        self.shard = shard
+        self.quantization = quantization
+        self.group_size = group_size
+        self.dtype = dtype
+        self.ckpt = SafetensorsCheckpoint(path)
+        self._embedding = None  # the encoded token embedding, shared with a tied lm_head
+
+    def _hf(self, name: str) -> str:
+        try:
+            hf = hf_tensor_name(name)
+        except KeyError:
+            raise KeyError(f"tensor {name!r} has no Hugging Face counterpart") from None
+        if hf not in self.ckpt:
+            raise ModelError(f"{self.ckpt.directory}: tensor {hf} (for {name}) is missing")
+        return hf
+
+    def _is_rope(self, name: str) -> bool:
+        return ".attn_q." in name or ".attn_k." in name
+
+    def has(self, name: str) -> bool:
+        try:
+            return hf_tensor_name(name) in self.ckpt
+        except KeyError:
+            return False
+
+    def close(self) -> None:
+        """Unmap the checkpoint once the stage model is built (every weight is a copy)."""
+        self.ckpt.close()
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Output rows [start, stop) of a 2-D weight (or elements of a 1-D bias), float32; Q/K
+        rows in the adjacent-pair RoPE layout (start, stop: whole heads)."""
+        w = self.ckpt.read(self._hf(name), rows=(start, stop))
+        if self._is_rope(name):
+            w = permute_rope_rows(w, self.spec.head_dim)
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    def dense(self, name: str) -> torch.Tensor:
+        """Whole tensor as float32 (norm weights, biases)."""
+        return self.rows(name, 0, self.ckpt.shapes[self._hf(name)][0])
+
+    def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Input columns [start, stop) of a 2-D weight, float32."""
+        return torch.from_numpy(self.ckpt.read(self._hf(name), cols=(start, stop)))
+
+    def quantized(self, name: str):
+        """A whole 2-D weight, encoded as `quantization` says (kernels.formats.QuantizedWeight)."""
+        return self.linear_weight(name)
+
+    def linear_weight(self, name: str, rows: tuple[int, int] | None = None,
+                      cols: tuple[int, int] | None = None):
+        """A 2-D weight's output rows [r0, r1) or input columns [c0, c1) (a TP shard; all when
+        None), read chunk by chunk and encoded (see the class doc). Returns a QuantizedWeight of
+        shape (r1 - r0, c1 - c0)."""
+        from kernels.formats import quantize
+
+        whole = rows is None and cols is None
+        if name == "token_embd.weight" and whole and self._embedding is not None:
+            return self._embedding
+        hf = self._hf(name)
+        out_all, in_all = self.ckpt.shapes[hf]
+        r0, r1 = rows or (0, out_all)
+        c0, c1 = cols or (0, in_all)
+        method = self.quantization
+        if name in ("token_embd.weight", "output.weight"):
+            method = embedding_quantization(method)
+        qtype = {"int8": "int8", "int4": "int4"}.get(method, "bf16" if self.dtype == "bfloat16" else "f32")
+        step = max(1, LOAD_CHUNK_FLOATS // (c1 - c0))
+        rope = self._is_rope(name)
+        if rope:  # whole heads per chunk, so the permutation stays inside the chunk
+            hd = self.spec.head_dim
+            step = max(hd, step // hd * hd)
+        data = scales = mins = None
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            w = self.ckpt.read(hf, (a, b), (c0, c1))
+            if rope:
+                w = permute_rope_rows(w, self.spec.head_dim)
+            q = quantize(w, qtype, group_size=self.group_size, symmetric=qtype != "int4")
+            del w
+            if data is None:  # one allocation per weight: chunks are copied in, never concatenated
+                data = np.empty((r1 - r0, *q.data.shape[1:]), q.data.dtype)
+                scales = None if q.scales is None else np.empty((r1 - r0, q.scales.shape[1]), np.float32)
+                mins = None if q.mins is None else np.empty((r1 - r0, q.mins.shape[1]), np.float32)
+            data[a - r0:b - r0] = q.data
+            if scales is not None:
+                scales[a - r0:b - r0] = q.scales
+            if mins is not None:
+                mins[a - r0:b - r0] = q.mins
+        from kernels.formats import QuantizedWeight
+
+        weight = QuantizedWeight(q.qtype, (r1 - r0, c1 - c0), data, scales, mins, q.group_size)
+        if name == "token_embd.weight" and whole:
+            self._embedding = weight
+        return weight
+
+    # TP slices --------------------------------------------------------------------------
+    head_rows = GGUFShardLoader.head_rows
+    ffn_range = GGUFShardLoader.ffn_range
+
+
+def open_shard_loader(path: str, spec: ModelSpec, shard: ShardSpec, quantization: str = "none",
+                      group_size: int = 32, dtype: str = "float32"):
+    """The loader for `path`: SafetensorsShardLoader for a checkpoint directory, GGUFShardLoader
+    for a GGUF file.
+
+    Raises:
+        ValueError: quantization other than none for a GGUF file (its weights are already
+            quantized; the config refuses this combination too).
+    """
+    if is_safetensors_checkpoint(path):
+        return SafetensorsShardLoader(path, spec, shard, quantization, group_size, dtype)
+    if quantization != "none":
+        raise ValueError(f"quantization={quantization} applies to safetensors checkpoints; {path} is a GGUF file")
+    return GGUFShardLoader(path, spec, shard)

@@ -139,7 +139,7 @@ class Worker:
     def assign(self, a: dict) -> None:
         from worker.comm import StageComm
         from worker.kv_cache import KVCache
-        from worker.loader import GGUFShardLoader, ShardSpec
+        from worker.loader import ShardSpec, open_shard_loader
         from worker.model import StageModel
 
         t0 = time.monotonic()
@@ -155,8 +155,10 @@ class Worker:
         backend = "nccl" if self.device == "cuda" else "gloo"
         self.comm = StageComm(a["rank"], a["world_size"], self.stage, self.pp_size, self.tp_rank, self.tp_size,
                               a["store_host"], a["store_port"], a["store_prefix"], backend, self.host)
-        loader = GGUFShardLoader(a["model_path"], spec, self.shard)
+        loader = open_shard_loader(a["model_path"], spec, self.shard, a.get("quantization", "none"),
+                                   a.get("quantization_group_size", 32), a.get("dtype", "float32"))
         self.model = StageModel(spec, loader, a["max_positions"], all_reduce=self.comm.all_reduce)
+        loader.close()
         n_layers = self.shard.layer_end - self.shard.layer_start
         self.kv_cache = KVCache(n_layers, a["num_kv_blocks"], self.block_size, spec.num_kv_heads // self.tp_size,
                                 spec.head_dim)
