@@ -49,9 +49,9 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int]] = {
 
 
 def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_num_seqs: int | None = None,
-                      max_num_batched_tokens: int | None = None) -> dict:
+                      max_num_batched_tokens: int | None = None, gemm_weights: str = "packed") -> dict:
     """A LocalCluster override dict (cluster.yaml schema)."""
-    over: dict = {"workers": {"count": workers, "threads": threads},
+    over: dict = {"workers": {"count": workers, "threads": threads, "gemm_weights": gemm_weights},
                   "parallel": {"pipeline_parallel": pp, "tensor_parallel": tp}}
     sched = {}
     if max_num_seqs is not None:

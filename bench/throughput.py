@@ -294,6 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=None, help="pipeline stages (default workers / tp)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     ap.add_argument("--threads", type=int, default=1, help="compute threads per worker")
+    ap.add_argument("--gemm-weights", choices=("packed", "bf16"), default="packed",
+                    help="workers.gemm_weights: packed (tiles dequantized per call) or a resident bf16 copy")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="scheduler max_num_seqs of the continuous cluster")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="scheduler token budget per step")
     ap.add_argument("--concurrency", default=None, help="closed-loop levels (default 1,8,32,64; 1,8 with --quick)")
@@ -332,16 +334,17 @@ def main(argv=None) -> int:
     args.level_timeout_s = args.level_timeout_s or (90.0 if q else 600.0)
     args.ready_timeout_s = args.ready_timeout_s or (120.0 if q else 240.0)
     pp = args.pp or max(1, args.workers // args.tp)
-    name = f"{args.workers}w-pp{pp}-tp{args.tp}-t{args.threads}"
+    name = f"{args.workers}w-pp{pp}-tp{args.tp}-t{args.threads}" + ("-bf16" if args.gemm_weights == "bf16" else "")
 
     def overrides(max_num_seqs: int) -> dict:
         return common.cluster_overrides(args.workers, pp, args.tp, args.threads, max_num_seqs,
-                                        args.max_num_batched_tokens)
+                                        args.max_num_batched_tokens, args.gemm_weights)
 
     t0 = time.perf_counter()
     result = {"benchmark": "throughput", "env": common.environment(),
               "cluster": {"name": name, "workers": args.workers, "pipeline_parallel": pp, "tensor_parallel": args.tp,
-                          "threads": args.threads, "max_num_batched_tokens": args.max_num_batched_tokens},
+                          "threads": args.threads, "max_num_batched_tokens": args.max_num_batched_tokens,
+                          "gemm_weights": args.gemm_weights},
               "params": {"concurrency": levels, "requests_per_slot": args.requests_per_slot,
                          "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "vary_output": args.vary_output,
                          "rate": args.rate, "poisson_requests": args.poisson_requests,

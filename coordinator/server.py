@@ -266,6 +266,7 @@ class Coordinator:
                 "store_prefix": f"gen{self.generation}/", "heartbeat_interval_s": cfg.heartbeat.interval_s,
                 "heartbeat_misses": cfg.heartbeat.misses, "quantization": cfg.quantization,
                 "quantization_group_size": cfg.quantization_group_size, "dtype": cfg.dtype,
+                "gemm_weights": cfg.workers.gemm_weights,
             })
         self.state = "loading"
 

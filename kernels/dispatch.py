@@ -11,6 +11,9 @@ CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
   worker start: the lazy per-shape calibration cost up to seconds and was unreliable under load).
   `set_crossover` pins one (qtype, shape); `calibrate(w)` still measures one on this machine and
   pins it for the process.
+  With a bf16 copy (`QuantizedLinear.keep_bf16_copy`, cluster.yaml `workers.gemm_weights: bf16`)
+  n_tokens >= BF16_COPY_MIN_TOKENS multiply the copy directly (no per-step dequantization; the
+  copy costs 2 bytes per parameter on top of the packed weight).
 CUDA (cuda.py): n_tokens <= 8 GEMV kernel, <= CUDA_CROSSOVER tiled GEMM kernel, else dequantize
   to bf16 + torch GEMM. CUDA_CROSSOVER is a placeholder until bench/gpu_kernels.py runs on a GPU.
 f32/f16/bf16 weights: torch GEMM. Q4_K/Q6_K: reference dequantization (gguf) + torch GEMM.
@@ -38,6 +41,10 @@ GEMV_MAX_TOKENS = 2
 # q4_0 shares q4_1's kernel (fewer bytes: same table). int8/int4: not measured (row-wise kernel,
 # about 3x slower than the packed ones): 8 is a guess; measure with `calibrate`.
 CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, QType.INT4: 8}
+# With a resident bf16 copy the GEMM needs no dequantization: it beat the packed kernels from
+# n = 8 on every SmolLM2 shape (1 thread, same machine and command as above, e.g. q4_1 3072x576
+# n=8 kernel 0.433 ms / bf16 copy 0.242 ms; q8_0 49152x576 n=8 10.2 / 8.5 ms).
+BF16_COPY_MIN_TOKENS = 8
 TILE_BF16 = True  # the torch path for many tokens: bf16 GEMM (~3 significant digits) or fp32
 CUDA_GEMV_MAX_TOKENS = 8
 CUDA_CROSSOVER = 64  # not yet measured on a GPU (see bench/gpu_kernels.py)
@@ -165,6 +172,21 @@ class QuantizedLinear(torch.nn.Module):
         if bias is not None and tuple(bias.shape) != (weight.out_features,):
             raise ValueError(f"bias shape {tuple(bias.shape)} != ({weight.out_features},)")
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.weight_bf16: torch.Tensor | None = None
+
+    def keep_bf16_copy(self) -> int:
+        """Keep W dequantized to bfloat16 [out_features, in_features] next to the packed form, so
+        calls with >= BF16_COPY_MIN_TOKENS tokens skip the per-call tile dequantization (CPU).
+        Built tile by tile (peak extra memory: one float32 tile). Returns the copy's bytes.
+        Float weights (f32/f16/bf16) get a copy too; Q4_K/Q6_K use the reference dequantizer."""
+        w = self.qweight
+        copy = torch.empty(w.shape, dtype=torch.bfloat16)
+        rows = max(16, TILE_FLOATS // w.in_features)
+        for r0 in range(0, w.out_features, rows):
+            r1 = min(w.out_features, r0 + rows)
+            copy[r0:r1] = dequantize(w.row_slice(r0, r1)).to(torch.bfloat16)
+        self.weight_bf16 = copy
+        return copy.numel() * 2
 
     @property
     def in_features(self) -> int:
@@ -176,7 +198,11 @@ class QuantizedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = quantized_matmul(x.reshape(-1, x.shape[-1]), self.qweight)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.weight_bf16 is not None and x2.shape[0] >= BF16_COPY_MIN_TOKENS and not x2.is_cuda:
+            y = (x2.bfloat16() @ self.weight_bf16.T).float()
+        else:
+            y = quantized_matmul(x2, self.qweight)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

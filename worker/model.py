@@ -97,7 +97,9 @@ def linear_nbytes(layer: torch.nn.Module) -> int:
         from kernels import cpu
 
         packed = cpu._pack_cache.get(layer.qweight)
-        return layer.qweight.nbytes + (sum(a.nbytes for a in packed[1:]) if packed else 0)
+        copy = getattr(layer, "weight_bf16", None)
+        return (layer.qweight.nbytes + (sum(a.nbytes for a in packed[1:]) if packed else 0)
+                + (copy.numel() * 2 if copy is not None else 0))
     return layer.nbytes
 
 
@@ -327,6 +329,11 @@ class StageModel(torch.nn.Module):
         if self.embed_tokens is not None and not (self.lm_head is not None and self.spec.tie_word_embeddings):
             total += self.embed_tokens.nbytes
         return total
+
+    def keep_bf16_copies(self) -> int:
+        """Give every quantized linear layer a resident bfloat16 copy for the many-token path
+        (kernels.dispatch.QuantizedLinear.keep_bf16_copy); returns the bytes added."""
+        return sum(m.keep_bf16_copy() for m in self.modules() if hasattr(m, "keep_bf16_copy"))
 
     @torch.inference_mode()
     def warm_up(self, kv_cache: KVCache, block_size: int) -> None:

@@ -159,6 +159,8 @@ class Worker:
                                    a.get("quantization_group_size", 32), a.get("dtype", "float32"))
         self.model = StageModel(spec, loader, a["max_positions"], all_reduce=self.comm.all_reduce)
         loader.close()
+        if a.get("gemm_weights") == "bf16" and self.device == "cpu":
+            self.model.keep_bf16_copies()
         n_layers = self.shard.layer_end - self.shard.layer_start
         self.kv_cache = KVCache(n_layers, a["num_kv_blocks"], self.block_size, spec.num_kv_heads // self.tp_size,
                                 spec.head_dim)

@@ -185,3 +185,34 @@ def test_batch_command_writes_in_order_and_resumes(default_cluster, tmp_path):
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in again] == list(range(12))
     assert [r.get("token_ids") for r in again] == [r.get("token_ids") for r in results]
+
+
+BF16_TIE = 0.25  # nats: a bf16 GEMM (x and W rounded to 8 significant bits) moves logits by ~0.05
+
+
+def test_bf16_weight_copy_serves_batches_like_the_reference(clusters):
+    """workers.gemm_weights=bf16: 8 concurrent greedy requests (decode batches of 8, so every
+    layer multiplies the bf16 copy) pick, token after token, what transformers' fp32 forward of the
+    same prefix ranks first, up to BF16_TIE nats (teacher forcing: each step is checked on the
+    cluster's own prefix, so one near-tie flip does not cascade)."""
+    from coordinator.tokenizer import Tokenizer
+    from shardline.model_file import resolve_model_path
+    from tests.reference import reference_logits
+
+    tokenizer = Tokenizer.from_gguf(resolve_model_path("smollm2-135m"))
+    cfg = pp_config(1)
+    cfg["workers"]["gemm_weights"] = "bf16"
+    cluster = clusters.get(cfg)
+    (worker,) = cluster.client.stats()["workers"]
+    # the copy: 2 bytes x 134.5M parameters of SmolLM2's linear layers and tied lm_head
+    assert worker["weight_bytes"] > 2 * 134_000_000, worker
+    outs = _concurrently(cluster.client, [TARGET] + OTHERS, n=12)
+    worst = 0.0
+    for prompt, r in zip([TARGET] + OTHERS, outs):
+        ids = tokenizer.encode(prompt)
+        logits = reference_logits(ids + r.token_ids[:-1])
+        for i, tok in enumerate(r.token_ids):
+            row = logits[len(ids) - 1 + i]
+            worst = max(worst, float(row.max() - row[tok]))
+    print(f"bf16 copy: worst gap to the reference's greedy choice {worst:.4f} nats")
+    assert worst < BF16_TIE, f"a token trails the reference's greedy choice by {worst:.3f} nats"

@@ -175,3 +175,22 @@ def test_packed_serial_and_parallel(qtype):
                 assert_matmul_close(cpu.gemv(x, w), x, wdeq, matmul_ref(x, w).astype(np.float64))
     finally:
         numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("qtype,sym", [("q4_1", True), ("q8_0", True), ("int4", False)])
+def test_bf16_copy_path(qtype, sym, monkeypatch):
+    """QuantizedLinear.keep_bf16_copy: few tokens still take the packed kernel (float32 bound),
+    many tokens multiply the bf16 copy (bf16 bound); tiles of the copy cover every row."""
+    rng = np.random.default_rng(11)
+    w = random_weight(qtype, sym, 100, 128, rng)
+    monkeypatch.setattr(dispatch, "TILE_FLOATS", 128 * 16)  # 16-row tiles while copying
+    lin = dispatch.QuantizedLinear(w)
+    assert lin.keep_bf16_copy() == 100 * 128 * 2
+    wdeq = dequantize_ref(w)
+    # within one bf16 rounding (2^-8 relative) of the float32 reference dequantization
+    torch.testing.assert_close(lin.weight_bf16.float(), torch.from_numpy(wdeq), rtol=2.0**-8, atol=1e-7)
+    for n in (1, dispatch.BF16_COPY_MIN_TOKENS - 1, dispatch.BF16_COPY_MIN_TOKENS, 40):
+        x = rng.standard_normal((n, 128)).astype(np.float32)
+        y = lin(torch.from_numpy(x)).numpy()
+        check = assert_matmul_close_bf16 if n >= dispatch.BF16_COPY_MIN_TOKENS else assert_matmul_close
+        check(y, x, wdeq, matmul_ref(x, w).astype(np.float64))
