@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import paged_decode_attention
+from kernels.attention import PagedDecodePlan
 from shardline.model_file import ModelSpec
 from worker.kv_cache import KVCache
 from worker.loader import GGUFShardLoader, ShardSpec
@@ -153,6 +153,11 @@ class AttentionMetadata:
     sample_rows: torch.Tensor
     block_size: int
 
+    def __post_init__(self):
+        self.decode_plan = None if self.decode_rows is None else PagedDecodePlan(
+            self.decode_block_tables, self.decode_context_lens, self.block_size)
+        self.decode_rows_all = self.decode_rows is not None and len(self.decode_rows) == self.num_tokens
+
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
@@ -274,9 +279,10 @@ class DecoderLayer(torch.nn.Module):
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
             out[r0:r1] = o.transpose(0, 1)
         if meta.decode_rows is not None:
-            out[meta.decode_rows] = paged_decode_attention(
-                q[meta.decode_rows], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                meta.block_size)
+            if meta.decode_rows_all:  # a pure decode step: rows 0..T-1 in order
+                out = meta.decode_plan.run(q, k_cache, v_cache)
+            else:
+                out[meta.decode_rows] = meta.decode_plan.run(q[meta.decode_rows], k_cache, v_cache)
         return out
 
     def forward(self, x, meta: AttentionMetadata, kv, rot: torch.Tensor):
