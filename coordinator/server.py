@@ -13,6 +13,7 @@ ASSIGN each worker -> wait for every READY -> serve. The busy loop:
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from coordinator.block_manager import BlockManager
+from coordinator.metrics import CoordinatorMetrics, RateWindow
 from coordinator.planner import ModelSizes, Plan, PlanError, WorkerOffer, format_plan, make_plan
 from coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
 from coordinator.sequence import Sequence
@@ -34,6 +36,8 @@ from shardline.sampling import SamplingParams
 log = logging.getLogger("shardline.coordinator")
 
 MAX_LOGPROBS = 20
+METRICS_INTERVAL_S = 0.5  # how often the serving loop refreshes gauges and the throughput window
+MAX_STEP_TIMES = 4096  # step durations taken from one heartbeat (the worker keeps no more)
 
 
 @dataclass
@@ -51,6 +55,13 @@ class WorkerInfo:
     weight_bytes: int = 0
     step_time_s: float = 0.0
     rss_bytes: int = 0
+    kv_bytes: int = 0
+    num_steps: int = 0
+    busy_s: float = 0.0  # cumulative seconds in forward passes, as the worker reports it
+    busy_window: RateWindow | None = None  # busy_s over coordinator time: the busy fraction
+    price_per_hour: float | None = None
+    registered_at: float = field(default_factory=time.monotonic)
+    lost_at: float | None = None
 
 
 @dataclass
@@ -66,6 +77,7 @@ class Request:
     num_logprobs: int
     text: str = ""
     num_tokens_sent: int = 0
+    last_token_time: float | None = None  # monotonic time of the previous token (inter-token latency)
 
 
 class Coordinator:
@@ -93,6 +105,8 @@ class Coordinator:
         self.generation = 0
         self.stats = {"requests_total": 0, "requests_finished": 0, "generation_tokens_total": 0,
                       "prompt_tokens_total": 0, "steps_total": 0, "step_time_s_total": 0.0}
+        self.metrics = CoordinatorMetrics(self.model_id, self.max_model_len)
+        self.throughput = RateWindow(config.metrics.window_s)  # generation_tokens_total over time
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +130,8 @@ class Coordinator:
         self.client_sock.bind(f"tcp://{c.host}:{c.client_port}")
         self.worker_sock.bind(f"tcp://{c.host}:{c.worker_port}")
         self.store = dist.TCPStore(c.host, c.rendezvous_port, is_master=True, wait_for_workers=False)
+        if self.config.metrics.enabled:
+            self.metrics.start_http_server(self.config.metrics.host, self.config.metrics.port)
         log.info("coordinator up: clients %s, workers %s, rendezvous %s:%d, model %s (%s)",
                  self.config.client_address, self.config.worker_address, c.host, c.rendezvous_port,
                  self.model_id, self.model_path)
@@ -130,6 +146,7 @@ class Coordinator:
             self._send_error(req.client, req.request_id, ErrorCode.UNAVAILABLE, "coordinator shutting down")
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
+        self.metrics.stop_http_server()
         del self.store
 
     def serve_forever(self, install_signals: bool = True) -> None:
@@ -142,7 +159,7 @@ class Coordinator:
             poller.register(self.client_sock, zmq.POLLIN)
             poller.register(self.worker_sock, zmq.POLLIN)
             hb = self.config.heartbeat.interval_s
-            last_hb = 0.0
+            last_hb = last_metrics = 0.0
             while not self._stop:
                 # 1. drain the inbox
                 timeout_ms = 0 if self._can_dispatch() else int(hb * 1000 / 4)
@@ -162,6 +179,11 @@ class Coordinator:
                 if now - last_hb >= hb:
                     last_hb = now
                     self._heartbeat(now)
+                # 6. stats: throughput window and Prometheus gauges
+                if now - last_metrics >= METRICS_INTERVAL_S:
+                    last_metrics = now
+                    self.throughput.add(now, self.stats["generation_tokens_total"])
+                    self.metrics.set_state(self.stats_snapshot())
         finally:
             self.close()
 
@@ -203,6 +225,7 @@ class Coordinator:
                 if w is not None:
                     w.step_time_s = float(body.get("step_time_s", 0.0))
                     w.rss_bytes = int(body.get("rss_bytes", 0))
+                    self._on_worker_stats(w, body)
             elif msg_type is MsgType.REGISTER:
                 self._on_register(identity, body)
             elif msg_type is MsgType.READY:
@@ -229,6 +252,11 @@ class Coordinator:
         w = WorkerInfo(wid, identity, P.require(body, "host", str, "REGISTER"), P.require(body, "device", str, "REGISTER"),
                        P.require(body, "memory_bytes", int, "REGISTER"), str(body.get("incarnation", "")),
                        int(body.get("pid", 0)))
+        price = body.get("price_per_hour")
+        if price is not None and (not isinstance(price, (int, float)) or not 0 <= price < math.inf):
+            raise ProtocolError(f"REGISTER: price_per_hour={price!r} must be a number >= 0", ErrorCode.BAD_FRAME)
+        w.price_per_hour = self.config.workers.price_per_hour if price is None else float(price)
+        w.busy_window = RateWindow(self.config.metrics.window_s)
         if wid not in self.workers:
             self.order.append(wid)
         self.workers[wid] = w
@@ -277,6 +305,7 @@ class Coordinator:
         w.ready = True
         w.weight_bytes = int(body.get("weight_bytes", 0))
         w.rss_bytes = int(body.get("rss_bytes", 0))
+        w.kv_bytes = int(body.get("kv_bytes", 0))
         log.info("worker %s ready (%.0f MB weights, loaded in %.1f s)", w.worker_id, w.weight_bytes / 1e6,
                  body.get("load_s", 0.0))
         if self.state == "loading" and all(self.workers[a.worker_id].ready for a in self.plan.assignments):
@@ -299,8 +328,26 @@ class Coordinator:
             if now - w.last_heartbeat > cfg.interval_s * cfg.misses and self.state != "loading":
                 self._worker_lost(w, f"no heartbeat for {now - w.last_heartbeat:.1f} s")
 
+    def _on_worker_stats(self, w: WorkerInfo, body: dict) -> None:
+        """A heartbeat's utilization report: cumulative forward-pass seconds `busy_s` and the
+        forward-pass durations `step_times_s` since the previous heartbeat."""
+        busy_s = float(body.get("busy_s", 0.0))
+        times = body.get("step_times_s") or []
+        if not isinstance(times, list):
+            raise ProtocolError(f"HEARTBEAT: step_times_s must be a list, got {type(times).__name__}", ErrorCode.BAD_FRAME)
+        if len(times) > MAX_STEP_TIMES:
+            log.warning("worker %s reported %d step times; keeping the last %d", w.worker_id, len(times), MAX_STEP_TIMES)
+            times = times[-MAX_STEP_TIMES:]
+        w.num_steps = int(body.get("num_steps", w.num_steps))
+        w.busy_s = busy_s
+        w.busy_window.add(time.monotonic(), busy_s)
+        stage = next((a.stage for a in self.plan.assignments if a.worker_id == w.worker_id), None) if self.plan else None
+        self.metrics.on_worker_steps(w.worker_id, stage, busy_s, [float(t) for t in times])
+
     def _worker_lost(self, w: WorkerInfo, why: str) -> None:
         w.alive = False
+        w.lost_at = time.monotonic()
+        self.metrics.on_worker_failure()
         log.error("worker %s lost: %s", w.worker_id, why)
         if self.scheduler is not None:
             for out in self.in_flight.values():
@@ -339,6 +386,7 @@ class Coordinator:
         if out.scheduled:
             self.in_flight[out.step_id] = out
             self.step_started[out.step_id] = time.perf_counter()
+        self.metrics.on_step(out.num_batched_tokens if out.scheduled else 0, out.num_preempted)
 
     def _on_step_result(self, body: dict) -> None:
         step_id = body.get("step_id")
@@ -364,6 +412,12 @@ class Coordinator:
         if req is None:
             return
         self.stats["generation_tokens_total"] += 1
+        t = seq.last_token_time
+        if req.last_token_time is None:
+            self.metrics.on_token(ttft_s=_dt(seq.arrival_time, t), itl_s=None)
+        else:
+            self.metrics.on_token(ttft_s=None, itl_s=_dt(req.last_token_time, t))
+        req.last_token_time = t
         token = seq.output_token_ids[-1]
         delta = req.detokenizer.push([token])
         match = req.stop_matcher.push(delta)
@@ -403,6 +457,8 @@ class Coordinator:
         self._reply(self.client_sock, req.client, MsgType.DONE, body)
         self._forget(seq.seq_id)
         self.stats["requests_finished"] += 1
+        self.metrics.on_request_finished(seq.finish_reason, t["e2e_s"], t["queue_s"], seq.num_prompt_tokens,
+                                         seq.num_output_tokens)
 
     def _forget(self, seq_id: int) -> None:
         req = self.requests.pop(seq_id, None)
@@ -431,6 +487,7 @@ class Coordinator:
                 self._client_gone(identity)
 
     def _send_error(self, client: bytes, request_id: str, code: ErrorCode, message: str) -> None:
+        self.metrics.on_error(code.name)
         self._reply(self.client_sock, client, MsgType.ERROR, P.error_body(code, message, request_id=request_id))
 
     def _client_gone(self, client: bytes) -> None:
@@ -514,6 +571,7 @@ class Coordinator:
         self.by_client[(client, request_id)] = seq.seq_id
         self.stats["requests_total"] += 1
         self.stats["prompt_tokens_total"] += len(ids)
+        self.metrics.on_request_accepted(len(ids))
         self._reply(self.client_sock, client, MsgType.ACCEPTED, {"request_id": request_id, "prompt_tokens": len(ids)})
 
     # ---- introspection -------------------------------------------------------------------
@@ -535,9 +593,44 @@ class Coordinator:
         s["workers"] = [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "alive": w.alive, "ready": w.ready,
                          "heartbeat_age_s": time.monotonic() - w.last_heartbeat, "step_time_s": w.step_time_s,
                          "weight_bytes": w.weight_bytes, "rss_bytes": w.rss_bytes} for w in self.workers.values()]
+        self._add_utilization(s)
         if self.plan is not None:
             s["plan"] = self.plan.to_dict()
         return s
+
+    def _add_utilization(self, s: dict) -> None:
+        """Add to a stats snapshot: each worker's place in the plan, busy fraction (forward-pass
+        seconds / wall seconds over `metrics.window_s`) and hourly price; the recent generation
+        throughput (tokens/s over the same window) and the cluster's cost, both since the workers
+        registered (`cost_per_million_tokens`) and at the recent throughput."""
+        now = time.monotonic()
+        placement = {a.worker_id: a for a in self.plan.assignments} if self.plan is not None else {}
+        cost, priced = 0.0, False
+        for d in s["workers"]:
+            w = self.workers[d["worker_id"]]
+            a = placement.get(w.worker_id)
+            busy = w.busy_window.rate() if w.busy_window is not None else None
+            d.update(stage=a.stage if a else None, layer_start=a.layer_start if a else None,
+                     layer_end=a.layer_end if a else None, tp_rank=a.tp_rank if a else None, kv_bytes=w.kv_bytes,
+                     num_steps=w.num_steps, busy_s=w.busy_s,
+                     # clipped: heartbeats arrive with jitter, so a window may see slightly more than 1
+                     busy_fraction=None if busy is None else min(1.0, max(0.0, busy)),
+                     price_per_hour=w.price_per_hour)
+            if w.price_per_hour is not None:
+                priced = True
+                cost += w.price_per_hour * ((w.lost_at or now) - w.registered_at) / 3600.0
+        rate = self.throughput.rate()
+        price = sum(w.price_per_hour or 0.0 for w in self.workers.values() if w.alive)
+        s["throughput_window_s"] = self.config.metrics.window_s
+        s["generation_tokens_per_s"] = rate
+        s["price_per_hour"] = price if priced else None
+        s["cost_total"] = cost if priced else None
+        s["cost_per_million_tokens"] = _cost_per_million(cost, s["generation_tokens_total"]) if priced else None
+        s["recent_cost_per_million_tokens"] = (price / (rate * 3600.0) * 1e6) if priced and rate else None
+
+
+def _cost_per_million(cost: float, tokens: int) -> float | None:
+    return cost / tokens * 1e6 if tokens > 0 else None
 
 
 def _dt(a: float | None, b: float | None) -> float | None:

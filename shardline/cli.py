@@ -187,7 +187,8 @@ def coordinator(cluster_yaml, host, port, workers):
 @click.option("--memory-gb", type=float, help="Memory offered for weights and KV cache (default: 80% of RAM).")
 @click.option("--worker-id", help="Stable name of this worker (default: hostname-pid).")
 @click.option("--host", help="Address this worker is reached at (default: the one routing to the coordinator).")
-def worker(address, device, threads, memory_gb, worker_id, host):
+@click.option("--price-per-hour", type=click.FloatRange(min=0), help="Hourly price of this worker (overrides workers.price_per_hour).")
+def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour):
     """Run one worker that joins a coordinator."""
     if threads > 1:
         # torch and Numba each bring an OpenMP pool; with the default spin-waiting the two pools
@@ -196,7 +197,8 @@ def worker(address, device, threads, memory_gb, worker_id, host):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.worker import main as run
 
-    sys.exit(run(address, device, threads, int(memory_gb * 2**30) if memory_gb else None, worker_id, host))
+    sys.exit(run(address, device, threads, int(memory_gb * 2**30) if memory_gb else None, worker_id, host,
+                 price_per_hour))
 
 
 # ---- generate ---------------------------------------------------------------------------------
@@ -255,6 +257,28 @@ def batch(input_jsonl, output, address, concurrency, no_progress):
     except (ValueError, ShardlineError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(stats), err=True)
+
+
+# ---- status -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--address", help="Client-plane address (default: $SHARDLINE_ADDRESS or tcp://127.0.0.1:7450).")
+@click.option("--json", "as_json", is_flag=True, help="Print the coordinator's STATS reply as one JSON object.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the reply.")
+def status(address, as_json, timeout):
+    """Workers, stages, KV usage, queue depth, recent throughput and cost of a running cluster."""
+    from shardline.client import Client, ShardlineError
+
+    try:
+        with Client(address, timeout_s=timeout) as c:
+            stats = c.stats()
+    except ShardlineError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(stats))
+        return
+    from shardline.status import print_status
+
+    print_status(stats)
 
 
 # ---- plan -------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ class WorkersConfig(_Frozen):
         0.5, gt=0, description="Most memory per worker for its KV cache pool (GiB); None: all memory left after weights."
     )
     launch_local: bool = Field(True, description="`shardline launch` starts `count` workers on this host.")
+    price_per_hour: float | None = Field(
+        None, ge=0, description="Hourly price of one worker (any currency), for utilization and cost per million "
+                                "generated tokens; a worker's `--price-per-hour` overrides it. None: cost not reported."
+    )
     gemm_weights: Literal["packed", "bf16"] = Field(
         "packed", description="Weights of the many-token path (prefill, large decode batches) on CPU workers: "
         "`packed` dequantizes tiles of the quantized weights at every call (memory ~= the file); `bf16` also "
@@ -74,6 +78,15 @@ class SchedulerConfig(_Frozen):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     pipeline_micro_batches: int | None = Field(
         None, ge=1, description="Step plans in flight at once (default: the number of pipeline stages)."
+    )
+
+
+class MetricsConfig(_Frozen):
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP from the coordinator.")
+    host: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+    port: int = Field(9450, ge=1, le=65535, description="Port of the metrics endpoint (http://HOST:PORT/metrics).")
+    window_s: float = Field(
+        10.0, gt=0, le=3600, description="Seconds over which recent throughput and worker busy fractions are measured."
     )
 
 
@@ -108,6 +121,7 @@ class ClusterConfig(_Frozen):
     parallel: ParallelConfig = ParallelConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -120,6 +134,8 @@ class ClusterConfig(_Frozen):
         ports = [self.coordinator.client_port, self.coordinator.worker_port, self.coordinator.rendezvous_port]
         if len(set(ports)) != 3:
             raise ValueError(f"coordinator ports must differ, got {ports}")
+        if self.metrics.enabled and self.metrics.port in ports:
+            raise ValueError(f"metrics.port={self.metrics.port} collides with a coordinator port {ports}")
         if self.quantization != "none" and (self.model in PACKAGED_MODELS or self.model.endswith(".gguf")):
             raise ValueError(f"quantization={self.quantization} applies to Hugging Face safetensors checkpoints; "
                              f"model {self.model!r} is a GGUF file, already quantized (use quantization: none)")

@@ -54,8 +54,9 @@ class LocalCluster:
     """
 
     def __init__(self, overrides: dict | None = None, ready_timeout_s: float = 300.0, log_path: str | None = None):
-        port = free_port_block(3)
-        base = {"coordinator": {"client_port": port, "worker_port": port + 1, "rendezvous_port": port + 2}}
+        port = free_port_block(4)
+        base = {"coordinator": {"client_port": port, "worker_port": port + 1, "rendezvous_port": port + 2},
+                "metrics": {"port": port + 3}}
         self.config = ClusterConfig.model_validate(_merge(base, overrides or {}))
         self.ready_timeout_s = ready_timeout_s
         self.log_path = log_path

@@ -16,8 +16,10 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
+from collections import deque
 
 import torch
 import zmq
@@ -29,6 +31,8 @@ from shardline.protocol import MsgType
 from shardline.sampling import SamplingParams
 
 log = logging.getLogger("shardline.worker")
+
+MAX_STEP_TIMES = 4096  # forward-pass durations kept between two heartbeats (the coordinator takes no more)
 
 
 def local_ip_towards(address: str) -> str:
@@ -48,13 +52,40 @@ def rss_bytes() -> int:
         return 0
 
 
+class LoadProgress:
+    """A progress bar over the phases of loading a shard (rich), drawn on stderr only when it is a
+    terminal, so the logs of launched or redirected workers stay clean."""
+
+    def __init__(self, title: str, phases: list[str]):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.title, self.phases, self.done = title, phases, 0
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty())
+        self.task = self.progress.add_task(f"{title}: {phases[0]}", total=len(phases))
+        self.progress.start()
+
+    def next(self) -> None:
+        """The current phase is done; the next one starts."""
+        self.done += 1
+        what = self.phases[self.done] if self.done < len(self.phases) else "done"
+        self.progress.update(self.task, completed=self.done, description=f"{self.title}: {what}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
 def default_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
 
 class Worker:
     def __init__(self, coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
-                 worker_id: str | None = None, host: str | None = None):
+                 worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None):
+        if price_per_hour is not None and not price_per_hour >= 0:
+            raise ValueError(f"price_per_hour={price_per_hour}: must be >= 0")
+        self.price_per_hour = price_per_hour
         self.coordinator = coordinator
         self.device = device
         self.threads = threads
@@ -70,6 +101,8 @@ class Worker:
         self.params: dict[int, tuple[SamplingParams, int]] = {}
         self.step_time_s = 0.0
         self.num_steps = 0
+        self.busy_s = 0.0  # seconds in forward passes since start (input received -> output sent)
+        self.step_times: deque[float] = deque(maxlen=MAX_STEP_TIMES)  # since the last heartbeat
 
     # ---- lifecycle -----------------------------------------------------------------------
     def run(self) -> int:
@@ -86,6 +119,7 @@ class Worker:
             "worker_id": self.worker_id, "incarnation": self.incarnation, "host": self.host,
             "device": self.device, "memory_bytes": self.memory_bytes, "version": __version__,
             "pid": os.getpid(), "threads": self.threads,
+            **({} if self.price_per_hour is None else {"price_per_hour": self.price_per_hour}),
         })
         log.info("worker %s registered with %s from %s", self.worker_id, self.coordinator, self.host)
         last_sent = last_heard = time.monotonic()
@@ -110,7 +144,9 @@ class Worker:
                 now = time.monotonic()
                 if now - last_sent >= self.heartbeat_interval_s:
                     self._send(MsgType.HEARTBEAT, {"worker_id": self.worker_id, "num_steps": self.num_steps,
-                                                   "step_time_s": self.step_time_s, "rss_bytes": rss_bytes()})
+                                                   "step_time_s": self.step_time_s, "rss_bytes": rss_bytes(),
+                                                   "busy_s": self.busy_s, "step_times_s": list(self.step_times)})
+                    self.step_times.clear()
                     last_sent = now
                 if self.model is not None and now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
                     log.error("coordinator silent for %.1f s; exiting", now - last_heard)
@@ -152,22 +188,29 @@ class Worker:
         self.heartbeat_misses = max(self.heartbeat_misses, a.get("heartbeat_misses", 0) * 2)
         self.shard = ShardSpec(a["layer_start"], a["layer_end"], self.stage == 0, self.stage == self.pp_size - 1,
                                self.tp_rank, self.tp_size)
+        bar = LoadProgress(f"stage {self.stage} layers [{self.shard.layer_start}, {self.shard.layer_end})",
+                           ["joining the data plane", "weights", "KV cache", "warm-up (compiling kernels)"])
         backend = "nccl" if self.device == "cuda" else "gloo"
         self.comm = StageComm(a["rank"], a["world_size"], self.stage, self.pp_size, self.tp_rank, self.tp_size,
                               a["store_host"], a["store_port"], a["store_prefix"], backend, self.host)
+        bar.next()
         loader = open_shard_loader(a["model_path"], spec, self.shard, a.get("quantization", "none"),
                                    a.get("quantization_group_size", 32), a.get("dtype", "float32"))
         self.model = StageModel(spec, loader, a["max_positions"], all_reduce=self.comm.all_reduce)
         loader.close()
         if a.get("gemm_weights") == "bf16" and self.device == "cpu":
             self.model.keep_bf16_copies()
+        bar.next()
         n_layers = self.shard.layer_end - self.shard.layer_start
         self.kv_cache = KVCache(n_layers, a["num_kv_blocks"], self.block_size, spec.num_kv_heads // self.tp_size,
                                 spec.head_dim)
         from worker.sampler import Sampler
 
         self.sampler = Sampler()
+        bar.next()
         self.model.warm_up(self.kv_cache, self.block_size)
+        bar.next()
+        bar.close()
         load_s = time.monotonic() - t0
         log.info("worker %s: stage %d layers [%d, %d) tp %d/%d loaded in %.1f s (%.0f MB weights, %.0f MB KV)",
                  self.worker_id, self.stage, self.shard.layer_start, self.shard.layer_end, self.tp_rank,
@@ -208,6 +251,7 @@ class Worker:
             x = torch.tensor(tokens, dtype=torch.int64)
         else:
             x = self.comm.recv_hidden((meta.num_tokens, self.spec.hidden_size), torch.float32)
+        t_input = time.perf_counter()  # busy time starts when the input is here (not while waiting for it)
         out = self.model(x, meta, self.kv_cache)
         if not self.shard.is_last:
             self.comm.send_hidden(out)
@@ -222,11 +266,14 @@ class Worker:
             if any(nlp):
                 body["logprobs"] = [None if lp is None else [lp[0], [list(t) for t in lp[1]]] for lp in res.logprobs]
             self._send(MsgType.STEP_RESULT, body)
-        self.step_time_s = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        self.step_time_s = t_end - t0
+        self.busy_s += t_end - t_input
+        self.step_times.append(t_end - t_input)
         self.num_steps += 1
 
 
 def main(coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
-         worker_id: str | None = None, host: str | None = None) -> int:
+         worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Worker(coordinator, device, threads, memory_bytes, worker_id, host).run()
+    return Worker(coordinator, device, threads, memory_bytes, worker_id, host, price_per_hour).run()
