@@ -334,15 +334,22 @@ def _q4_groups(qs, dd, mm, x, xsum, y, g0, g1):
             for b in range(nb):
                 blk[:] = 0
                 b0 = blk[0]
-                if nt == 1:
-                    for j in range(16):
+                if nt == 1:  # two code rows per pass: half the loads/stores of b0 per FMA
+                    for j in range(0, 16, 2):
                         q = qs[g, b, j]
-                        l0 = x[t0, b * 32 + j]
-                        h0 = x[t0, b * 32 + 16 + j]
+                        q1 = qs[g, b, j + 1]
+                        i0 = b * 32 + j
+                        l0 = x[t0, i0]
+                        h0 = x[t0, i0 + 16]
+                        l1 = x[t0, i0 + 1]
+                        h1 = x[t0, i0 + 17]
                         for r in range(rows):
                             v = np.int32(q[r])
+                            v1 = np.int32(q1[r])
                             b0[r] += (np.float32(np.int32(v & i15)) * l0
-                                      + np.float32(np.int32(v >> i4)) * h0)
+                                      + np.float32(np.int32(v >> i4)) * h0
+                                      + np.float32(np.int32(v1 & i15)) * l1
+                                      + np.float32(np.int32(v1 >> i4)) * h1)
                 else:
                     b1 = blk[1]
                     b2 = blk[2]
@@ -396,12 +403,20 @@ def _q8_groups(qs, dd, x, y, g0, g1):
             for b in range(nb):
                 blk[:] = 0
                 b0 = blk[0]
-                if nt == 1:
-                    for j in range(32):
+                if nt == 1:  # two code rows per pass, as in _q4_groups
+                    for j in range(0, 32, 4):
                         q = qs[g, b, j]
-                        l0 = x[t0, b * 32 + j]
+                        q1 = qs[g, b, j + 1]
+                        q2 = qs[g, b, j + 2]
+                        q3 = qs[g, b, j + 3]
+                        i0 = b * 32 + j
+                        l0 = x[t0, i0]
+                        l1 = x[t0, i0 + 1]
+                        l2 = x[t0, i0 + 2]
+                        l3 = x[t0, i0 + 3]
                         for r in range(rows):
-                            b0[r] += np.float32(np.int32(q[r])) * l0
+                            b0[r] += (np.float32(np.int32(q[r])) * l0 + np.float32(np.int32(q1[r])) * l1
+                                      + np.float32(np.int32(q2[r])) * l2 + np.float32(np.int32(q3[r])) * l3)
                 else:
                     b1 = blk[1]
                     b2 = blk[2]
