@@ -446,11 +446,50 @@ def _q8_groups(qs, dd, x, y, g0, g1):
                     y[t0 + t, r0 + r] = acc[t, r]
 
 
+@njit(fastmath=True, cache=True)
+def _q4_gemv_groups(qs, dd, mm, x, xsum, y, g0, g1, h):
+    """One token (decode): _q4_groups' nt == 1 path on its own, with a flat accumulator and the
+    half-block length `h` (16) at run time; LLVM keeps this loop nest tighter (~10% faster)."""
+    nb, rows = qs.shape[1], qs.shape[3]
+    out = y.shape[1]
+    acc = np.zeros(rows, np.float32)
+    blk = np.zeros(rows, np.float32)
+    i15 = np.int32(15)
+    i4 = np.int32(4)
+    for g in range(g0, g1):
+        acc[:] = 0
+        for b in range(nb):
+            blk[:] = 0
+            for j in range(0, h, 2):
+                q0 = qs[g, b, j]
+                q1 = qs[g, b, j + 1]
+                i0 = b * 32 + j
+                l0 = x[0, i0]
+                h0 = x[0, i0 + 16]
+                l1 = x[0, i0 + 1]
+                h1 = x[0, i0 + 17]
+                for r in range(rows):
+                    v0 = np.int32(q0[r])
+                    v1 = np.int32(q1[r])
+                    blk[r] += (np.float32(np.int32(v0 & i15)) * l0 + np.float32(np.int32(v0 >> i4)) * h0
+                               + np.float32(np.int32(v1 & i15)) * l1 + np.float32(np.int32(v1 >> i4)) * h1)
+            db = dd[g, b]
+            mb = mm[g, b]
+            xs = xsum[0, b]
+            for r in range(rows):
+                acc[r] += db[r] * blk[r] + mb[r] * xs
+        r0 = g * rows
+        for r in range(min(rows, out - r0)):
+            y[0, r0 + r] = acc[r]
+
+
 @njit(cache=True)
 def _packed_serial(fmt, qs, dd, mm, x, y):
     g = qs.shape[0]
     if fmt == 0:
         _q8_groups(qs, dd, x, y, 0, g)
+    elif x.shape[0] == 1:
+        _q4_gemv_groups(qs, dd, mm, x, _xsums(x), y, 0, g, HALF)
     else:
         _q4_groups(qs, dd, mm, x, _xsums(x), y, 0, g)
 
@@ -465,6 +504,8 @@ def _packed_parallel(fmt, qs, dd, mm, x, y, nchunk):
         g1 = min(groups, (c + 1) * per)
         if fmt == 0:
             _q8_groups(qs, dd, x, y, g0, g1)
+        elif x.shape[0] == 1:
+            _q4_gemv_groups(qs, dd, mm, x, xsum, y, g0, g1, HALF)
         else:
             _q4_groups(qs, dd, mm, x, xsum, y, g0, g1)
 
