@@ -16,7 +16,8 @@ CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
   copy costs 2 bytes per parameter on top of the packed weight).
 CUDA (cuda.py): n_tokens <= 8 GEMV kernel, <= CUDA_CROSSOVER tiled GEMM kernel, else dequantize
   to bf16 + torch GEMM. CUDA_CROSSOVER is a placeholder until bench/gpu_kernels.py runs on a GPU.
-f32/f16/bf16 weights: torch GEMM. Q4_K/Q6_K: reference dequantization (gguf) + torch GEMM.
+f32/f16 weights: torch fp32 GEMM; bf16 weights: torch bf16 GEMM on the stored weight (float32 result).
+Q4_K/Q6_K: reference dequantization (gguf) + torch GEMM.
 """
 from __future__ import annotations
 
@@ -150,6 +151,8 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     if x.is_cuda:
         from . import cuda as kcuda
         return kcuda.matmul(x, w)
+    if w.qtype is QType.BF16:  # bf16 GEMM on the stored weight (no float32 copy per call)
+        return (x.bfloat16() @ _float_weight(w).T).float()
     if w.qtype in FLOAT_TYPES:
         return x @ _float_weight(w).float().T
     if not cpu.supported(w.qtype):

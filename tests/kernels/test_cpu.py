@@ -59,8 +59,8 @@ def test_dispatch_all_paths(qtype, sym):
                 x = rng.standard_normal((n, 128)).astype(np.float32)
                 y = quantized_matmul(torch.from_numpy(x), w)
                 assert y.dtype == torch.float32 and y.shape == (n, 45)
-                check = (assert_matmul_close_bf16 if bf16 and cross == 2 and n > 2 and not float_w
-                         else assert_matmul_close)
+                check = (assert_matmul_close_bf16 if (bf16 and cross == 2 and n > 2 and not float_w)
+                         or qtype == "bf16" else assert_matmul_close)  # bf16 weights: bf16 GEMM
                 check(y.numpy(), x, wdeq, matmul_ref(x, w).astype(np.float64))
         finally:
             dispatch.TILE_BF16 = True
