@@ -48,6 +48,20 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int]] = {
 }
 
 
+@contextlib.contextmanager
+def request_progress(label: str, total: int):
+    """A progress bar over `total` requests (rich), drawn on stderr only when it is a terminal so
+    redirected benchmark output stays clean. Yields `advance()`, safe to call from any thread."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True) as bar:
+        task = bar.add_task(escape(label), total=total)  # "[continuous] ..." is not rich markup
+        yield lambda: bar.advance(task)
+
+
 def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_num_seqs: int | None = None,
                       max_num_batched_tokens: int | None = None, gemm_weights: str = "packed") -> dict:
     """A LocalCluster override dict (cluster.yaml schema)."""

@@ -81,9 +81,11 @@ def phase_metrics(records: list[common.RequestRecord], wall_s: float) -> dict:
     }
 
 
-def run_closed(pool: common.ClientPool, load: Load, concurrency: int, static: bool, timeout_s: float):
+def run_closed(pool: common.ClientPool, load: Load, concurrency: int, static: bool, timeout_s: float,
+               on_done=lambda: None):
     """Continuous: `concurrency` threads each take the next request when done. Static: batches of
-    `concurrency` sent together; the next batch starts when the whole current one has finished."""
+    `concurrency` sent together; the next batch starts when the whole current one has finished.
+    `on_done()` is called (from any thread) as each request ends."""
     t0 = time.perf_counter()
     deadline = t0 + timeout_s
 
@@ -92,8 +94,10 @@ def run_closed(pool: common.ClientPool, load: Load, concurrency: int, static: bo
             rec = common.RequestRecord(load.indices[i], len(load.prompts[i]), load.max_tokens[i])
             rec.error = "not started: level deadline"
             return rec
-        return common.timed_stream(pool.get(), load.indices[i], load.prompts[i], load.max_tokens[i],
-                                   deadline=deadline, phase_t0=t0)
+        rec = common.timed_stream(pool.get(), load.indices[i], load.prompts[i], load.max_tokens[i],
+                                  deadline=deadline, phase_t0=t0)
+        on_done()
+        return rec
 
     with ThreadPoolExecutor(max_workers=concurrency) as ex:
         if not static:
@@ -106,7 +110,7 @@ def run_closed(pool: common.ClientPool, load: Load, concurrency: int, static: bo
 
 
 def run_poisson(pool: common.ClientPool, load: Load, rate: float, static_batch: int | None, timeout_s: float,
-                seed: int):
+                seed: int, on_done=lambda: None):
     """Open loop: request i is released at its Poisson arrival time. Continuous: sent at once.
     Static: queued client-side; a dispatcher sends up to `static_batch` queued requests together
     and waits for the whole batch before taking the next. TTFT counts from the arrival."""
@@ -128,6 +132,7 @@ def run_poisson(pool: common.ClientPool, load: Load, rate: float, static_batch: 
             if getattr(rec, name) is not None:
                 setattr(rec, name, getattr(rec, name) + wait)
         records[i] = rec
+        on_done()
 
     def unsent(i: int, why: str) -> None:
         rec = common.RequestRecord(load.indices[i], len(load.prompts[i]), load.max_tokens[i], start_s=arrivals[i])
@@ -206,7 +211,8 @@ def bench_cluster(label: str, overrides: dict, jobs: list[tuple[str, list[int], 
                     for c in levels:
                         load = Load(offset + c * 10_000, args.requests_per_slot * c, args)
                         before = client.stats()
-                        records, wall = run_closed(pool, load, c, static, args.level_timeout_s)
+                        with common.request_progress(f"[{mode}] c={c}", len(load)) as advance:
+                            records, wall = run_closed(pool, load, c, static, args.level_timeout_s, advance)
                         m = phase_metrics(records, wall)
                         m["concurrency"] = c
                         m["server_counters"] = common.counter_diff(before, client.stats())
@@ -220,7 +226,9 @@ def bench_cluster(label: str, overrides: dict, jobs: list[tuple[str, list[int], 
                         load = Load(offset + POISSON_BASE, args.poisson_requests, args)
                         batch = args.static_batch if static else None
                         before = client.stats()
-                        records, wall = run_poisson(pool, load, args.rate, batch, args.poisson_deadline_s, args.seed)
+                        with common.request_progress(f"[{mode}] poisson {args.rate} req/s", len(load)) as advance:
+                            records, wall = run_poisson(pool, load, args.rate, batch, args.poisson_deadline_s,
+                                                        args.seed, advance)
                         m = phase_metrics(records, wall)
                         m.update(rate_req_s=args.rate, static_batch=batch,
                                  server_counters=common.counter_diff(before, client.stats()))

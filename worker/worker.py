@@ -58,19 +58,20 @@ class LoadProgress:
 
     def __init__(self, title: str, phases: list[str]):
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.title, self.phases, self.done = title, phases, 0
+        self.title, self.phases, self.done, self.escape = title, phases, 0, escape
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=Console(stderr=True), disable=not sys.stderr.isatty())
-        self.task = self.progress.add_task(f"{title}: {phases[0]}", total=len(phases))
+        self.task = self.progress.add_task(escape(f"{title}: {phases[0]}"), total=len(phases))
         self.progress.start()
 
     def next(self) -> None:
         """The current phase is done; the next one starts."""
         self.done += 1
         what = self.phases[self.done] if self.done < len(self.phases) else "done"
-        self.progress.update(self.task, completed=self.done, description=f"{self.title}: {what}")
+        self.progress.update(self.task, completed=self.done, description=self.escape(f"{self.title}: {what}"))
 
     def close(self) -> None:
         self.progress.stop()
