@@ -132,13 +132,19 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def prometheus(cluster, tmp_path_factory):
+def prometheus_exe() -> str:
+    """The prometheus binary; a skip outside CI when it is missing, a failure in CI (`CI` set)."""
     exe = shutil.which("prometheus")
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail("CI is set but the prometheus binary is missing (.ci/run installs the Debian package)")
         pytest.skip("the prometheus binary is not installed (Debian package `prometheus`; .ci/run installs it)")
-    p = Prometheus(exe, f"{cluster.config.metrics.host}:{cluster.config.metrics.port}",
+    return exe
+
+
+@pytest.fixture(scope="module")
+def prometheus(prometheus_exe, cluster, tmp_path_factory):
+    p = Prometheus(prometheus_exe, f"{cluster.config.metrics.host}:{cluster.config.metrics.port}",
                    tmp_path_factory.mktemp("prometheus"))
     yield p
     p.stop()
@@ -187,7 +193,7 @@ def _sum(prom: Prometheus, name: str) -> float:
     return v
 
 
-def test_prometheus_sees_every_dashboard_metric_move(cluster, prometheus):
+def test_prometheus_sees_every_dashboard_metric_move(prometheus, cluster):
     prom, c = prometheus, cluster.client
     dashboard = load_dashboard()
     exprs = dashboard_expressions(dashboard)
