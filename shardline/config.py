@@ -31,6 +31,20 @@ class CoordinatorConfig(_Frozen):
     advertise_host: str | None = Field(
         None, description="Address workers use to reach the rendezvous store (default: host)."
     )
+    recovery_timeout_s: float = Field(
+        60.0, gt=0, description="After a worker is lost, seconds to find a new plan (survivors, or a replacement "
+                                "that joins) before in-flight requests end with UNAVAILABLE."
+    )
+    replan_on_fewer_workers: bool = Field(
+        True, description="After a worker is lost, re-plan onto the survivors at once when the model fits them; "
+                          "false: wait for a replacement to bring the cluster back to workers.count."
+    )
+    max_spare_workers: int = Field(
+        8, ge=0, le=64, description="Workers beyond workers.count kept registered as replacements."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: seconds running requests get to finish (admission stops at once)."
+    )
 
 
 class WorkersConfig(_Frozen):
@@ -93,6 +107,10 @@ class MetricsConfig(_Frozen):
 class HeartbeatConfig(_Frozen):
     interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats on the worker plane.")
     misses: int = Field(5, ge=1, description="Missed heartbeats before a worker is declared dead.")
+    data_plane_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of every torch.distributed operation (rendezvous, send/recv, all-reduce): "
+                                "a worker waiting on a dead peer gives up after this long."
+    )
 
 
 class ClusterConfig(_Frozen):

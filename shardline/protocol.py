@@ -33,6 +33,7 @@ HEADER_BYTES = HEADER.size
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # weight chunks are the largest messages
 MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
 MAX_PROMPT_TOKENS = 1 << 20
+MAX_DEPTH = 16  # deepest nesting of maps/lists in a body (the deepest real message, STEP_RESULT, has 6)
 
 
 class MsgType(enum.IntEnum):
@@ -117,23 +118,108 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, dic
         raise ProtocolError(f"unknown message type {mtype}", ErrorCode.UNKNOWN_TYPE) from None
     n = len(frame) - HEADER_BYTES
     try:
+        # Every declared length is capped by the body's size (a str/bin of k bytes needs k body
+        # bytes, an array of k items at least k, a map of k pairs 2k), so a hostile length prefix
+        # is refused before anything is allocated; ext types are not part of the protocol. (The
+        # buffer itself is bounded by `max_bytes` above and by ZMQ_MAXMSGSIZE on the sockets.)
         body = msgpack.unpackb(
             memoryview(frame)[HEADER_BYTES:],
             raw=False,
             strict_map_key=True,
-            max_str_len=max_bytes,
-            max_bin_len=max_bytes,
-            max_array_len=max(n, 16),
-            max_map_len=max(n, 16),
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=0,
         )
     except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException,
             RecursionError) as exc:
-        raise ProtocolError(f"malformed msgpack body for {msg_type.name}: {exc}") from None
+        raise ProtocolError(f"malformed msgpack body for {msg_type.name}: {exc or type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{msg_type.name} body must be a map, got {type(body).__name__}")
     if not all(isinstance(k, str) for k in body):  # strict_map_key still lets bytes keys through
         raise ProtocolError(f"{msg_type.name} body must be a map with string keys")
+    check_depth(body, MAX_DEPTH, msg_type.name)
     return msg_type, body
+
+
+def check_depth(obj: Any, max_depth: int = MAX_DEPTH, what: str = "message") -> None:
+    """Refuse maps/lists nested deeper than `max_depth` (iterative, so a hostile body cannot
+    exhaust the stack of whoever walks it later).
+
+    Raises:
+        ProtocolError: BAD_FRAME naming the depth limit.
+    """
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > max_depth:
+            raise ProtocolError(f"{what} body nests deeper than {max_depth} levels")
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values() if isinstance(v, (dict, list)))
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o if isinstance(v, (dict, list)))
+
+
+# ---- per-message schemas -------------------------------------------------------------------------
+# Field name -> (accepted Python types, required). `int` never accepts a bool; `float` accepts an
+# int; `bytes` is a msgpack bin; `type(None)` allows nil. Fields not listed are ignored (a newer
+# minor version may add them); listed fields must have the listed types.
+_NUM = (int, float)
+_NIL = type(None)
+SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
+    MsgType.GENERATE: {"request_id": ((str,), True), "prompt": ((str,), False), "messages": ((list,), False),
+                       "prompt_token_ids": ((bytes,), False), "params": ((dict, _NIL), False),
+                       "stream": ((bool,), False), "logprobs": ((int, _NIL), False),
+                       "prompt_logprobs": ((int, _NIL), False)},
+    MsgType.CANCEL: {"request_id": ((str,), True)},
+    MsgType.HEALTH: {"request_id": ((str,), False)},
+    MsgType.STATS: {"request_id": ((str,), False)},
+    MsgType.MODELS: {"request_id": ((str,), False)},
+    MsgType.REGISTER: {"worker_id": ((str,), True), "incarnation": ((str,), False), "host": ((str,), True),
+                       "device": ((str,), True), "memory_bytes": ((int,), True), "version": ((str,), True),
+                       "pid": ((int,), False), "threads": ((int,), False), "price_per_hour": ((*_NUM, _NIL), False)},
+    MsgType.READY: {"worker_id": ((str,), True), "weight_bytes": ((int,), False), "rss_bytes": ((int,), False),
+                    "kv_bytes": ((int,), False), "load_s": (_NUM, False), "generation": ((int,), False)},
+    MsgType.STEP_RESULT: {"step_id": ((int,), True), "seq_ids": ((bytes,), True), "tokens": ((bytes,), True),
+                          "forward_s": (_NUM, False), "logprobs": ((list, _NIL), False),
+                          "prompt_logprobs": ((list, _NIL), False)},
+    MsgType.HEARTBEAT: {"worker_id": ((str,), False), "incarnation": ((str,), False), "num_steps": ((int,), False),
+                        "step_time_s": (_NUM, False), "rss_bytes": ((int,), False), "busy_s": (_NUM, False),
+                        "step_times_s": ((list,), False), "time": (_NUM, False)},
+    MsgType.ASSIGN: {"rank": ((int,), True), "world_size": ((int,), True), "stage": ((int,), True),
+                     "pp_size": ((int,), True), "tp_rank": ((int,), True), "tp_size": ((int,), True),
+                     "layer_start": ((int,), True), "layer_end": ((int,), True), "spec": ((dict,), True),
+                     "num_kv_blocks": ((int,), True), "block_size": ((int,), True), "store_port": ((int,), True),
+                     "store_host": ((str,), True), "store_prefix": ((str,), True), "generation": ((int,), False)},
+    MsgType.STEP: {"step_id": ((int,), True), "seqs": ((list,), True), "free": ((list,), False)},
+    MsgType.ERROR: {"code": ((int,), False), "code_name": ((str,), False), "message": ((str,), False),
+                    "request_id": ((str,), False)},
+}
+
+CLIENT_REQUESTS = frozenset({MsgType.GENERATE, MsgType.CANCEL, MsgType.HEALTH, MsgType.STATS, MsgType.MODELS})
+"""Message types a client may send the coordinator; anything else on the client plane is UNKNOWN_TYPE."""
+
+
+def validate(msg_type: MsgType, body: dict[str, Any]) -> dict[str, Any]:
+    """Check `body` against `SCHEMAS[msg_type]` (types without a schema pass). Returns `body`.
+
+    Raises:
+        ProtocolError: BAD_FRAME naming the message type, the field and the expected type.
+    """
+    schema = SCHEMAS.get(msg_type)
+    if schema is None:
+        return body
+    for key, (types, required) in schema.items():
+        if key not in body:
+            if required:
+                raise ProtocolError(f"{msg_type.name}: missing field {key!r}")
+            continue
+        v = body[key]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            names = "/".join("nil" if t is _NIL else "bin" if t is bytes else t.__name__ for t in types)
+            raise ProtocolError(f"{msg_type.name}: field {key!r} must be {names}, got {type(v).__name__}")
+    return body
 
 
 def pack_ids(ids) -> bytes:

@@ -60,7 +60,7 @@ class StageComm:
         if tp_size > 1:
             for s in range(pp_size):  # every rank must create every group, in the same order
                 ranks = list(range(s * tp_size, (s + 1) * tp_size))
-                g = dist.new_group(ranks, backend=backend)
+                g = dist.new_group(ranks, backend=backend, timeout=timeout)
                 if s == stage:
                     self.tp_group = g
         self._pending = []
@@ -92,6 +92,14 @@ class StageComm:
     def wait_sends(self) -> None:
         while self._pending:
             self._pending.pop(0)[0].wait()
+
+    def abort(self) -> None:
+        """Leave a broken group (a peer died or the plan changed) without waiting for pending
+        sends; the next plan joins a new group under a new store prefix. Every operation of the
+        old group has `timeout_s`, so nothing waits on a dead peer for longer than that."""
+        self._pending.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def close(self) -> None:
         try:
