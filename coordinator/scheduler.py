@@ -179,7 +179,7 @@ class Scheduler:
             while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                    and len(scheduled) < seats):
                 seq = self.waiting[0]
-                cached = bm.find_cached_prefix(seq) if not seq.block_table else []
+                cached = bm.find_cached_prefix(seq) if not seq.block_table and seq.use_prefix_cache else []
                 n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size, budget)
                 if not bm.allocate(seq, n, cached):
                     break

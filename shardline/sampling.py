@@ -1,8 +1,15 @@
-"""Sampling parameters of a request: validated once, travel as a plain dict."""
+"""Sampling parameters of a request: validated once, travel as a plain dict.
+
+Semantics follow vLLM's `SamplingParams` (and OpenAI's API for the penalties), so a request
+written for either means the same here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+
+MAX_N = 16  # most choices per request
+MAX_LOGPROBS = 20  # most top-k logprobs per token (logprobs, prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -12,6 +19,15 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables nucleus
     sampling. A request with a `seed` draws from its own generator keyed by (seed, position), so
     its tokens do not depend on what else is in the batch.
+
+    n: independent output sequences (choices) for one prompt; choice i > 0 uses the seed
+    `choice_seed(seed, i)`. min_tokens: end-of-sequence and `stop_token_ids` cannot be sampled
+    before this many tokens (their logits are set to -inf, as vLLM does). Penalties (vLLM /
+    OpenAI semantics, applied to the logits before temperature, on the last stage, with the
+    sequence's own token history): `repetition_penalty` r divides positive logits and multiplies
+    negative ones by r for every token seen in the prompt or the output (1 = off);
+    `frequency_penalty` subtracts f x (count of the token in the output); `presence_penalty`
+    subtracts p once for every token present in the output (0 = off).
 
     Raises:
         ValueError: on construction, naming the field, when a value is outside its range.
@@ -28,6 +44,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    n: int = 1
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,10 +83,29 @@ class SamplingParams:
             bad("ignore_eos", "must be a boolean")
         if not isinstance(self.include_stop_str_in_output, bool):
             bad("include_stop_str_in_output", "must be a boolean")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            bad("n", f"must be an integer in [1, {MAX_N}]")
+        if not _is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty", "must be a number in (0, 10] (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not -2.0 <= v <= 2.0:
+                bad(name, "must be a number in [-2, 2]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """True when sampling needs the sequence's past token ids (a penalty is on)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The parameters of choice `index` of an n-choice request: n=1 and, with a seed, the
+        seed `choice_seed(seed, index)` (choice 0 keeps the request's seed)."""
+        seed = None if self.seed is None else choice_seed(self.seed, index)
+        return replace(self, n=1, seed=seed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -91,6 +130,27 @@ class SamplingParams:
             return cls(**d)
         except TypeError as exc:
             raise ValueError(str(exc)) from None
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Seed of choice `index` of a seeded n-choice request: `seed` for choice 0, otherwise
+    `(seed + index * 0x9E3779B97F4A7C15) mod 2**63` (a golden-ratio stride, so neighbouring
+    request seeds do not share choices)."""
+    return seed if index == 0 else (seed + index * 0x9E3779B97F4A7C15) % 2**63
+
+
+def check_num_logprobs(name: str, value) -> int:
+    """Validate a top-k logprobs count (`logprobs`, `prompt_logprobs`): an integer in
+    [0, MAX_LOGPROBS], 0 meaning none. None counts as 0.
+
+    Raises:
+        ValueError: naming the field, for anything else.
+    """
+    if value is None:
+        return 0
+    if not _is_int(value) or not 0 <= value <= MAX_LOGPROBS:
+        raise ValueError(f"{name}={value!r}: must be an integer in [0, {MAX_LOGPROBS}]")
+    return value
 
 
 def _is_int(v) -> bool:
