@@ -22,7 +22,9 @@ import zmq
 
 from coordinator.block_manager import BlockManager
 from coordinator.metrics import CoordinatorMetrics, RateWindow
-from coordinator.planner import ModelSizes, Plan, PlanError, WorkerOffer, format_plan, make_plan
+from coordinator.planner import (ModelSizes, Plan, PlanError, WorkerOffer, check_parallel, format_plan,
+                                 plan_for_config)
+from coordinator.shard_server import ShardError, ShardServer
 from coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
 from coordinator.sequence import Sequence
 from coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -61,6 +63,8 @@ class WorkerInfo:
     busy_window: RateWindow | None = None  # busy_s over coordinator time: the busy fraction
     price_per_hour: float | None = None
     registered_at: float = field(default_factory=time.monotonic)
+    speed: float = 1.0  # relative speed the worker declared (planner input)
+    comm: dict | None = None  # the worker's cumulative data-plane times (worker.comm.StageComm.stats)
     lost_at: float | None = None
 
 
@@ -90,6 +94,14 @@ class Coordinator:
         self.model_sizes = ModelSizes.from_model(self.model_path, self.spec, config.quantization,
                                                  config.quantization_group_size, config.dtype)
         self.max_model_len = min(config.scheduler.max_model_len or self.spec.context_length, self.spec.context_length)
+        if config.pipeline_parallel is not None and config.tensor_parallel is not None:
+            check_parallel(self.spec, config.pipeline_parallel, config.tensor_parallel)  # fail before anything loads
+        from shardline.shard import model_digest
+
+        t0 = time.monotonic()
+        self.model_digest = model_digest(self.model_path)  # the join handshake and shard transfers name it
+        log.info("model %s: sha256 %s (%.1f s)", self.model_path, self.model_digest[:16], time.monotonic() - t0)
+        self.shard_server = ShardServer(self.model_path, self.spec, self.model_digest)
         self.workers: dict[str, WorkerInfo] = {}
         self._by_identity: dict[bytes, WorkerInfo] = {}
         self.order: list[str] = []  # worker ids in registration order
@@ -226,10 +238,14 @@ class Coordinator:
                     w.step_time_s = float(body.get("step_time_s", 0.0))
                     w.rss_bytes = int(body.get("rss_bytes", 0))
                     self._on_worker_stats(w, body)
+                    if isinstance(body.get("comm"), dict):
+                        w.comm = {k: float(v) for k, v in body["comm"].items() if isinstance(v, (int, float))}
             elif msg_type is MsgType.REGISTER:
                 self._on_register(identity, body)
             elif msg_type is MsgType.READY:
                 self._on_ready(identity, body)
+            elif msg_type in (MsgType.SHARD_REQUEST, MsgType.SHARD_FETCH):
+                self._on_shard_message(w, identity, msg_type, body)
             else:
                 raise ProtocolError(f"unexpected {msg_type.name} on the worker plane", ErrorCode.UNKNOWN_TYPE)
         except ProtocolError as exc:
@@ -245,6 +261,13 @@ class Coordinator:
             self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(
                 ErrorCode.VERSION_MISMATCH, f"worker {wid} runs shardline {version}, coordinator runs {__version__}"))
             return
+        theirs = body.get("model_digest")
+        if theirs is not None and theirs != self.model_digest:
+            msg = (f"model mismatch: worker {wid} has {body.get('model_path', '?')} (sha256 {str(theirs)[:16]}), "
+                   f"coordinator serves {self.model_id} {self.model_path} (sha256 {self.model_digest[:16]})")
+            log.error("refusing worker %s: %s", wid, msg)
+            self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(ErrorCode.MODEL_MISMATCH, msg))
+            return
         if self.state != "waiting_for_workers":
             self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(
                 ErrorCode.UNAVAILABLE, f"cluster already planned ({self.state}); worker {wid} not needed"))
@@ -257,6 +280,10 @@ class Coordinator:
             raise ProtocolError(f"REGISTER: price_per_hour={price!r} must be a number >= 0", ErrorCode.BAD_FRAME)
         w.price_per_hour = self.config.workers.price_per_hour if price is None else float(price)
         w.busy_window = RateWindow(self.config.metrics.window_s)
+        speed = body.get("speed", 1.0)
+        if not isinstance(speed, (int, float)) or isinstance(speed, bool) or not 0 < speed < math.inf:
+            raise ProtocolError(f"REGISTER: speed={speed!r} must be a number > 0", ErrorCode.BAD_FRAME)
+        w.speed = float(speed)
         if wid not in self.workers:
             self.order.append(wid)
         self.workers[wid] = w
@@ -268,14 +295,10 @@ class Coordinator:
 
     def _assign(self) -> None:
         cfg = self.config
-        offers = [WorkerOffer(w, self.workers[w].host, self.workers[w].memory_bytes, self.workers[w].device)
-                  for w in sorted(self.order)]
-        sizes = self.model_sizes
-        kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
+        offers = [WorkerOffer(w, self.workers[w].host, self.workers[w].memory_bytes, self.workers[w].device,
+                              self.workers[w].speed) for w in sorted(self.order)]
         try:
-            plan = make_plan(self.spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,
-                             cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks,
-                             quant_group_size=cfg.quantization_group_size if cfg.quantization != "none" else None)
+            plan = plan_for_config(cfg, self.spec, self.model_sizes, offers)
         except PlanError as exc:
             log.error("no plan fits: %s", exc)
             self.state = f"plan_failed: {exc}"
@@ -294,6 +317,7 @@ class Coordinator:
                 "store_prefix": f"gen{self.generation}/", "heartbeat_interval_s": cfg.heartbeat.interval_s,
                 "heartbeat_misses": cfg.heartbeat.misses, "quantization": cfg.quantization,
                 "quantization_group_size": cfg.quantization_group_size, "dtype": cfg.dtype,
+                "model": cfg.model, "model_digest": self.model_digest, "version": __version__,
                 "gemm_weights": cfg.workers.gemm_weights,
             })
         self.state = "loading"
@@ -303,6 +327,7 @@ class Coordinator:
         if w is None or w.identity != identity:
             return
         w.ready = True
+        self.shard_server.done(w.worker_id)
         w.weight_bytes = int(body.get("weight_bytes", 0))
         w.rss_bytes = int(body.get("rss_bytes", 0))
         w.kv_bytes = int(body.get("kv_bytes", 0))
@@ -327,6 +352,27 @@ class Coordinator:
             self._send_worker(w, MsgType.HEARTBEAT, {"time": time.time()})
             if now - w.last_heartbeat > cfg.interval_s * cfg.misses and self.state != "loading":
                 self._worker_lost(w, f"no heartbeat for {now - w.last_heartbeat:.1f} s")
+
+    def _on_shard_message(self, w: WorkerInfo | None, identity: bytes, msg_type: MsgType, body: dict) -> None:
+        """SHARD_REQUEST -> SHARD_MANIFEST, SHARD_FETCH -> SHARD_CHUNK (coordinator/shard_server.py);
+        a request that cannot be served is answered with ERROR naming why."""
+        if w is None:
+            raise ProtocolError(f"{msg_type.name} from a worker that has not registered", ErrorCode.BAD_FRAME)
+        try:
+            if msg_type is MsgType.SHARD_REQUEST:
+                a = next((a for a in self.plan.assignments if a.worker_id == w.worker_id), None) if self.plan else None
+                shard = None if a is None else (a.layer_start, a.layer_end, a.stage == 0,
+                                                a.stage == self.plan.pp_size - 1, a.tp_rank, self.plan.tp_size)
+                manifest = self.shard_server.on_request(w.worker_id, body, shard)
+                log.info("worker %s: sending its shard (%s): %d tensors, %.1f MB in %d chunks", w.worker_id,
+                         body.get("reason", ""), len(manifest["tensors"]), manifest["total_bytes"] / 1e6,
+                         manifest["num_chunks"])
+                self._send_worker(w, MsgType.SHARD_MANIFEST, manifest)
+            else:
+                self._send_worker(w, MsgType.SHARD_CHUNK, self.shard_server.on_fetch(w.worker_id, body))
+        except ShardError as exc:
+            log.error("shard transfer to worker %s refused: %s", w.worker_id, exc)
+            self._send_worker(w, MsgType.ERROR, P.error_body(ErrorCode.INVALID_REQUEST, str(exc)))
 
     def _on_worker_stats(self, w: WorkerInfo, body: dict) -> None:
         """A heartbeat's utilization report: cumulative forward-pass seconds `busy_s` and the
@@ -592,7 +638,8 @@ class Coordinator:
                      prefix_cache_hit_blocks=bm.num_prefix_hits)
         s["workers"] = [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "alive": w.alive, "ready": w.ready,
                          "heartbeat_age_s": time.monotonic() - w.last_heartbeat, "step_time_s": w.step_time_s,
-                         "weight_bytes": w.weight_bytes, "rss_bytes": w.rss_bytes} for w in self.workers.values()]
+                         "weight_bytes": w.weight_bytes, "rss_bytes": w.rss_bytes, "speed": w.speed,
+                         "comm": w.comm} for w in self.workers.values()]
         self._add_utilization(s)
         if self.plan is not None:
             s["plan"] = self.plan.to_dict()
@@ -639,5 +686,10 @@ def _dt(a: float | None, b: float | None) -> float | None:
 
 def main(config: ClusterConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    Coordinator(config).serve_forever()
+    try:
+        coordinator = Coordinator(config)
+    except PlanError as exc:  # impossible layout: refuse before any worker loads anything
+        log.error("no plan fits: %s", exc)
+        return 2
+    coordinator.serve_forever()
     return 0

@@ -19,6 +19,22 @@ from shardline.config import ClusterConfig, ConfigError, load_config
 DEFAULT_CONFIG = "cluster.yaml"
 
 
+class _Layout(click.ParamType):
+    """--pp / --tp: a positive count or `auto` (the planner chooses)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or (isinstance(value, int) and value > 0):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) > 0:
+            return int(value)
+        self.fail(f"{value!r} is neither a positive integer nor auto", param, ctx)
+
+
+_LAYOUT = _Layout()
+
+
 def _load(path: str | None, overrides: dict | None = None) -> ClusterConfig:
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
@@ -71,8 +87,8 @@ def main() -> None:
 @click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", help="Override `model` (packaged name, .gguf path or safetensors checkpoint directory).")
 @click.option("--workers", type=int, help="Override workers.count.")
-@click.option("--pp", type=int, help="Override parallel.pipeline_parallel.")
-@click.option("--tp", type=int, help="Override parallel.tensor_parallel.")
+@click.option("--pp", type=_LAYOUT, help="Override parallel.pipeline_parallel (a number or auto).")
+@click.option("--tp", type=_LAYOUT, help="Override parallel.tensor_parallel (a number or auto).")
 @click.option("--port", type=int, help="Client port (worker plane and rendezvous use the next two).")
 @click.option("--prompt", help="Answer this prompt once the cluster is ready, print it, and stop.")
 @click.option("--max-tokens", type=int, default=64, show_default=True, help="With --prompt: tokens to generate.")
@@ -120,8 +136,8 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                     time.sleep(0.2)  # poll interval
             if ready:
                 click.echo(f"shardline: serving {cfg.model} at {cfg.client_address} "
-                           f"({cfg.workers.count} workers, pipeline {cfg.pipeline_parallel} x tensor "
-                           f"{cfg.parallel.tensor_parallel})", err=True)
+                           f"({cfg.workers.count} workers, pipeline {cfg.pipeline_parallel or 'auto'} x tensor "
+                           f"{cfg.tensor_parallel or 'auto'})", err=True)
             if ready and prompt is not None:
                 click.echo(f"> {prompt}", err=True)
                 for d in client.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens):
@@ -186,9 +202,16 @@ def coordinator(cluster_yaml, host, port, workers):
 @click.option("--threads", type=int, default=1, show_default=True, help="Compute threads (torch and Numba).")
 @click.option("--memory-gb", type=float, help="Memory offered for weights and KV cache (default: 80% of RAM).")
 @click.option("--worker-id", help="Stable name of this worker (default: hostname-pid).")
-@click.option("--host", help="Address this worker is reached at (default: the one routing to the coordinator).")
+@click.option("--host", help="Address this worker is reached at and torch.distributed binds to (default: the one "
+                             "routing to the coordinator).")
 @click.option("--price-per-hour", type=click.FloatRange(min=0), help="Hourly price of this worker (overrides workers.price_per_hour).")
-def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour):
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Relative speed declared to the planner (2 = twice as fast as the reference worker).")
+@click.option("--model-path", type=click.Path(exists=True), help="This host's copy of the model; its digest must "
+              "match the coordinator's (default: use the coordinator's path if the same file is here).")
+@click.option("--no-local-model", is_flag=True, help="Never read a model file on this host: receive the shard's "
+              "tensors from the coordinator (also SHARDLINE_NO_LOCAL_MODEL=1).")
+def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour, speed, model_path, no_local_model):
     """Run one worker that joins a coordinator."""
     if threads > 1:
         # torch and Numba each bring an OpenMP pool; with the default spin-waiting the two pools
@@ -198,7 +221,7 @@ def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour)
     from worker.worker import main as run
 
     sys.exit(run(address, device, threads, int(memory_gb * 2**30) if memory_gb else None, worker_id, host,
-                 price_per_hour))
+                 price_per_hour, speed=speed, model_path=model_path, use_local_model=not no_local_model))
 
 
 # ---- generate ---------------------------------------------------------------------------------
@@ -285,12 +308,17 @@ def status(address, as_json, timeout):
 @main.command()
 @click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))
 @click.option("--workers", type=int, help="Override workers.count.")
-@click.option("--pp", type=int, help="Override parallel.pipeline_parallel.")
-@click.option("--tp", type=int, help="Override parallel.tensor_parallel.")
-@click.option("--memory-gb", type=float, help="Memory each worker offers (default: workers.memory_gb or a RAM share).")
-def plan(cluster_yaml, workers, pp, tp, memory_gb):
-    """Print which worker holds which layers and the bytes it needs."""
-    from coordinator.planner import ModelSizes, PlanError, WorkerOffer, format_plan, make_plan
+@click.option("--pp", type=_LAYOUT, help="Override parallel.pipeline_parallel (a number or auto).")
+@click.option("--tp", type=_LAYOUT, help="Override parallel.tensor_parallel (a number or auto).")
+@click.option("--memory-gb", help="Memory each worker offers, GiB: one value, or one per worker (8,8,4); default "
+                                   "workers.memory_gb or a RAM share.")
+@click.option("--speed", help="Relative speed of each worker (1,1,1.5), as `shardline worker --speed` declares it.")
+@click.option("--hosts", help="Host of each worker (for the table), comma-separated.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Device of the workers (default workers.device).")
+def plan(cluster_yaml, workers, pp, tp, memory_gb, speed, hosts, device):
+    """Print which worker holds which layers and the bytes it needs (fails with the reason when
+    no plan fits: the same planner the coordinator runs)."""
+    from coordinator.planner import ModelSizes, PlanError, WorkerOffer, format_plan, plan_for_config
     from shardline.model_file import ModelError, read_model_spec, resolve_model_path
 
     cfg = _load(cluster_yaml, _overrides(None, workers, pp, tp, None))
@@ -299,21 +327,40 @@ def plan(cluster_yaml, workers, pp, tp, memory_gb):
         spec = read_model_spec(path)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
-    mem = int(memory_gb * 2**30) if memory_gb else _local_memory_bytes(cfg)
-    offers = [WorkerOffer(f"worker-{i}", cfg.coordinator.host, mem) for i in range(cfg.workers.count)]
+    n = cfg.workers.count
+    mems = [int(g * 2**30) for g in _per_worker(memory_gb, n, "--memory-gb", float)] if memory_gb else \
+        [_local_memory_bytes(cfg)] * n
+    speeds = _per_worker(speed, n, "--speed", float) if speed else [1.0] * n
+    host_names = _per_worker(hosts, n, "--hosts", str) if hosts else [cfg.coordinator.host] * n
+    if any(s <= 0 for s in speeds):
+        raise click.BadParameter(f"speeds must be > 0, got {speed}", param_hint="--speed")
+    offers = [WorkerOffer(f"worker-{i}", host_names[i], mems[i], device or cfg.workers.device, speeds[i])
+              for i in range(n)]
     sizes = ModelSizes.from_model(str(path), spec, cfg.quantization, cfg.quantization_group_size, cfg.dtype)
-    kv_cap = int(cfg.workers.kv_cache_gb * 2**30) if cfg.workers.kv_cache_gb else None
     try:
-        p = make_plan(spec, sizes, offers, cfg.pipeline_parallel, cfg.parallel.tensor_parallel,
-                      cfg.scheduler.block_size, cfg.parallel.layer_split, kv_cap, cfg.scheduler.num_kv_blocks,
-                      quant_group_size=cfg.quantization_group_size if cfg.quantization != "none" else None)
+        p = plan_for_config(cfg, spec, sizes, offers)
     except PlanError as exc:
         raise click.ClickException(f"no plan fits: {exc}") from None
     quant = f", weights {cfg.quantization} (group {cfg.quantization_group_size})" if cfg.quantization != "none" else ""
     click.echo(f"model {cfg.model}: {spec.name}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
                f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads ({path}){quant}")
     click.echo(format_plan(p))
-    click.echo(f"KV pool: {p.num_kv_blocks} blocks x {p.block_size} tokens = {p.num_kv_blocks * p.block_size} tokens")
+    click.echo(f"KV pool: {p.num_kv_blocks} blocks x {p.block_size} tokens = {p.num_kv_blocks * p.block_size} tokens; "
+               f"pipeline {p.pp_size} x tensor {p.tp_size}, layer split {cfg.parallel.layer_split}, "
+               f"slowest stage ~{p.est_step_s * 1e3:.1f} ms per decode step (planner estimate)")
+
+
+def _per_worker(value: str, n: int, option: str, kind) -> list:
+    """'a' or 'a,b,c' (one per worker) -> a list of n values of `kind`."""
+    try:
+        items = [kind(v.strip()) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}", param_hint=option)
+    if len(items) == 1:
+        return items * n
+    if len(items) != n:
+        raise click.BadParameter(f"{len(items)} values for {n} workers", param_hint=option)
+    return items
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from shardline.model_file import PACKAGED_MODELS
 
@@ -70,12 +70,17 @@ class WorkersConfig(_Frozen):
 
 
 class ParallelConfig(_Frozen):
-    pipeline_parallel: int | None = Field(
-        None, ge=1, description="Pipeline stages (layer-wise split). None: one stage per worker / tensor_parallel."
+    pipeline_parallel: PositiveInt | Literal["auto"] | None = Field(
+        None, description="Pipeline stages (layer-wise split). None: workers.count / tensor_parallel; auto: the "
+                          "planner chooses (see tensor_parallel)."
     )
-    tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel ranks per stage (must divide head counts).")
-    layer_split: Literal["even", "memory"] = Field(
-        "even", description="How layers are spread over stages: evenly, or in proportion to worker memory."
+    tensor_parallel: PositiveInt | Literal["auto"] = Field(
+        1, description="Tensor-parallel ranks per stage (must divide the head counts); auto: the planner tries every "
+                       "layout of workers.count the model allows and keeps the fastest."
+    )
+    layer_split: Literal["balanced", "even", "memory"] = Field(
+        "balanced", description="How layers are spread over stages: balanced (slowest stage as fast as possible, "
+                                "every worker keeping room for the KV pool), evenly, or in proportion to memory."
     )
 
 
@@ -143,12 +148,12 @@ class ClusterConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self):
-        pp = self.pipeline_parallel
-        tp = self.parallel.tensor_parallel
-        if pp * tp != self.workers.count:
-            raise ValueError(
-                f"pipeline_parallel={pp} x tensor_parallel={tp} = {pp * tp} does not match workers.count={self.workers.count}"
-            )
+        pp, tp, n = self.pipeline_parallel, self.tensor_parallel, self.workers.count
+        if pp is not None and tp is not None and pp * tp != n:
+            raise ValueError(f"pipeline_parallel={pp} x tensor_parallel={tp} = {pp * tp} does not match workers.count={n}")
+        for name, v in (("pipeline_parallel", pp), ("tensor_parallel", tp)):
+            if v is not None and n % v:
+                raise ValueError(f"{name}={v} does not divide workers.count={n}")
         ports = [self.coordinator.client_port, self.coordinator.worker_port, self.coordinator.rendezvous_port]
         if len(set(ports)) != 3:
             raise ValueError(f"coordinator ports must differ, got {ports}")
@@ -160,10 +165,22 @@ class ClusterConfig(_Frozen):
         return self
 
     @property
-    def pipeline_parallel(self) -> int:
-        if self.parallel.pipeline_parallel is not None:
-            return self.parallel.pipeline_parallel
-        return max(1, self.workers.count // self.parallel.tensor_parallel)
+    def pipeline_parallel(self) -> int | None:
+        """Pipeline stages, or None when the planner chooses (parallel.*: auto)."""
+        pp, tp = self.parallel.pipeline_parallel, self.parallel.tensor_parallel
+        if isinstance(pp, int):
+            return pp
+        if pp == "auto" or tp == "auto":
+            return None
+        return max(1, self.workers.count // tp)
+
+    @property
+    def tensor_parallel(self) -> int | None:
+        """Tensor-parallel ranks per stage, or None when the planner chooses."""
+        pp, tp = self.parallel.pipeline_parallel, self.parallel.tensor_parallel
+        if isinstance(tp, int):
+            return tp
+        return self.workers.count // pp if isinstance(pp, int) and self.workers.count % pp == 0 else None
 
     @property
     def client_address(self) -> str:

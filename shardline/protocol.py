@@ -25,7 +25,7 @@ import numpy as np
 
 MAGIC = b"SL"
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1.1: shard transfer (SHARD_*), model digest in REGISTER/ASSIGN, MODEL_MISMATCH
 HEADER = struct.Struct("<2sBBH")
 HEADER_BYTES = HEADER.size
 
@@ -33,6 +33,8 @@ HEADER_BYTES = HEADER.size
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # weight chunks are the largest messages
 MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
 MAX_PROMPT_TOKENS = 1 << 20
+SHARD_CHUNK_BYTES = 4 * 1024 * 1024  # weight bytes per SHARD_CHUNK (a frame stays far below MAX_FRAME_BYTES)
+SHARD_WINDOW = 4  # SHARD_FETCHes a worker keeps outstanding (bounds the coordinator's send queue)
 MAX_DEPTH = 16  # deepest nesting of maps/lists in a body (the deepest real message, STEP_RESULT, has 6)
 
 
@@ -60,6 +62,10 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 69
     DRAIN = 70
     SHUTDOWN = 71
+    SHARD_REQUEST = 72  # worker -> coordinator: send me my shard's tensors
+    SHARD_MANIFEST = 73  # coordinator -> worker: the tensors, their slices and offsets, digests
+    SHARD_FETCH = 74  # worker -> coordinator: chunk `index`, please
+    SHARD_CHUNK = 75  # coordinator -> worker: bytes [offset, offset + len) of the shard stream + sha256
     # both
     ERROR = 255
 
@@ -76,6 +82,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 7
     CANCELLED = 8
     NOT_FOUND = 9
+    MODEL_MISMATCH = 10  # the worker's model file is not the coordinator's (digests differ)
 
 
 class ProtocolError(ValueError):
@@ -178,7 +185,9 @@ SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.MODELS: {"request_id": ((str,), False)},
     MsgType.REGISTER: {"worker_id": ((str,), True), "incarnation": ((str,), False), "host": ((str,), True),
                        "device": ((str,), True), "memory_bytes": ((int,), True), "version": ((str,), True),
-                       "pid": ((int,), False), "threads": ((int,), False), "price_per_hour": ((*_NUM, _NIL), False)},
+                       "pid": ((int,), False), "threads": ((int,), False), "price_per_hour": ((*_NUM, _NIL), False),
+                       "speed": (_NUM, False), "model_digest": ((str,), False), "model_path": ((str,), False),
+                       "protocol": ((str,), False)},
     MsgType.READY: {"worker_id": ((str,), True), "weight_bytes": ((int,), False), "rss_bytes": ((int,), False),
                     "kv_bytes": ((int,), False), "load_s": (_NUM, False), "generation": ((int,), False)},
     MsgType.STEP_RESULT: {"step_id": ((int,), True), "seq_ids": ((bytes,), True), "tokens": ((bytes,), True),
@@ -193,6 +202,13 @@ SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
                      "num_kv_blocks": ((int,), True), "block_size": ((int,), True), "store_port": ((int,), True),
                      "store_host": ((str,), True), "store_prefix": ((str,), True), "generation": ((int,), False)},
     MsgType.STEP: {"step_id": ((int,), True), "seqs": ((list,), True), "free": ((list,), False)},
+    MsgType.SHARD_REQUEST: {"worker_id": ((str,), True), "model_digest": ((str,), True), "reason": ((str,), False)},
+    MsgType.SHARD_MANIFEST: {"model_digest": ((str,), True), "tensors": ((list,), True), "total_bytes": ((int,), True),
+                             "chunk_bytes": ((int,), True), "num_chunks": ((int,), True),
+                             "shard_digest": ((str,), True)},
+    MsgType.SHARD_FETCH: {"index": ((int,), True)},
+    MsgType.SHARD_CHUNK: {"index": ((int,), True), "offset": ((int,), True), "data": ((bytes,), True),
+                          "sha256": ((str,), True)},
     MsgType.ERROR: {"code": ((int,), False), "code_name": ((str,), False), "message": ((str,), False),
                     "request_id": ((str,), False)},
 }

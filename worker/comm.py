@@ -13,6 +13,7 @@ import fcntl
 import os
 import socket
 import struct
+import time
 
 import torch
 import torch.distributed as dist
@@ -48,10 +49,15 @@ class StageComm:
         self.stage, self.pp_size = stage, pp_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.backend = backend
-        if backend == "gloo" and local_ip and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # the data plane uses the interface holding the address the worker registered with
+        ifname_var = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+        if local_ip and ifname_var not in os.environ:
             ifname = interface_for_address(local_ip)
             if ifname:
-                os.environ["GLOO_SOCKET_IFNAME"] = ifname
+                os.environ[ifname_var] = ifname
+        # cumulative seconds and calls, reported in heartbeats (`stats`)
+        self.all_reduce_s = self.send_s = self.recv_s = 0.0
+        self.num_all_reduce = self.num_send = self.num_recv = 0
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
         self.store = dist.PrefixStore(prefix, store)
@@ -74,20 +80,37 @@ class StageComm:
         return (self.stage + 1) * self.tp_size + self.tp_rank
 
     def send_hidden(self, x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         x = x.contiguous()
         self._pending.append((dist.isend(x, self.next_rank), x))  # keep x alive until sent
         if len(self._pending) > 4:
             self._pending.pop(0)[0].wait()
+        self.send_s += time.perf_counter() - t0
+        self.num_send += 1
 
     def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        t0 = time.perf_counter()
         buf = torch.empty(shape, dtype=dtype)
         dist.recv(buf, self.prev_rank)
+        self.recv_s += time.perf_counter() - t0
+        self.num_recv += 1
         return buf
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
+            t0 = time.perf_counter()
             dist.all_reduce(x, group=self.tp_group)
+            self.all_reduce_s += time.perf_counter() - t0
+            self.num_all_reduce += 1
         return x
+
+    def stats(self) -> dict:
+        """Cumulative data-plane time since the stage was built: `all_reduce_s` (inside
+        all-reduce, including waiting for the slowest TP rank), `send_s` (issuing sends and
+        waiting for old ones to complete), `recv_s` (blocked in recv: the transfer plus any wait
+        for the previous stage), seconds; and the number of calls of each."""
+        return {"all_reduce_s": self.all_reduce_s, "num_all_reduce": self.num_all_reduce, "send_s": self.send_s,
+                "num_send": self.num_send, "recv_s": self.recv_s, "num_recv": self.num_recv}
 
     def wait_sends(self) -> None:
         while self._pending:

@@ -83,7 +83,19 @@ def default_memory_bytes() -> int:
 
 class Worker:
     def __init__(self, coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
-                 worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None):
+                 worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None,
+                 *, speed: float = 1.0, model_path: str | None = None, use_local_model: bool = True):
+        """`speed`: relative speed declared to the planner (> 0). `model_path`: this host's copy of
+        the model (its digest goes into REGISTER; a mismatch is refused by the coordinator).
+        `use_local_model` False (or SHARDLINE_NO_LOCAL_MODEL=1): never read a model file here,
+        always receive the shard from the coordinator."""
+        if not speed > 0:
+            raise ValueError(f"speed={speed}: must be > 0")
+        self.speed = speed
+        self.model_path = model_path
+        self.use_local_model = use_local_model and os.environ.get("SHARDLINE_NO_LOCAL_MODEL", "") in ("", "0")
+        self._digests: dict[str, str] = {}  # local model path -> sha256, computed once
+        self.transfer_stats: dict | None = None
         if price_per_hour is not None and not price_per_hour >= 0:
             raise ValueError(f"price_per_hour={price_per_hour}: must be >= 0")
         self.price_per_hour = price_per_hour
@@ -119,7 +131,10 @@ class Worker:
         self._send(MsgType.REGISTER, {
             "worker_id": self.worker_id, "incarnation": self.incarnation, "host": self.host,
             "device": self.device, "memory_bytes": self.memory_bytes, "version": __version__,
-            "pid": os.getpid(), "threads": self.threads,
+            "pid": os.getpid(), "threads": self.threads, "speed": self.speed,
+            "protocol": f"{P.PROTOCOL_MAJOR}.{P.PROTOCOL_MINOR}",
+            **({"model_digest": self._digest(self.model_path), "model_path": self.model_path}
+               if self.model_path and self.use_local_model else {}),
             **({} if self.price_per_hour is None else {"price_per_hour": self.price_per_hour}),
         })
         log.info("worker %s registered with %s from %s", self.worker_id, self.coordinator, self.host)
@@ -146,7 +161,8 @@ class Worker:
                 if now - last_sent >= self.heartbeat_interval_s:
                     self._send(MsgType.HEARTBEAT, {"worker_id": self.worker_id, "num_steps": self.num_steps,
                                                    "step_time_s": self.step_time_s, "rss_bytes": rss_bytes(),
-                                                   "busy_s": self.busy_s, "step_times_s": list(self.step_times)})
+                                                   "busy_s": self.busy_s, "step_times_s": list(self.step_times),
+                                                   **({"comm": self.comm.stats()} if self.comm else {})})
                     self.step_times.clear()
                     last_sent = now
                 if self.model is not None and now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
@@ -195,8 +211,12 @@ class Worker:
         self.comm = StageComm(a["rank"], a["world_size"], self.stage, self.pp_size, self.tp_rank, self.tp_size,
                               a["store_host"], a["store_port"], a["store_prefix"], backend, self.host)
         bar.next()
-        loader = open_shard_loader(a["model_path"], spec, self.shard, a.get("quantization", "none"),
-                                   a.get("quantization_group_size", 32), a.get("dtype", "float32"))
+        local = self._local_model(a)
+        if local is not None:
+            loader = open_shard_loader(local, spec, self.shard, a.get("quantization", "none"),
+                                       a.get("quantization_group_size", 32), a.get("dtype", "float32"))
+        else:
+            loader = self._receive_shard(a, spec)
         self.model = StageModel(spec, loader, a["max_positions"], all_reduce=self.comm.all_reduce)
         loader.close()
         if a.get("gemm_weights") == "bf16" and self.device == "cpu":
@@ -217,8 +237,61 @@ class Worker:
                  self.worker_id, self.stage, self.shard.layer_start, self.shard.layer_end, self.tp_rank,
                  self.tp_size, load_s, self.model.weight_bytes() / 1e6, self.kv_cache.nbytes / 1e6)
         self._send(MsgType.READY, {"worker_id": self.worker_id, "weight_bytes": self.model.weight_bytes(),
+                                   "shard_transfer": self.transfer_stats,
                                    "rss_bytes": rss_bytes(),
                                    "kv_bytes": self.kv_cache.nbytes, "load_s": load_s})
+
+    # ---- where the weights come from -----------------------------------------------------
+    def _digest(self, path: str) -> str:
+        from shardline.shard import model_digest
+
+        if path not in self._digests:
+            t0 = time.monotonic()
+            self._digests[path] = model_digest(path)
+            log.info("model %s: sha256 %s (%.1f s)", path, self._digests[path][:16], time.monotonic() - t0)
+        return self._digests[path]
+
+    def _local_model(self, a: dict) -> str | None:
+        """A model file on this host whose digest is the one ASSIGN names (this worker's
+        --model-path, else the coordinator's path, else the packaged model of that name), or None:
+        then the shard comes from the coordinator."""
+        if not self.use_local_model:
+            return None
+        want = a.get("model_digest")
+        candidates = [self.model_path] if self.model_path else [a.get("model_path")]
+        if not self.model_path and a.get("model"):
+            from shardline.model_file import ModelError, resolve_model_path
+
+            try:
+                candidates.append(str(resolve_model_path(a["model"])))
+            except ModelError:
+                pass
+        for path in dict.fromkeys(c for c in candidates if c):
+            if not os.path.exists(path):
+                continue
+            if want is None:  # a coordinator that names no digest: trust the path
+                return path
+            have = self._digest(path)
+            if have == want:
+                return path
+            log.warning("local model %s has sha256 %s, the coordinator serves %s; receiving the shard instead",
+                        path, have[:16], want[:16])
+        return None
+
+    def _receive_shard(self, a: dict, spec: ModelSpec):
+        from worker.shard_transfer import fetch_shard
+
+        if a.get("quantization", "none") != "none":
+            raise RuntimeError("shard transfer carries GGUF tensors only; this model is quantized on load")
+        reason = "local model files disabled" if not self.use_local_model else "no local model file with that digest"
+        log.info("worker %s: receiving stage %d tp %d/%d from the coordinator (%s)", self.worker_id, self.stage,
+                 self.tp_rank, self.tp_size, reason)
+        loader, self.transfer_stats = fetch_shard(self.sock, self.worker_id, a["model_digest"], spec, self.shard,
+                                                  reason)
+        st = self.transfer_stats
+        log.info("worker %s: received %.1f MB in %d chunks (%d retried) in %.2f s", self.worker_id, st["bytes"] / 1e6,
+                 st["chunks"], st["retries"], st["seconds"])
+        return loader
 
     # ---- STEP: one forward pass ----------------------------------------------------------
     def execute_step(self, plan: dict) -> None:
@@ -275,6 +348,8 @@ class Worker:
 
 
 def main(coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
-         worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None) -> int:
+         worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None,
+         speed: float = 1.0, model_path: str | None = None, use_local_model: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Worker(coordinator, device, threads, memory_bytes, worker_id, host, price_per_hour).run()
+    return Worker(coordinator, device, threads, memory_bytes, worker_id, host, price_per_hour, speed=speed,
+                  model_path=model_path, use_local_model=use_local_model).run()

@@ -40,6 +40,13 @@ BODIES = {
     MsgType.HEARTBEAT: {"worker_id": "w0", "num_steps": 7, "time": 1.7e9},
     MsgType.DRAIN: {},
     MsgType.SHUTDOWN: {},
+    MsgType.SHARD_REQUEST: {"worker_id": "w0", "model_digest": "ab" * 32, "reason": "no local model file"},
+    MsgType.SHARD_MANIFEST: {"model_digest": "ab" * 32, "total_bytes": 8, "chunk_bytes": 4, "num_chunks": 2,
+                             "shard_digest": "cd" * 32, "tensors": [
+                                 {"name": "blk.0.attn_q.weight", "ggml_type": 3, "ne": [32, 2], "dtype": "|u1",
+                                  "shape": [2, 4], "rows": [0, 2], "cols": None, "offset": 0, "nbytes": 8}]},
+    MsgType.SHARD_FETCH: {"index": 1},
+    MsgType.SHARD_CHUNK: {"index": 1, "offset": 4, "data": b"\x00\x01\x02\x03", "sha256": "ef" * 32},
     MsgType.ERROR: P.error_body(ErrorCode.INVALID_REQUEST, "max_tokens=0: must be an integer >= 1", request_id="r1"),
 }
 
@@ -108,7 +115,7 @@ def test_newer_minor_version_is_accepted_with_unknown_fields():
     assert P.decode(frame) == (MsgType.CANCEL, {"request_id": "r", "added_in_a_later_minor": [1, 2]})
 
 
-@pytest.mark.parametrize("mtype", [0, 12, 63, 72, 254, 65535])
+@pytest.mark.parametrize("mtype", [0, 12, 63, 76, 254, 65535])
 def test_unknown_type(mtype):
     err = raises(header(msg_type=mtype) + msgpack.packb({}), ErrorCode.UNKNOWN_TYPE)
     assert str(mtype) in str(err)

@@ -1,0 +1,191 @@
+"""Shard transfer, coordinator side: stream a worker exactly its shard's tensors from the model
+file, in checksummed chunks, over the worker plane (docs/protocol.md, "Shard transfer").
+
+A worker whose host lacks the model file (or holds one with another digest) sends SHARD_REQUEST.
+The coordinator lays out the worker's tensor slices (`shardline.shard.shard_tensor_slices`) as
+one byte stream and answers SHARD_MANIFEST:
+
+    stream:  | tensor 0 slice (C order) | tensor 1 slice | ... | tensor n-1 slice |
+              ^offset 0                  ^offset_1        ...                      ^total_bytes
+    chunks:  [0, C) [C, 2C) ... (C = SHARD_CHUNK_BYTES, the last one shorter)
+
+The worker then pulls chunks with SHARD_FETCH (at most SHARD_WINDOW outstanding), checks each
+SHARD_CHUNK's sha256 and finally the whole stream's sha256 (`shard_digest`). Tensor bytes are
+the GGUF's own (quantized blocks as stored); a column slice of a quantized weight takes whole
+quant blocks of each row, so the worker's kernels run on it unchanged. The coordinator keeps no
+copy of the stream: each chunk is cut from the memory-mapped file when asked for (the last
+tensor's contiguous bytes are kept for the next chunk).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+
+import numpy as np
+
+from shardline import protocol as P
+from shardline.model_file import is_safetensors_checkpoint
+from shardline.shard import TensorSlice, shard_tensor_slices
+
+
+class ShardError(ValueError):
+    """A shard that cannot be served (message names the tensor or the reason)."""
+
+
+class GGUFTensorSource:
+    """Cuts tensor slices out of a memory-mapped GGUF file as C-contiguous NumPy arrays."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.reader = gguf.GGUFReader(path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self._block = gguf.constants.GGML_QUANT_SIZES  # type -> (elements per block, bytes per block)
+
+    def describe(self, ts: TensorSlice) -> tuple[dict, np.ndarray]:
+        """(manifest entry without offset, a view of the slice's data; not yet contiguous).
+
+        Raises:
+            ShardError: unknown tensor, a slice out of range or not aligned to quant blocks.
+        """
+        t = self.tensors.get(ts.name)
+        if t is None:
+            raise ShardError(f"tensor {ts.name!r} is not in the model file")
+        data = t.data
+        ne = [int(n) for n in t.shape]  # ggml order: ne[0] = input features (columns)
+        block, type_bytes = self._block[t.tensor_type]
+        if ts.rows is not None:
+            r0, r1 = ts.rows
+            if not 0 <= r0 < r1 <= data.shape[0]:
+                raise ShardError(f"{ts.name}: rows {ts.rows} out of range for {data.shape[0]} rows")
+            data = data[r0:r1]
+            ne[-1] = r1 - r0
+        if ts.cols is not None:
+            c0, c1 = ts.cols
+            if len(ne) != 2 or not 0 <= c0 < c1 <= ne[0] or c0 % block or c1 % block:
+                raise ShardError(f"{ts.name}: columns {ts.cols} are not whole {block}-element blocks of {ne}")
+            if data.dtype.itemsize == 1 and block * data.dtype.itemsize != type_bytes:  # raw quant blocks
+                data = data[:, c0 // block * type_bytes: c1 // block * type_bytes]
+            else:
+                data = data[:, c0:c1]
+            ne[0] = c1 - c0
+        entry = {"name": ts.name, "ggml_type": int(t.tensor_type), "ne": ne, "dtype": data.dtype.str,
+                 "shape": list(data.shape), "rows": list(ts.rows) if ts.rows else None,
+                 "cols": list(ts.cols) if ts.cols else None, "nbytes": int(data.nbytes)}
+        return entry, data
+
+
+class ShardLayout:
+    """One worker's shard as a byte stream: the manifest, chunk `i` on demand, and the digest."""
+
+    def __init__(self, source: GGUFTensorSource, slices: list[TensorSlice], chunk_bytes: int = P.SHARD_CHUNK_BYTES):
+        self.source = source
+        self.chunk_bytes = chunk_bytes
+        self.entries, self._views, self._offsets = [], [], []
+        offset = 0
+        for ts in slices:
+            entry, view = source.describe(ts)
+            entry["offset"] = offset
+            self.entries.append(entry)
+            self._views.append(view)
+            self._offsets.append(offset)
+            offset += entry["nbytes"]
+        self.total_bytes = offset
+        self.num_chunks = max(1, -(-offset // chunk_bytes))
+        self._cached: tuple[int, bytes] | None = None
+        h = hashlib.sha256()
+        for i in range(len(self.entries)):
+            h.update(self._tensor_bytes(i))
+        self.digest = h.hexdigest()
+
+    def _tensor_bytes(self, i: int) -> memoryview:
+        if self._cached is None or self._cached[0] != i:
+            self._cached = (i, memoryview(np.ascontiguousarray(self._views[i])).cast("B"))
+        return self._cached[1]
+
+    def manifest(self, model_digest: str) -> dict:
+        return {"model_digest": model_digest, "tensors": self.entries, "total_bytes": self.total_bytes,
+                "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks, "shard_digest": self.digest}
+
+    def chunk(self, index: int) -> dict:
+        """SHARD_CHUNK body for chunk `index`.
+
+        Raises:
+            ShardError: index out of range.
+        """
+        if not 0 <= index < self.num_chunks:
+            raise ShardError(f"chunk index {index} out of range [0, {self.num_chunks})")
+        start = index * self.chunk_bytes
+        end = min(self.total_bytes, start + self.chunk_bytes)
+        parts, pos = [], start
+        i = max(0, bisect.bisect_right(self._offsets, start) - 1)
+        while pos < end:
+            e = self.entries[i]
+            lo, hi = pos - e["offset"], min(end, e["offset"] + e["nbytes"]) - e["offset"]
+            if hi > lo:
+                parts.append(self._tensor_bytes(i)[lo:hi])
+                pos += hi - lo
+            i += 1
+        data = b"".join(parts)
+        return {"index": index, "offset": start, "data": data, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class ShardServer:
+    """Serves SHARD_REQUEST / SHARD_FETCH for the workers of the current plan.
+
+    `shard_of(worker_id)` gives the worker's (layer_start, layer_end, is_first, is_last, tp_rank,
+    tp_size), or None when it has no assignment.
+    """
+
+    def __init__(self, model_path: str, spec, model_digest: str):
+        self.model_path = model_path
+        self.spec = spec
+        self.model_digest = model_digest
+        self._source: GGUFTensorSource | None = None
+        self.layouts: dict[str, ShardLayout] = {}
+        self.bytes_sent: dict[str, int] = {}
+
+    def on_request(self, worker_id: str, body: dict, shard) -> dict:
+        """SHARD_REQUEST -> SHARD_MANIFEST body.
+
+        Raises:
+            ShardError: no assignment, a digest other than the served model's, or a model that is
+                not a single GGUF file.
+        """
+        want = body.get("model_digest")
+        if want != self.model_digest:
+            raise ShardError(f"worker {worker_id} asks for model sha256 {str(want)[:16]}, coordinator serves "
+                             f"{os.path.basename(self.model_path)} sha256 {self.model_digest[:16]}")
+        if shard is None:
+            raise ShardError(f"worker {worker_id} has no assignment in the current plan")
+        if is_safetensors_checkpoint(self.model_path):
+            raise ShardError(f"shard transfer serves GGUF models; the checkpoint directory {self.model_path} "
+                             f"must be present on worker {worker_id}'s host")
+        if self._source is None:
+            self._source = GGUFTensorSource(self.model_path)
+        layout = ShardLayout(self._source, shard_tensor_slices(self.spec, *shard))
+        self.layouts[worker_id] = layout
+        self.bytes_sent[worker_id] = 0
+        return layout.manifest(self.model_digest)
+
+    def on_fetch(self, worker_id: str, body: dict) -> dict:
+        """SHARD_FETCH -> SHARD_CHUNK body.
+
+        Raises:
+            ShardError: no manifest was sent to this worker, or a bad index.
+        """
+        layout = self.layouts.get(worker_id)
+        if layout is None:
+            raise ShardError(f"worker {worker_id} fetched a chunk before SHARD_REQUEST")
+        index = body.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ShardError(f"SHARD_FETCH: index must be an integer, got {type(index).__name__}")
+        out = layout.chunk(index)
+        self.bytes_sent[worker_id] += len(out["data"])
+        return out
+
+    def done(self, worker_id: str) -> None:
+        """The worker is loaded: forget its layout."""
+        self.layouts.pop(worker_id, None)

@@ -1,0 +1,186 @@
+"""Shard transfer (coordinator/shard_server.py -> worker/shard_transfer.py) over a real ZeroMQ
+socket pair, against the model file itself: the received tensors are byte-identical to the
+file's slices, a stage built from them computes exactly what a stage built from the file does,
+corrupted chunks are fetched again, and a wrong digest or manifest is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from coordinator.shard_server import GGUFTensorSource, ShardError, ShardLayout, ShardServer
+from shardline import protocol as P
+from shardline.model_file import read_model_spec, resolve_model_path
+from shardline.protocol import MsgType
+from shardline.shard import TensorSlice, model_digest, shard_tensor_slices
+from worker.loader import GGUFShardLoader, ShardSpec
+from worker.shard_transfer import ShardTransferError, check_manifest, fetch_shard
+
+PATH = str(resolve_model_path("smollm2-135m"))
+SPEC = read_model_spec(PATH)
+DIGEST = model_digest(PATH)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return GGUFTensorSource(PATH)
+
+
+def serve(server: ShardServer, shard, n_messages: int, corrupt: set[int] = frozenset(), refuse: bool = False):
+    """A fake coordinator on an inproc ROUTER; returns (dealer socket, thread). Chunks whose index
+    is in `corrupt` are sent once with a flipped byte."""
+    ctx = zmq.Context.instance()
+    addr = f"inproc://shard-{id(server)}-{len(corrupt)}-{refuse}"
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(addr)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, b"w0")
+    dealer.connect(addr)
+    spoiled = set()
+
+    def run():
+        try:
+            for _ in range(n_messages):
+                if not router.poll(20000):
+                    return
+                ident, frame = router.recv_multipart()
+                mtype, body = P.decode(frame)
+                try:
+                    if mtype is MsgType.SHARD_REQUEST:
+                        out = (MsgType.SHARD_MANIFEST, server.on_request("w0", body, shard))
+                    else:
+                        chunk = server.on_fetch("w0", body)
+                        if chunk["index"] in corrupt and chunk["index"] not in spoiled:
+                            spoiled.add(chunk["index"])
+                            data = bytearray(chunk["data"])
+                            data[len(data) // 2] ^= 0xFF
+                            chunk = {**chunk, "data": bytes(data)}
+                        out = (MsgType.SHARD_CHUNK, chunk)
+                except ShardError as exc:
+                    out = (MsgType.ERROR, P.error_body(P.ErrorCode.INVALID_REQUEST, str(exc)))
+                router.send_multipart([ident, P.encode(*out)])
+                if out[0] is MsgType.ERROR:
+                    return
+        finally:
+            router.close(linger=0)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return dealer, t
+
+
+def file_slice(reader_tensor, ts: TensorSlice, block_bytes) -> np.ndarray:
+    """Independent reference: the slice cut from the file's array by hand."""
+    data = np.asarray(reader_tensor.data)
+    if ts.rows:
+        data = data[ts.rows[0]:ts.rows[1]]
+    if ts.cols:
+        n, b = block_bytes
+        data = data[:, ts.cols[0] // n * b: ts.cols[1] // n * b]
+    return np.ascontiguousarray(data)
+
+
+@pytest.mark.parametrize("shard", [(0, 3, True, False, 1, 3), (28, 30, False, True, 2, 3), (0, 30, True, True, 0, 1)],
+                         ids=["first-tp1of3", "last-tp2of3", "whole"])
+def test_received_tensors_equal_the_file_slices(source, shard):
+    import gguf
+
+    spec_shard = ShardSpec(shard[0], shard[1], shard[2], shard[3], shard[4], shard[5])
+    server = ShardServer(PATH, SPEC, DIGEST)
+    slices = shard_tensor_slices(SPEC, *shard)
+    layout = ShardLayout(source, slices)
+    dealer, t = serve(server, shard, 1 + layout.num_chunks)
+    try:
+        loader, stats = fetch_shard(dealer, "w0", DIGEST, SPEC, spec_shard, "test")
+    finally:
+        dealer.close(linger=0)
+        t.join(5)
+    assert stats["bytes"] == layout.total_bytes and stats["retries"] == 0
+    assert set(loader.tensors) == {s.name for s in slices}
+    for ts in slices:
+        t_file = source.tensors[ts.name]
+        want = file_slice(t_file, ts, gguf.constants.GGML_QUANT_SIZES[t_file.tensor_type])
+        got = loader.tensors[ts.name].data
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), ts
+    # exactly the shard: a TP rank's attention holds 3 of 9 heads' rows
+    if shard[5] == 3:
+        q = loader.tensors[f"blk.{shard[0]}.attn_q.weight"]
+        assert q.data.shape[0] == 3 * SPEC.head_dim and q.rows == (shard[4] * 192, (shard[4] + 1) * 192)
+        assert stats["bytes"] < sum(int(t.n_bytes) for t in source.tensors.values()) / 2
+
+
+def test_stage_from_received_tensors_computes_what_the_file_stage_does(source):
+    """Stage 1 of a TP=3 x PP=2 layout (layers 27-29 + head here), rank 1: the stage built from
+    received tensors gives bit-identical logits to the one built from the file."""
+    from worker.kv_cache import KVCache
+    from worker.model import StageModel, build_attention_metadata
+
+    torch.manual_seed(0)
+    shard = (27, 30, False, True, 1, 3)
+    spec_shard = ShardSpec(*shard)
+    server = ShardServer(PATH, SPEC, DIGEST)
+    layout = ShardLayout(source, shard_tensor_slices(SPEC, *shard))
+    dealer, t = serve(server, shard, 1 + layout.num_chunks + 2, corrupt={0, layout.num_chunks - 1})
+    try:
+        received, stats = fetch_shard(dealer, "w0", DIGEST, SPEC, spec_shard, "test")
+    finally:
+        dealer.close(linger=0)
+        t.join(5)
+    assert stats["retries"] == 2  # both corrupted chunks were fetched again
+    x = torch.randn(5, SPEC.hidden_size)
+    meta = build_attention_metadata([(0, 5, [0], True)], 16)
+    outs = []
+    for loader in (received, GGUFShardLoader(PATH, SPEC, spec_shard)):
+        model = StageModel(SPEC, loader, 64)
+        kv = KVCache(3, 4, 16, SPEC.num_kv_heads // 3, SPEC.head_dim)
+        outs.append(model(x.clone(), meta, kv))
+    assert outs[0].shape == (1, SPEC.vocab_size) and torch.equal(outs[0], outs[1])
+
+
+def test_chunks_are_bounded_and_checksummed(source):
+    shard = (0, 30, True, True, 0, 1)
+    layout = ShardLayout(source, shard_tensor_slices(SPEC, *shard), chunk_bytes=1 << 20)
+    assert layout.num_chunks == -(-layout.total_bytes // (1 << 20))
+    stream = hashlib.sha256()
+    for i in range(layout.num_chunks):
+        c = layout.chunk(i)
+        assert c["offset"] == i << 20 and len(c["data"]) <= 1 << 20
+        assert c["sha256"] == hashlib.sha256(c["data"]).hexdigest()
+        stream.update(c["data"])
+    assert stream.hexdigest() == layout.digest
+    # the whole model's stream is the file's tensor data, each tensor once
+    assert layout.total_bytes == sum(int(t.n_bytes) for t in source.tensors.values())
+    with pytest.raises(ShardError, match="out of range"):
+        layout.chunk(layout.num_chunks)
+
+
+def test_wrong_digest_and_misaligned_slices_are_refused(source):
+    server = ShardServer(PATH, SPEC, DIGEST)
+    dealer, t = serve(server, (0, 1, True, False, 0, 1), 1)
+    try:
+        with pytest.raises(ShardTransferError, match=f"asks for model sha256 {'0' * 16}.*serves .*sha256 {DIGEST[:16]}"):
+            fetch_shard(dealer, "w0", "0" * 64, SPEC, ShardSpec(0, 1, True, False), "test")
+    finally:
+        dealer.close(linger=0)
+        t.join(5)
+    with pytest.raises(ShardError, match="not whole 32-element blocks"):
+        source.describe(TensorSlice("blk.0.ffn_down.weight", cols=(0, 100)))
+    with pytest.raises(ShardError, match="not in the model file"):
+        source.describe(TensorSlice("blk.99.ffn_down.weight"))
+    with pytest.raises(ShardError, match="no assignment"):
+        server.on_request("w9", {"model_digest": DIGEST}, None)
+
+
+def test_a_manifest_for_another_shard_is_refused(source):
+    layout = ShardLayout(source, shard_tensor_slices(SPEC, 0, 2, True, False, 0, 3))
+    manifest = layout.manifest(DIGEST)
+    check_manifest(manifest, SPEC, ShardSpec(0, 2, True, False, 0, 3))
+    with pytest.raises(ShardTransferError, match="not this shard's"):
+        check_manifest(manifest, SPEC, ShardSpec(0, 2, True, False, 1, 3))  # another TP rank's heads
+    with pytest.raises(ShardTransferError, match="missing blk.2"):
+        check_manifest(manifest, SPEC, ShardSpec(0, 3, True, False, 0, 3))

@@ -1,0 +1,207 @@
+"""Shard transfer, worker side: receive this worker's tensors from the coordinator and build a
+loader over them (docs/protocol.md, "Shard transfer"; coordinator/shard_server.py sends).
+
+`fetch_shard` runs the exchange on the worker's DEALER socket before the stage is built:
+
+    worker                              coordinator
+    SHARD_REQUEST {model_digest}  --->
+                                  <---  SHARD_MANIFEST {tensors, total_bytes, num_chunks, shard_digest}
+    SHARD_FETCH {index: 0..W-1}   --->                      (W = SHARD_WINDOW outstanding)
+                                  <---  SHARD_CHUNK {index, offset, data, sha256}
+    SHARD_FETCH {index: W}        --->  ... until every chunk is in
+
+Every chunk's sha256 is checked as it arrives (a bad one is fetched again, up to
+`MAX_CHUNK_RETRIES` times), then the sha256 of the whole stream against `shard_digest`. The
+stream lands in one buffer; each tensor is a NumPy view of its part (no copies), still in the
+GGUF's quantized blocks. Nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+
+from shardline import protocol as P
+from shardline.protocol import MsgType
+from shardline.shard import shard_tensor_slices
+from worker.loader import GGUFShardLoader, ShardSpec
+
+log = logging.getLogger("shardline.worker")
+
+MAX_CHUNK_RETRIES = 3
+TRANSFER_TIMEOUT_S = 120.0  # longest silence from the coordinator during a transfer
+
+
+class ShardTransferError(RuntimeError):
+    """The shard could not be received intact (the message says which chunk or digest)."""
+
+
+class ReceivedTensor:
+    """A received tensor slice, shaped like `gguf.ReaderTensor` (name, tensor_type, shape in ggml
+    order, data as the reader would give it), so the GGUF code paths take it unchanged."""
+
+    def __init__(self, entry: dict, data: np.ndarray):
+        from gguf import GGMLQuantizationType
+
+        self.name = entry["name"]
+        self.tensor_type = GGMLQuantizationType(entry["ggml_type"])
+        self.shape = np.array(entry["ne"], dtype=np.uint64)
+        self.data = data
+        self.rows = tuple(entry["rows"]) if entry.get("rows") else None
+        self.cols = tuple(entry["cols"]) if entry.get("cols") else None
+        self.n_elements = int(np.prod(entry["ne"]))
+        self.n_bytes = int(data.nbytes)
+
+
+class ReceivedShardLoader(GGUFShardLoader):
+    """`GGUFShardLoader`'s interface over received tensor slices. Ranges are asked for in the
+    whole tensor's coordinates (as with a file) and mapped onto the slice held; asking for
+    anything outside it raises KeyError naming the tensor."""
+
+    def __init__(self, spec, shard: ShardSpec, tensors: dict[str, ReceivedTensor]):
+        self.spec = spec
+        self.shard = shard
+        self.tensors = tensors
+
+    @staticmethod
+    def _local(held: tuple[int, int] | None, want: tuple[int, int] | None, name: str, what: str):
+        """`want` (whole-tensor coordinates) -> coordinates inside the held slice, or None for all of it."""
+        if want is None or want == held:
+            if want is None and held is not None:
+                raise KeyError(f"tensor {name!r}: all {what} asked for, only {what} {held} received")
+            return None
+        if held is None:
+            return want
+        if not held[0] <= want[0] < want[1] <= held[1]:
+            raise KeyError(f"tensor {name!r}: {what} {want} asked for, only {held} received")
+        return want[0] - held[0], want[1] - held[0]
+
+    def linear_weight(self, name: str, rows=None, cols=None):
+        t = self.raw(name)
+        from kernels.formats import QuantizedWeight
+
+        q = QuantizedWeight.from_gguf(t)
+        if cols is not None:
+            c = self._local(t.cols, tuple(cols), name, "columns")
+            return q if c is None or c == (0, q.in_features) else q.col_slice(*c)
+        r = self._local(t.rows, None if rows is None else tuple(rows), name, "rows")
+        if t.cols is not None:
+            raise KeyError(f"tensor {name!r}: all columns asked for, only {t.cols} received")
+        return q if r is None or r == (0, q.out_features) else q.row_slice(*r)
+
+    def quantized(self, name: str):
+        return self.linear_weight(name)
+
+    def dense(self, name: str):
+        t = self.raw(name)
+        if t.rows is not None or t.cols is not None:
+            raise KeyError(f"tensor {name!r}: the whole tensor asked for, a slice received")
+        return super().dense(name)
+
+    def rows(self, name: str, start: int, stop: int):
+        t = self.raw(name)
+        r = self._local(t.rows, (start, stop), name, "rows") or (0, int(t.data.shape[0]))
+        return GGUFShardLoader.dense(self, name)[r[0]:r[1]].contiguous()
+
+    def cols(self, name: str, start: int, stop: int):
+        t = self.raw(name)
+        c = self._local(t.cols, (start, stop), name, "columns") or (0, int(t.shape[0]))
+        return GGUFShardLoader.dense(self, name)[:, c[0]:c[1]].contiguous()
+
+
+def _recv(sock, deadline_s: float, expect: MsgType) -> dict:
+    """Next message of type `expect` (HEARTBEATs skipped). Raises ShardTransferError on ERROR or
+    after TRANSFER_TIMEOUT_S of silence."""
+    while True:
+        if not sock.poll(int(deadline_s * 1000)):
+            raise ShardTransferError(f"no {expect.name} from the coordinator for {deadline_s:.0f} s")
+        msg_type, body = P.decode(sock.recv())
+        if msg_type is expect:
+            return body
+        if msg_type is MsgType.ERROR:
+            raise ShardTransferError(f"coordinator refused the shard transfer: {body.get('message')}")
+        if msg_type is not MsgType.HEARTBEAT:
+            log.warning("ignoring %s during the shard transfer", msg_type.name)
+
+
+def check_manifest(manifest: dict, spec, shard: ShardSpec) -> None:
+    """The manifest lists exactly this shard's tensor slices, contiguous in the stream.
+
+    Raises:
+        ShardTransferError: a tensor missing, extra, sliced otherwise or misplaced.
+    """
+    want = [(s.name, list(s.rows) if s.rows else None, list(s.cols) if s.cols else None)
+            for s in shard_tensor_slices(spec, shard.layer_start, shard.layer_end, shard.is_first, shard.is_last,
+                                         shard.tp_rank, shard.tp_size)]
+    got = [(e["name"], e.get("rows"), e.get("cols")) for e in manifest["tensors"]]
+    if got != want:
+        missing = sorted({w[0] for w in want} - {g[0] for g in got})
+        raise ShardTransferError(f"the manifest is not this shard's: {len(got)} tensors, expected {len(want)}"
+                                 + (f" (missing {', '.join(missing[:5])})" if missing else ""))
+    offset = 0
+    for e in manifest["tensors"]:
+        if e["offset"] != offset or e["nbytes"] != int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize:
+            raise ShardTransferError(f"tensor {e['name']}: offset/size do not match the stream layout")
+        offset += e["nbytes"]
+    if offset != manifest["total_bytes"]:
+        raise ShardTransferError(f"tensors hold {offset} bytes, manifest says {manifest['total_bytes']}")
+
+
+def fetch_shard(sock, worker_id: str, model_digest: str, spec, shard: ShardSpec, reason: str,
+                window: int = P.SHARD_WINDOW) -> tuple[ReceivedShardLoader, dict]:
+    """Receive this worker's shard over `sock` (the worker-plane DEALER) and return a loader over
+    it and transfer stats {bytes, chunks, retries, seconds}.
+
+    Raises:
+        ShardTransferError: refused, a chunk still corrupt after MAX_CHUNK_RETRIES, a digest
+            mismatch, or the coordinator silent for TRANSFER_TIMEOUT_S.
+    """
+    t0 = time.monotonic()
+    sock.send(P.encode(MsgType.SHARD_REQUEST, {"worker_id": worker_id, "model_digest": model_digest,
+                                               "reason": reason}))
+    manifest = _recv(sock, TRANSFER_TIMEOUT_S, MsgType.SHARD_MANIFEST)
+    check_manifest(manifest, spec, shard)
+    total, chunk_bytes, n = manifest["total_bytes"], manifest["chunk_bytes"], manifest["num_chunks"]
+    if n != max(1, -(-total // chunk_bytes)):
+        raise ShardTransferError(f"manifest: {n} chunks of {chunk_bytes} bytes cannot hold {total} bytes")
+    buf = np.empty(total, dtype=np.uint8)
+    received = [False] * n
+    retries = {}
+    next_index, outstanding = 0, 0
+    while not all(received) or outstanding:
+        while outstanding < window and next_index < n:
+            sock.send(P.encode(MsgType.SHARD_FETCH, {"index": next_index}))
+            next_index += 1
+            outstanding += 1
+        if outstanding == 0:
+            break
+        body = _recv(sock, TRANSFER_TIMEOUT_S, MsgType.SHARD_CHUNK)
+        outstanding -= 1
+        i, data = body.get("index"), body.get("data")
+        if not isinstance(i, int) or not 0 <= i < n or not isinstance(data, bytes):
+            raise ShardTransferError(f"malformed SHARD_CHUNK (index {i!r})")
+        start = i * chunk_bytes
+        size = min(chunk_bytes, total - start)
+        if body.get("offset") != start or len(data) != size or hashlib.sha256(data).hexdigest() != body.get("sha256"):
+            retries[i] = retries.get(i, 0) + 1
+            log.warning("shard chunk %d/%d failed its checksum (try %d)", i, n, retries[i])
+            if retries[i] > MAX_CHUNK_RETRIES:
+                raise ShardTransferError(f"chunk {i} failed its sha256 check {retries[i]} times")
+            sock.send(P.encode(MsgType.SHARD_FETCH, {"index": i}))
+            outstanding += 1
+            continue
+        buf[start:start + size] = np.frombuffer(data, dtype=np.uint8)
+        received[i] = True
+    digest = hashlib.sha256(buf).hexdigest()
+    if digest != manifest["shard_digest"]:
+        raise ShardTransferError(f"shard sha256 {digest[:16]} does not match the manifest's "
+                                 f"{manifest['shard_digest'][:16]}")
+    tensors = {}
+    for e in manifest["tensors"]:
+        arr = buf[e["offset"]:e["offset"] + e["nbytes"]].view(np.dtype(e["dtype"])).reshape(e["shape"])
+        tensors[e["name"]] = ReceivedTensor(e, arr)
+    stats = {"bytes": total, "chunks": n, "retries": sum(retries.values()), "seconds": time.monotonic() - t0}
+    return ReceivedShardLoader(spec, shard, tensors), stats
