@@ -76,3 +76,60 @@ def test_layout_matches_tp1_and_transformers(layout, clusters, tokenizer, tp1_ou
             got = dict((t, v) for t, v in top)
             np.testing.assert_allclose([got.get(int(t), -np.inf) for t in ref_top], row[ref_top], atol=LOGPROB_ATOL,
                                        err_msg=f"{layout} {prompt!r} token {i}")
+
+
+def _rank_main(rank: int, world: int, port: int, impl: str, shapes, q) -> None:
+    """One TP rank: all-reduce tensors seeded by its rank, put (rank, inputs, results, calls) on q."""
+    import os
+
+    import torch
+
+    os.environ["SHARDLINE_ALLREDUCE"] = impl
+    from worker.comm import StageComm
+
+    torch.set_num_threads(1)
+    comm = StageComm(rank, world, 0, 1, rank, world, "127.0.0.1", port, f"{impl}/", "gloo", "127.0.0.1")
+    try:
+        assert comm.all_reduce_impl == ("p2p" if impl == "p2p" else "collective")
+        ins = [torch.randn(*shape, generator=torch.Generator().manual_seed(100 * rank + i))
+               for i, shape in enumerate(shapes)]
+        outs = [comm.all_reduce(x.clone()) for x in ins]  # several in a row: messages must not mix
+        q.put((rank, [x.numpy() for x in ins], [o.numpy() for o in outs], comm.stats()["num_all_reduce"]))
+    finally:
+        comm.close()
+
+
+@pytest.mark.parametrize("impl", ["p2p", "collective"])
+def test_tp_all_reduce_sums_over_the_group(impl):
+    """The data plane's all-reduce against NumPy: three ranks, decode- and prefill-sized tensors;
+    the point-to-point version gives every rank bit-identical sums."""
+    import datetime
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    from shardline.local import free_port_block
+
+    shapes = [(1, 576), (37, 576), (1, 576)]
+    port = free_port_block(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, 3, port, impl, shapes, q)) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted((q.get(timeout=120) for _ in range(3)), key=lambda g: g[0])
+    finally:
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    for i in range(len(shapes)):
+        want = sum(np.float64(g[1][i]) for g in got)
+        for rank, _, outs, calls in got:
+            assert calls == len(shapes)
+            np.testing.assert_allclose(outs[i], want, rtol=0, atol=1e-5)
+        if impl == "p2p":
+            assert all(np.array_equal(got[0][2][i], g[2][i]) for g in got)
+    del store
