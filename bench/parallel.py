@@ -15,7 +15,8 @@ one warm-up request, then
 3. data plane per step: every worker reports its cumulative `all_reduce_s`, `send_s` and `recv_s`
    in heartbeats (worker/comm.py `StageComm.stats`); the difference over a phase divided by the
    steps the coordinator ran in it is the time per step (every worker runs every step). Reported
-   per worker and as the mean over workers. `recv_s` includes waiting for the previous stage to
+   per worker and as the mean over the workers that make such calls (a stage's senders, the next
+   stage's receivers, the TP ranks). `recv_s` includes waiting for the previous stage to
    finish its part of the step, not only the transfer; `all_reduce_s` includes waiting for the
    slowest TP rank of the stage.
 
@@ -58,8 +59,13 @@ def comm_per_step(before: dict, after: dict) -> dict:
             continue
         workers[w["worker_id"]] = {
             **{f"{k}_per_step": (now.get(k, 0.0) - old.get(k, 0.0)) / steps for k in COMM_FIELDS},
-            "all_reduce_calls_per_step": (now.get("num_all_reduce", 0) - old.get("num_all_reduce", 0)) / steps}
-    mean = {k: sum(v[k] for v in workers.values()) / len(workers) for k in next(iter(workers.values()), {})}
+            **{f"{k}_calls_per_step": (now.get(f"num_{k}", 0) - old.get(f"num_{k}", 0)) / steps
+               for k in ("all_reduce", "send", "recv")}}
+    # mean over the workers that make such calls (stage 0 receives nothing, the last stage sends nothing)
+    mean = {}
+    for k in ("all_reduce", "send", "recv"):
+        active = [v for v in workers.values() if v[f"{k}_calls_per_step"] > 0]
+        mean[f"{k}_s_per_step"] = sum(v[f"{k}_s_per_step"] for v in active) / len(active) if active else None
     return {"steps": steps, "mean": mean, "workers": workers}
 
 
@@ -134,15 +140,16 @@ def main() -> int:
     for r in results:
         single, batch = r.get("single", {}), r.get("batch", {})
         cs, cb = single.get("comm", {}).get("mean", {}), batch.get("comm", {}).get("mean", {})
-        ms = lambda d, k: None if k not in d else d[k] * 1e3  # noqa: E731
+        ms = lambda d, k: None if d.get(k) is None else d[k] * 1e3  # noqa: E731
         rows.append([r["config"], common.fmt(single.get("decode_tokens_per_s"), 1), common.fmt(batch.get("tokens_per_s"), 1),
                      common.fmt(ms(cs, "all_reduce_s_per_step"), 2), common.fmt(ms(cs, "send_s_per_step"), 2),
                      common.fmt(ms(cs, "recv_s_per_step"), 2), common.fmt(ms(cb, "all_reduce_s_per_step"), 2),
-                     common.fmt(ms(cb, "recv_s_per_step"), 2), "error" if "error" in r else ""])
+                     common.fmt(ms(cb, "send_s_per_step"), 2), common.fmt(ms(cb, "recv_s_per_step"), 2),
+                     "error" if "error" in r else ""])
     print(common.table(rows, ["config", "single tok/s", f"{args.requests}-req tok/s", "AR ms/step (1)",
                               "send ms/step (1)", "recv ms/step (1)", f"AR ms/step ({args.requests})",
-                              f"recv ms/step ({args.requests})", ""]))
-    print("(1): single stream; AR: all-reduce; per-step times are means over the workers")
+                              f"send ms/step ({args.requests})", f"recv ms/step ({args.requests})", ""]))
+    print("(1): single stream; AR: all-reduce; per-step times: mean over the workers that make the calls")
     path = common.write_json(args.out, {"env": common.environment(), "params": vars(args) | {"out": str(args.out)},
                                         "elapsed_s": time.perf_counter() - t0, "results": results})
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
