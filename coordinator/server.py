@@ -33,11 +33,10 @@ from shardline import protocol as P
 from shardline.config import ClusterConfig
 from shardline.model_file import read_model_spec, resolve_model_path
 from shardline.protocol import ErrorCode, MsgType, ProtocolError
-from shardline.sampling import SamplingParams
+from shardline.sampling import SamplingParams, check_num_logprobs
 
 log = logging.getLogger("shardline.coordinator")
 
-MAX_LOGPROBS = 20
 METRICS_INTERVAL_S = 0.5  # how often the serving loop refreshes gauges and the throughput window
 MAX_STEP_TIMES = 4096  # step durations taken from one heartbeat (the worker keeps no more)
 
@@ -82,6 +81,11 @@ class Request:
     text: str = ""
     num_tokens_sent: int = 0
     last_token_time: float | None = None  # monotonic time of the previous token (inter-token latency)
+    index: int = 0  # choice index within the client's request (params.n > 1)
+    choices: list["Request"] = field(default_factory=list)  # all choices of the request, shared, index order
+    num_prompt_logprobs: int = 0  # top-k per prompt token (choice 0 only)
+    prompt_logprobs: list | None = None  # choice 0: entry per prompt position (None at 0 and until computed)
+    finished: bool = False  # this choice's sequence has ended
 
 
 class Coordinator:
@@ -419,6 +423,11 @@ class Coordinator:
                 req = self.requests[seq.seq_id]
                 entry["params"] = seq.sampling_params.to_dict()
                 entry["logprobs"] = req.num_logprobs
+                entry["prompt_len"] = seq.num_prompt_tokens
+                if req.num_prompt_logprobs:
+                    entry["prompt_logprobs"] = req.num_prompt_logprobs
+                if s.start and seq.sampling_params.needs_history:  # a cached prefix: penalties need its tokens
+                    entry["history"] = P.pack_ids(seq.token_ids(0, s.start))
             seqs.append(entry)
         body = {"step_id": out.step_id, "seqs": seqs, "free": out.freed_seq_ids}
         frame = P.encode(MsgType.STEP, body)
@@ -449,6 +458,11 @@ class Coordinator:
             req = self.requests.get(sid)
             if req is not None and lp is not None:
                 req.seq.output_logprobs.append(lp)
+        for sid, first, entries in body.get("prompt_logprobs") or ():
+            req = self.requests.get(sid)
+            if req is not None and req.prompt_logprobs is not None:
+                entries = entries[: max(0, len(req.prompt_logprobs) - first)]
+                req.prompt_logprobs[first:first + len(entries)] = entries
         for seq in self.scheduler.update(out, sampled):
             self._emit(seq)
 
@@ -476,16 +490,29 @@ class Coordinator:
         req.text += text
         if req.stream:
             n = req.num_tokens_sent
-            body = {"request_id": req.request_id, "text": text, "token_ids": P.pack_ids(seq.output_token_ids[n:])}
+            body = {"request_id": req.request_id, "index": req.index, "text": text,
+                    "token_ids": P.pack_ids(seq.output_token_ids[n:])}
             if req.num_logprobs:
                 body["logprobs"] = seq.output_logprobs[n:]
+            if req.prompt_logprobs is not None and n == 0:
+                body["prompt_logprobs"] = req.prompt_logprobs
+                body["prompt_token_ids"] = P.pack_ids(seq.prompt_token_ids)
+            if req.num_logprobs or "prompt_logprobs" in body:
+                body["token_bytes"] = self._token_bytes(seq.output_token_ids[n:], body.get("logprobs"),
+                                                        body.get("prompt_logprobs"), seq.prompt_token_ids)
             req.num_tokens_sent = seq.num_output_tokens
             self._reply(self.client_sock, req.client, MsgType.DELTA, body)
         if seq.is_finished:
             self._send_done(req)
 
     def _send_done(self, req: Request) -> None:
-        seq = req.seq
+        """One choice has ended; when every choice of its request has, send the one DONE.
+        Top-level fields describe choice 0; `choices` (n > 1) lists every choice."""
+        req.finished = True
+        if not all(r.finished for r in req.choices):
+            return
+        head = req.choices[0]
+        seq = head.seq
         now = time.monotonic()
         t = {"queue_s": _dt(seq.arrival_time, seq.first_scheduled_time),
              "ttft_s": _dt(seq.arrival_time, seq.first_token_time),
@@ -493,36 +520,73 @@ class Coordinator:
         if seq.num_output_tokens > 1 and seq.first_token_time and seq.last_token_time:
             dt = seq.last_token_time - seq.first_token_time
             t["decode_tokens_per_s"] = (seq.num_output_tokens - 1) / dt if dt > 0 else None
-        body = {"request_id": req.request_id, "text": req.text, "token_ids": P.pack_ids(seq.output_token_ids),
+        num_output = sum(r.seq.num_output_tokens for r in req.choices)
+        body = {"request_id": head.request_id, "text": head.text, "token_ids": P.pack_ids(seq.output_token_ids),
                 "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason,
-                "usage": {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": seq.num_output_tokens,
-                          "cached_tokens": seq.num_cached_tokens, "num_preemptions": seq.num_preemptions},
+                "usage": {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": num_output,
+                          "cached_tokens": seq.num_cached_tokens,
+                          "num_preemptions": sum(r.seq.num_preemptions for r in req.choices)},
                 "timings": t}
-        if req.num_logprobs:
+        if head.num_logprobs:
             body["logprobs"] = seq.output_logprobs
-        self._reply(self.client_sock, req.client, MsgType.DONE, body)
+        if len(req.choices) > 1:
+            body["choices"] = [{"index": r.index, "text": r.text, "token_ids": P.pack_ids(r.seq.output_token_ids),
+                                "finish_reason": r.seq.finish_reason, "stop_reason": r.seq.stop_reason,
+                                **({"logprobs": r.seq.output_logprobs} if r.num_logprobs else {})}
+                               for r in req.choices]
+        if head.prompt_logprobs is not None:
+            body["prompt_logprobs"] = head.prompt_logprobs
+            body["prompt_token_ids"] = P.pack_ids(seq.prompt_token_ids)
+        if head.num_logprobs or head.prompt_logprobs is not None:
+            ids = [t for r in req.choices for t in r.seq.output_token_ids]
+            entries = [e for r in req.choices for e in r.seq.output_logprobs]
+            body["token_bytes"] = self._token_bytes(ids, entries, head.prompt_logprobs, seq.prompt_token_ids)
+        self._reply(self.client_sock, head.client, MsgType.DONE, body)
         self._forget(seq.seq_id)
         self.stats["requests_finished"] += 1
         self.metrics.on_request_finished(seq.finish_reason, t["e2e_s"], t["queue_s"], seq.num_prompt_tokens,
-                                         seq.num_output_tokens)
+                                         num_output)
+
+    def _token_bytes(self, token_ids: list[int], entries: list | None, prompt_entries: list | None,
+                     prompt_ids: list[int]) -> dict[str, bytes]:
+        """{str(token id): its raw bytes} for every token a DELTA/DONE's logprobs name (sampled,
+        top-k, scored prompt tokens), so clients can show token text without the tokenizer."""
+        ids = set(token_ids)
+        for e in entries or ():
+            if e:
+                ids.update(t for t, _ in e[1])
+        if prompt_entries:
+            for tok, e in zip(prompt_ids, prompt_entries):
+                if e:
+                    ids.add(tok)
+                    ids.update(t for t, _ in e[1])
+        return {str(i): self.tokenizer.token_bytes(i) for i in sorted(ids)}
 
     def _forget(self, seq_id: int) -> None:
+        """Drop a request (every choice) from the tables."""
         req = self.requests.pop(seq_id, None)
         if req is not None:
+            for r in req.choices:
+                self.requests.pop(r.seq.seq_id, None)
             self.by_client.pop((req.client, req.request_id), None)
 
     def _finish(self, seq_id: int, reason: str, code: ErrorCode | None = None, message: str = "") -> None:
-        """End a request early (abort, error) and tell its client."""
+        """End a request early (abort, error), every choice of it, and tell its client."""
         req = self.requests.get(seq_id)
         if self.scheduler is not None:
             self.scheduler.finish(seq_id, reason)
         if req is None:
             return
+        for r in req.choices:
+            if self.scheduler is not None:
+                self.scheduler.finish(r.seq.seq_id, reason)
         if code is not None:
             self._send_error(req.client, req.request_id, code, message)
             self._forget(seq_id)
         else:
-            self._send_done(req)
+            for r in req.choices:
+                if not r.finished:
+                    self._send_done(r)
 
     # ---- client plane --------------------------------------------------------------------
     def _reply(self, sock, identity: bytes, msg_type: MsgType, body: dict) -> None:
@@ -540,9 +604,11 @@ class Coordinator:
         for (c, rid), seq_id in list(self.by_client.items()):
             if c == client:
                 self.by_client.pop((c, rid), None)
-                self.requests.pop(seq_id, None)
-                if self.scheduler is not None:
-                    self.scheduler.finish(seq_id, "abort")
+                req = self.requests.get(seq_id)
+                for sid in [r.seq.seq_id for r in req.choices] if req is not None else [seq_id]:
+                    self.requests.pop(sid, None)
+                    if self.scheduler is not None:
+                        self.scheduler.finish(sid, "abort")
 
     def _on_client_frame(self, client: bytes, frame: bytes) -> None:
         request_id = ""
@@ -556,14 +622,16 @@ class Coordinator:
                 seq_id = self.by_client.get((client, request_id))
                 if seq_id is not None:
                     self._finish(seq_id, "abort")
-            elif msg_type is MsgType.HEALTH:
-                self._reply(self.client_sock, client, MsgType.HEALTH_REPLY, self.health())
-            elif msg_type is MsgType.STATS:
-                self._reply(self.client_sock, client, MsgType.STATS_REPLY, self.stats_snapshot())
-            elif msg_type is MsgType.MODELS:
-                self._reply(self.client_sock, client, MsgType.MODELS_REPLY, {"models": [
-                    {"id": self.model_id, "name": self.spec.name, "context_length": self.max_model_len,
-                     "architecture": self.spec.architecture}]})
+            elif msg_type in (MsgType.HEALTH, MsgType.STATS, MsgType.MODELS):
+                echo = {"request_id": request_id} if request_id else {}  # lets a client match the reply
+                if msg_type is MsgType.HEALTH:
+                    self._reply(self.client_sock, client, MsgType.HEALTH_REPLY, {**self.health(), **echo})
+                elif msg_type is MsgType.STATS:
+                    self._reply(self.client_sock, client, MsgType.STATS_REPLY, {**self.stats_snapshot(), **echo})
+                else:
+                    self._reply(self.client_sock, client, MsgType.MODELS_REPLY, {"models": [
+                        {"id": self.model_id, "name": self.spec.name, "context_length": self.max_model_len,
+                         "architecture": self.spec.architecture}], **echo})
             else:
                 raise ProtocolError(f"{msg_type.name} is not a client request", ErrorCode.UNKNOWN_TYPE)
         except ProtocolError as exc:
@@ -584,9 +652,8 @@ class Coordinator:
         if (client, request_id) in self.by_client:
             raise ProtocolError(f"request_id {request_id!r} is already in use", ErrorCode.INVALID_REQUEST)
         params = SamplingParams.from_dict(body.get("params") or {})
-        num_logprobs = body.get("logprobs") or 0
-        if not isinstance(num_logprobs, int) or not 0 <= num_logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs={num_logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]")
+        num_logprobs = check_num_logprobs("logprobs", body.get("logprobs"))
+        num_prompt_logprobs = check_num_logprobs("prompt_logprobs", body.get("prompt_logprobs"))
         if "prompt_token_ids" in body:
             ids = P.unpack_ids(body["prompt_token_ids"])
             if any(not 0 <= i < self.spec.vocab_size for i in ids):
@@ -603,18 +670,33 @@ class Coordinator:
             if len(prompt) > P.MAX_CLIENT_FRAME_BYTES:
                 raise ValueError("prompt too long")
             ids = self.tokenizer.encode(prompt)
-        seq = Sequence(self._next_seq_id, ids, params, request_id=request_id)
+        # n choices = n sequences of one prompt; choice i samples with params.for_choice(i)
+        seqs = [Sequence(self._next_seq_id + i, ids, params.for_choice(i), request_id=request_id)
+                for i in range(params.n)]
+        if num_prompt_logprobs:  # every prompt position must be computed to be scored
+            seqs[0].use_prefix_cache = False
         try:
-            self.scheduler.add(seq)
+            for seq in seqs:
+                self.scheduler.add(seq)
         except RequestTooLarge as exc:
+            for seq in seqs:
+                self.scheduler.finish(seq.seq_id, "abort")
             self._send_error(client, request_id, ErrorCode.INVALID_REQUEST, str(exc))
             return
-        self._next_seq_id += 1
+        self._next_seq_id += params.n
         stream = bool(body.get("stream", False))
-        req = Request(client, request_id, seq, stream, IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
-                      StopStringMatcher(list(params.stop), params.include_stop_str_in_output), num_logprobs)
-        self.requests[seq.seq_id] = req
-        self.by_client[(client, request_id)] = seq.seq_id
+        group: list[Request] = []
+        for i, seq in enumerate(seqs):
+            req = Request(client, request_id, seq, stream,
+                          IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
+                          StopStringMatcher(list(params.stop), params.include_stop_str_in_output), num_logprobs,
+                          index=i, choices=group)
+            if i == 0 and num_prompt_logprobs:
+                req.num_prompt_logprobs = num_prompt_logprobs
+                req.prompt_logprobs = [None] * len(ids)
+            group.append(req)
+            self.requests[seq.seq_id] = req
+        self.by_client[(client, request_id)] = seqs[0].seq_id
         self.stats["requests_total"] += 1
         self.stats["prompt_tokens_total"] += len(ids)
         self.metrics.on_request_accepted(len(ids))

@@ -3,7 +3,10 @@
 __version__ = "0.1.0"
 
 from shardline.client import (  # noqa: E402
+    AsyncClient,
     Client,
+    ClientClosedError,
+    CompletionChoice,
     Delta,
     GenerationResult,
     InvalidRequestError,
@@ -14,6 +17,7 @@ from shardline.client import (  # noqa: E402
 from shardline.sampling import SamplingParams  # noqa: E402
 
 __all__ = [
-    "Client", "Delta", "GenerationResult", "InvalidRequestError", "RequestTimeoutError", "SamplingParams",
-    "ShardlineError", "UnavailableError", "__version__",
+    "AsyncClient", "Client", "ClientClosedError", "CompletionChoice", "Delta", "GenerationResult",
+    "InvalidRequestError", "RequestTimeoutError", "SamplingParams", "ShardlineError", "UnavailableError",
+    "__version__",
 ]

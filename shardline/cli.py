@@ -118,6 +118,13 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                     exe + ["worker", "--coordinator", cfg.worker_address, "--device", cfg.workers.device,
                            "--threads", str(cfg.workers.threads), "--memory-gb", f"{mem_gb:.3f}",
                            "--worker-id", f"local-{i}"], preexec_fn=_die_with_parent))
+        serve_gateway = cfg.gateway.enabled and prompt is None
+        if serve_gateway:  # the OpenAI-compatible HTTP gateway, a child like the others
+            try:
+                cfg.gateway.resolve_api_key()
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from None
+            procs.append(subprocess.Popen(exe + ["gateway", cfg_path], preexec_fn=_die_with_parent))
         from shardline.client import Client, ShardlineError
 
         with Client(cfg.client_address) as client:
@@ -138,6 +145,9 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                 click.echo(f"shardline: serving {cfg.model} at {cfg.client_address} "
                            f"({cfg.workers.count} workers, pipeline {cfg.pipeline_parallel or 'auto'} x tensor "
                            f"{cfg.tensor_parallel or 'auto'})", err=True)
+                if serve_gateway:
+                    gw = cfg.gateway
+                    click.echo(f"shardline: OpenAI-compatible gateway at http://{gw.host}:{gw.port}/v1", err=True)
             if ready and prompt is not None:
                 click.echo(f"> {prompt}", err=True)
                 for d in client.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens):
@@ -197,6 +207,38 @@ def coordinator(cluster_yaml, host, port, workers):
 
 
 @main.command()
+@click.argument("cluster_yaml", required=False, type=click.Path(dir_okay=False))
+@click.option("--address", help="Client-plane address of the coordinator (default: from the config, "
+                                "coordinator.host and client_port).")
+@click.option("--host", help="Override gateway.host (bind address).")
+@click.option("--port", type=int, help="Override gateway.port.")
+@click.option("--api-key-env", help="Override gateway.api_key_env: the environment variable holding the API key.")
+@click.option("--timeout", type=float, help="Override gateway.timeout_s (seconds per coordinator reply).")
+def gateway(cluster_yaml, address, host, port, api_key_env, timeout):
+    """Run the OpenAI-compatible HTTP gateway (/v1/completions, /v1/chat/completions, /v1/models,
+    /health) in front of a running coordinator."""
+    g = {k: v for k, v in dict(host=host, port=port, api_key_env=api_key_env, timeout_s=timeout).items()
+         if v is not None}
+    if api_key_env:
+        g["api_key"] = None
+    cfg = _load(cluster_yaml, {"gateway": g} if g else None)
+    try:
+        key = cfg.gateway.resolve_api_key()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    client_kwargs = {}
+    sec = getattr(cfg, "security", None)
+    if sec is not None and getattr(sec, "server_key", None) and getattr(sec, "client_key", None):
+        from shardline.security import client_credentials, server_public_file  # CurveZMQ keys
+
+        client_kwargs = client_credentials(server_public_file(sec.server_key), sec.client_key)
+    from shardline.gateway import serve
+
+    serve(address or cfg.client_address, cfg.gateway.host, cfg.gateway.port, key, cfg.gateway.timeout_s,
+          **client_kwargs)
+
+
+@main.command()
 @click.option("--coordinator", "address", required=True, help="Worker-plane address, tcp://HOST:PORT.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="Compute threads (torch and Numba).")
@@ -235,17 +277,24 @@ def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour,
 @click.option("--min-p", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Stop token id (repeatable).")
+@click.option("--min-tokens", type=int, default=0, show_default=True, help="No EOS/stop token before this many.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="vLLM's; 1 = off.")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True, help="OpenAI's; 0 = off.")
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True, help="OpenAI's; 0 = off.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, finish_reason, usage, timings).")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for each reply.")
-def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos, chat, as_json,
-             timeout):
+def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, min_tokens,
+             repetition_penalty, presence_penalty, frequency_penalty, ignore_eos, chat, as_json, timeout):
     """Generate a completion from a running cluster."""
     from shardline.client import Client, ShardlineError
 
     params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                  stop=list(stop), ignore_eos=ignore_eos)
+                  stop=list(stop), stop_token_ids=list(stop_token_ids), min_tokens=min_tokens,
+                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, ignore_eos=ignore_eos)
     kw = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
     try:
         with Client(address, timeout_s=timeout) as c:

@@ -109,6 +109,40 @@ class MetricsConfig(_Frozen):
     )
 
 
+class GatewayConfig(_Frozen):
+    enabled: bool = Field(False, description="`shardline launch` also starts the OpenAI-compatible HTTP gateway.")
+    host: str = Field("127.0.0.1", description="Address the HTTP gateway binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP gateway (http://HOST:PORT/v1).")
+    api_key: str | None = Field(
+        None, min_length=1, description="Require `Authorization: Bearer <api_key>` on /v1/* (prefer api_key_env)."
+    )
+    api_key_env: str | None = Field(
+        None, min_length=1, description="Name of the environment variable that holds the API key."
+    )
+    timeout_s: float = Field(300.0, gt=0, description="Seconds the gateway waits for each reply of the coordinator.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give gateway.api_key or gateway.api_key_env, not both")
+        return self
+
+    def resolve_api_key(self) -> str | None:
+        """The API key (from `api_key`, or the variable `api_key_env` names); None: no key.
+
+        Raises:
+            ConfigError: `api_key_env` names a variable that is unset or empty.
+        """
+        if self.api_key_env is None:
+            return self.api_key
+        import os
+
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(f"gateway.api_key_env={self.api_key_env}: the environment variable is not set")
+        return key
+
+
 class HeartbeatConfig(_Frozen):
     interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats on the worker plane.")
     misses: int = Field(5, ge=1, description="Missed heartbeats before a worker is declared dead.")
@@ -145,6 +179,7 @@ class ClusterConfig(_Frozen):
     scheduler: SchedulerConfig = SchedulerConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     metrics: MetricsConfig = MetricsConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
     @model_validator(mode="after")
     def _check(self):

@@ -29,6 +29,7 @@ from shardline import protocol as P
 from shardline.model_file import ModelSpec
 from shardline.protocol import MsgType
 from shardline.sampling import SamplingParams
+from worker.sampler import SequenceSampling
 
 log = logging.getLogger("shardline.worker")
 
@@ -111,7 +112,7 @@ class Worker:
         self._stop = False
         self.model = self.kv_cache = self.comm = None
         self.block_tables: dict[int, list[int]] = {}
-        self.params: dict[int, tuple[SamplingParams, int]] = {}
+        self.params: dict[int, SequenceSampling] = {}  # seq_id -> sampling state (from its first step)
         self.step_time_s = 0.0
         self.num_steps = 0
         self.busy_s = 0.0  # seconds in forward passes since start (input received -> output sent)
@@ -227,7 +228,7 @@ class Worker:
                                 spec.head_dim)
         from worker.sampler import Sampler
 
-        self.sampler = Sampler()
+        self.sampler = Sampler(spec.eos_token_id)
         bar.next()
         self.model.warm_up(self.kv_cache, self.block_size)
         bar.next()
@@ -316,11 +317,19 @@ class Worker:
             else:
                 self.block_tables[sid].extend(new_blocks)
             if s.get("params") is not None:
-                self.params[sid] = (SamplingParams.from_dict(s["params"]), s.get("logprobs") or 0)
+                self.params[sid] = SequenceSampling(SamplingParams.from_dict(s["params"]), s.get("logprobs") or 0,
+                                                    s.get("prompt_logprobs") or 0, s.get("prompt_len"))
+            if self.shard.is_last:
+                self._note_tokens(self.params[sid], s)
             entries.append((s["start"], s["n"], self.block_tables[sid], s["sample"]))
             if self.shard.is_first:
                 tokens.extend(P.unpack_ids(s["tokens"]))
         meta = build_attention_metadata(entries, self.block_size)
+        num_sampled = int(meta.sample_rows.shape[0])
+        scored = self._prompt_logprob_rows(seqs) if self.shard.is_last else []
+        if scored:  # the lm_head also runs on the prompt rows whose logprobs were asked for
+            meta.sample_rows = torch.cat([meta.sample_rows, torch.tensor([r for sc in scored for r in sc[3]],
+                                                                         dtype=torch.int64)])
         if self.shard.is_first:
             x = torch.tensor(tokens, dtype=torch.int64)
         else:
@@ -331,14 +340,16 @@ class Worker:
             self.comm.send_hidden(out)
         elif self.tp_rank == 0:
             sampled = [s for s in seqs if s["sample"]]
-            params = [self.params[s["seq_id"]][0] for s in sampled]
-            nlp = [self.params[s["seq_id"]][1] for s in sampled]
+            states = [self.params[s["seq_id"]] for s in sampled]
+            nlp = [st.num_logprobs for st in states]
             positions = [s["start"] + s["n"] for s in sampled]
-            res = self.sampler(out, params, positions, nlp)
+            res = self.sampler(out[:num_sampled], [st.params for st in states], positions, nlp, states)
             body = {"step_id": plan["step_id"], "seq_ids": P.pack_ids([s["seq_id"] for s in sampled]),
                     "tokens": P.pack_ids(res.token_ids), "forward_s": time.perf_counter() - t0}
             if any(nlp):
                 body["logprobs"] = [None if lp is None else [lp[0], [list(t) for t in lp[1]]] for lp in res.logprobs]
+            if scored:
+                body["prompt_logprobs"] = self._prompt_logprobs(scored, out[num_sampled:])
             self._send(MsgType.STEP_RESULT, body)
         t_end = time.perf_counter()
         self.step_time_s = t_end - t0
@@ -346,6 +357,61 @@ class Worker:
         self.step_times.append(t_end - t_input)
         self.num_steps += 1
 
+
+    def _note_tokens(self, st: SequenceSampling, s: dict) -> None:
+        """Last stage: keep the token ids of a sequence whose penalties need its history.
+        `history` (with a reset) holds the tokens before the first computed position (a cached
+        prefix); every step's `tokens` are the ids at positions [start, start + n)."""
+        if not st.params.needs_history:
+            return
+        if s.get("params") is not None:
+            st.token_ids = P.unpack_ids(s.get("history") or b"")
+        start = s["start"]
+        assert st.token_ids is not None and len(st.token_ids) >= start, (len(st.token_ids or ()), start)
+        del st.token_ids[start:]
+        st.token_ids.extend(P.unpack_ids(s["tokens"]))
+
+    def _prompt_logprob_rows(self, seqs: list[dict]) -> list[tuple[int, int, list[int], list[int], int]]:
+        """Rows of this step whose logits give prompt logprobs: per sequence asking for them,
+        (seq_id, start, targets, rows, the chunk's first token). The row at position p predicts
+        the prompt token at p + 1; the last row of a chunk that ends inside the prompt predicts
+        the first token of the next chunk (target -1), so its log-probabilities wait
+        (`pending_logprobs`) for the next step."""
+        scored, row = [], 0
+        for s in seqs:
+            st, start, n = self.params[s["seq_id"]], s["start"], s["n"]
+            if st.num_prompt_logprobs and st.prompt_len and start < st.prompt_len:
+                end = min(start + n, st.prompt_len - 1)  # positions [start, end) predict a prompt token
+                chunk = P.unpack_ids(s["tokens"])
+                targets = [chunk[p + 1 - start] if p + 1 < start + n else -1 for p in range(start, end)]
+                scored.append((s["seq_id"], start, targets, [row + p - start for p in range(start, end)], chunk[0]))
+            row += n
+        return scored
+
+    def _prompt_logprobs(self, scored, logits: torch.Tensor) -> list:
+        """[seq_id, first position, entries] per sequence: entries[i] is the logprob entry
+        ([logprob, [[token, logprob] x k]]) of the prompt token at position first + i."""
+        from worker.sampler import prompt_logprobs
+
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        result, i = [], 0
+        for seq_id, start, targets, rows, first_token in scored:
+            st = self.params[seq_id]
+            lp = logp[i:i + len(rows)]
+            i += len(rows)
+            entries, first = [], start + 1
+            if st.pending_logprobs is not None and start > 0:  # the previous chunk's last row
+                first = start
+                entries += prompt_logprobs(st.pending_logprobs[None], [first_token], st.num_prompt_logprobs)
+            st.pending_logprobs = None
+            known = [t for t in targets if t >= 0]
+            if known:
+                entries += prompt_logprobs(lp[: len(known)], known, st.num_prompt_logprobs)
+            if targets and targets[-1] < 0:
+                st.pending_logprobs = lp[-1].clone()
+            if entries:
+                result.append([seq_id, first, entries])
+        return result
 
 def main(coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
          worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None,
