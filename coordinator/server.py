@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from coordinator.planner import (ModelSizes, Plan, PlanError, WorkerOffer, check
                                  plan_for_config)
 from coordinator.shard_server import ShardError, ShardServer
 from coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
-from coordinator.sequence import Sequence
+from coordinator.sequence import Sequence, SequenceStatus
 from coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from shardline import __version__
 from shardline import protocol as P
@@ -34,11 +35,14 @@ from shardline.config import ClusterConfig
 from shardline.model_file import read_model_spec, resolve_model_path
 from shardline.protocol import ErrorCode, MsgType, ProtocolError
 from shardline.sampling import SamplingParams, check_num_logprobs
+from shardline.security import (CLIENT_DOMAIN, WORKER_DOMAIN, SecurityError, check_bind, configure_curve_server,
+                                is_loopback, load_keypair, load_public_keys, start_authenticator)
 
 log = logging.getLogger("shardline.coordinator")
 
 METRICS_INTERVAL_S = 0.5  # how often the serving loop refreshes gauges and the throughput window
 MAX_STEP_TIMES = 4096  # step durations taken from one heartbeat (the worker keeps no more)
+HEARTBEAT_ID_SUFFIX = b"#hb"  # a worker's heartbeat socket's routing id: its worker id + this
 
 
 @dataclass
@@ -118,6 +122,10 @@ class Coordinator:
         self.step_started: dict[int, float] = {}
         self._next_seq_id = 0
         self._stop = False
+        self._draining = False  # SIGTERM: admission stopped, running requests finishing
+        self.drain_deadline: float | None = None
+        self.recovery_deadline: float | None = None  # a plan was lost: serve again before this
+        self.replan_at: float | None = None  # after a reported data-plane failure: re-plan no sooner
         self.generation = 0
         self.stats = {"requests_total": 0, "requests_finished": 0, "generation_tokens_total": 0,
                       "prompt_tokens_total": 0, "steps_total": 0, "step_time_s_total": 0.0}
@@ -130,8 +138,12 @@ class Coordinator:
 
         c = self.config.coordinator
         self.ctx = zmq.Context.instance()
+        curve = self._start_security()
         self.client_sock = self.ctx.socket(zmq.ROUTER)
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
+        if curve is not None:  # CurveZMQ servers, one ZAP domain (allow-list) per plane
+            configure_curve_server(self.client_sock, curve, CLIENT_DOMAIN)
+            configure_curve_server(self.worker_sock, curve, WORKER_DOMAIN)
         for s in (self.client_sock, self.worker_sock):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -152,6 +164,24 @@ class Coordinator:
                  self.config.client_address, self.config.worker_address, c.host, c.rendezvous_port,
                  self.model_id, self.model_path)
 
+    def _start_security(self) -> bytes | None:
+        """The bind rule, and with `security.server_key` the ZAP authenticator of both planes.
+        Returns the server's secret key (Z85), or None without keys. Raises SecurityError."""
+        sec, host = self.config.security, self.config.coordinator.host
+        check_bind(host, sec.server_key, sec.insecure)
+        self.authenticator = None
+        if sec.server_key is None:
+            if not is_loopback(host):
+                log.warning("security.insecure: client and worker planes on %s are unencrypted and open", host)
+            return None
+        _, secret = load_keypair(sec.server_key)
+        allowed = {CLIENT_DOMAIN: None if sec.client_keys is None else load_public_keys(sec.client_keys),
+                   WORKER_DOMAIN: None if sec.worker_keys is None else load_public_keys(sec.worker_keys)}
+        self.authenticator = start_authenticator(self.ctx, allowed)
+        log.info("CurveZMQ on: %s client keys, %s worker keys allowed",
+                 *("any" if k is None else len(k) for k in allowed.values()))
+        return secret
+
     def stop(self) -> None:
         self._stop = True
 
@@ -162,13 +192,29 @@ class Coordinator:
             self._send_error(req.client, req.request_id, ErrorCode.UNAVAILABLE, "coordinator shutting down")
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
+        if getattr(self, "authenticator", None) is not None:
+            self.authenticator.stop()
         self.metrics.stop_http_server()
         del self.store
 
-    def serve_forever(self, install_signals: bool = True) -> None:
+    def begin_drain(self) -> None:
+        """Graceful drain (SIGTERM/SIGINT): refuse new requests at once, let running ones finish
+        within `coordinator.drain_timeout_s`, then stop. A second signal stops at once."""
+        if self._draining:
+            self._stop = True
+            return
+        self._draining = True
+        self.drain_deadline = time.monotonic() + self.config.coordinator.drain_timeout_s
+        log.info("draining: admission stopped; %d requests running (at most %.0f s)",
+                 len({id(r.choices) for r in self.requests.values()}), self.config.coordinator.drain_timeout_s)
+
+    def serve_forever(self, install_signals: bool = True) -> int:
+        """Serve until stopped. Returns the exit code: 0, or 3 when a drain timed out and running
+        requests had to be ended with ERROR UNAVAILABLE."""
         if install_signals:
-            signal.signal(signal.SIGTERM, lambda *_: self.stop())
-            signal.signal(signal.SIGINT, lambda *_: self.stop())
+            signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
+            signal.signal(signal.SIGINT, lambda *_: self.begin_drain())
+        self.exit_code = 0
         self.start()
         try:
             poller = zmq.Poller()
@@ -195,6 +241,11 @@ class Coordinator:
                 if now - last_hb >= hb:
                     last_hb = now
                     self._heartbeat(now)
+                if self._draining and (not self.requests or now > self.drain_deadline):
+                    if self.requests:
+                        log.error("drain timed out with %d sequences running", len(self.requests))
+                        self.exit_code = 3
+                    self._stop = True
                 # 6. stats: throughput window and Prometheus gauges
                 if now - last_metrics >= METRICS_INTERVAL_S:
                     last_metrics = now
@@ -202,6 +253,7 @@ class Coordinator:
                     self.metrics.set_state(self.stats_snapshot())
         finally:
             self.close()
+        return self.exit_code
 
     def _drain(self, sock, handler, limit: int = 1000) -> None:
         for _ in range(limit):
@@ -212,6 +264,9 @@ class Coordinator:
             if len(frames) != 2:
                 if sock is self.client_sock and frames:
                     self._send_error(frames[0], "", ErrorCode.BAD_FRAME, f"expected 1 frame, got {len(frames) - 1}")
+                elif frames:
+                    self._reply(sock, frames[0], MsgType.ERROR,
+                                P.error_body(ErrorCode.BAD_FRAME, f"expected 1 frame, got {len(frames) - 1}"))
                 continue
             identity, frame = frames
             if not frame:  # ROUTER_NOTIFY: the peer disconnected
@@ -232,11 +287,20 @@ class Coordinator:
     def _on_worker_frame(self, identity: bytes, frame: bytes) -> None:
         try:
             msg_type, body = P.decode(frame)
-            w = self._by_identity.get(identity)
+            P.validate(msg_type, body)
+            w = self._sender(identity, msg_type, body)
+            if w is None and msg_type is not MsgType.REGISTER:
+                raise ProtocolError(f"{msg_type.name} from {identity!r}, which is not a live registered worker")
             if w is not None:
                 w.last_heartbeat = time.monotonic()  # any message shows the worker is alive
             if msg_type is MsgType.STEP_RESULT:
+                # the sampler is the last stage's TP rank 0 (assignments are stage-major, TP rank minor)
+                sampler = self.plan.assignments[-self.plan.tp_size] if self.plan is not None else None
+                if sampler is None or w.worker_id != sampler.worker_id or self.state != "serving":
+                    return  # a result of an abandoned plan, or from a worker that does not sample
                 self._on_step_result(body)
+            elif msg_type is MsgType.ERROR:  # its data plane failed: a peer may be dead, let liveness tell
+                self._plan_broken(f"worker {w.worker_id}: {str(body.get('message', ''))[:500]}", settle=True)
             elif msg_type is MsgType.HEARTBEAT:
                 if w is not None:
                     w.step_time_s = float(body.get("step_time_s", 0.0))
@@ -258,6 +322,24 @@ class Coordinator:
         except Exception:  # a bug or a hostile peer must not take the coordinator down
             log.exception("error handling a worker message from %r", identity)
 
+    def _sender(self, identity: bytes, msg_type: MsgType, body: dict) -> WorkerInfo | None:
+        """The live worker a worker-plane message comes from, or None. Heartbeats come from each
+        worker's heartbeat socket (routing id `<worker id>#hb`) and name the worker and its
+        incarnation; everything else from the worker's main socket. A worker declared lost that
+        speaks again is told to SHUTDOWN (its place has been re-planned)."""
+        if msg_type is MsgType.HEARTBEAT and "worker_id" in body:
+            w = self.workers.get(body["worker_id"])
+            if w is None or identity not in (w.identity, w.identity + HEARTBEAT_ID_SUFFIX):
+                return None
+            if body.get("incarnation", w.incarnation) != w.incarnation:
+                return None
+        else:
+            w = self._by_identity.get(identity)
+        if w is not None and not w.alive:
+            self._send_worker(w, MsgType.SHUTDOWN, {})
+            return None
+        return w
+
     def _on_register(self, identity: bytes, body: dict) -> None:
         wid = P.require(body, "worker_id", str, "REGISTER")
         version = P.require(body, "version", str, "REGISTER")
@@ -272,9 +354,18 @@ class Coordinator:
             log.error("refusing worker %s: %s", wid, msg)
             self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(ErrorCode.MODEL_MISMATCH, msg))
             return
-        if self.state != "waiting_for_workers":
+        old = self.workers.get(wid)
+        if old is not None and old.alive:
+            if old.identity != identity:
+                self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(
+                    ErrorCode.INVALID_REQUEST, f"worker id {wid!r} is in use by a live worker"))
+                return
+            self._worker_lost(old, "registered again (the process restarted)")
+        alive = sum(1 for x in self.workers.values() if x.alive)
+        if alive >= self.config.workers.count + self.config.coordinator.max_spare_workers:
             self._reply(self.worker_sock, identity, MsgType.ERROR, P.error_body(
-                ErrorCode.UNAVAILABLE, f"cluster already planned ({self.state}); worker {wid} not needed"))
+                ErrorCode.UNAVAILABLE, f"cluster has {alive} workers ({self.config.workers.count} planned and "
+                                       f"{self.config.coordinator.max_spare_workers} spares); worker {wid} not needed"))
             return
         w = WorkerInfo(wid, identity, P.require(body, "host", str, "REGISTER"), P.require(body, "device", str, "REGISTER"),
                        P.require(body, "memory_bytes", int, "REGISTER"), str(body.get("incarnation", "")),
@@ -293,43 +384,77 @@ class Coordinator:
         self.workers[wid] = w
         self._by_identity[identity] = w
         log.info("worker %s registered from %s (%s, %.1f GiB) [%d/%d]", wid, w.host, w.device,
-                 w.memory_bytes / 2**30, len(self.workers), self.config.workers.count)
-        if len(self.workers) == self.config.workers.count:
+                 w.memory_bytes / 2**30, alive + 1, self.config.workers.count)
+        self._maybe_plan()
+
+    def _maybe_plan(self) -> None:
+        """Plan when there is something to plan for: the first time `workers.count` workers are
+        registered, or after a loss (`recovering`/`degraded`) whenever the live workers may fit."""
+        alive = sum(1 for w in self.workers.values() if w.alive)
+        if self.state in ("serving", "loading") or self._draining:
+            return
+        if self.replan_at is not None:
+            if time.monotonic() < self.replan_at:
+                return
+            self.replan_at = None
+        if alive >= self.config.workers.count or (
+                self.state != "waiting_for_workers" and alive and self.config.coordinator.replan_on_fewer_workers):
             self._assign()
 
     def _assign(self) -> None:
         cfg = self.config
+        ids = sorted(w for w in self.order if self.workers[w].alive)[: cfg.workers.count]
+        if len(ids) < cfg.workers.count:  # re-plan onto the survivors: fewer stages, same TP size
+            tp = cfg.parallel.tensor_parallel
+            if isinstance(tp, int):
+                ids = ids[: len(ids) // tp * tp]
+            cfg = cfg.model_copy(update={
+                "workers": cfg.workers.model_copy(update={"count": max(1, len(ids))}),
+                "parallel": cfg.parallel.model_copy(update={"pipeline_parallel": None if isinstance(tp, int) else "auto"})})
         offers = [WorkerOffer(w, self.workers[w].host, self.workers[w].memory_bytes, self.workers[w].device,
-                              self.workers[w].speed) for w in sorted(self.order)]
+                              self.workers[w].speed) for w in ids]
         try:
+            if not offers:
+                raise PlanError(f"no live workers fit tensor_parallel={cfg.parallel.tensor_parallel}")
             plan = plan_for_config(cfg, self.spec, self.model_sizes, offers)
         except PlanError as exc:
             log.error("no plan fits: %s", exc)
-            self.state = f"plan_failed: {exc}"
+            if self.recovery_deadline is None:
+                self.state = f"plan_failed: {exc}"
+            else:
+                self.state = f"recovering: no plan fits the live workers ({exc})"
             return
+        for w in self.workers.values():
+            w.ready = False
         self.plan = plan
         self.generation += 1
         log.info("plan (generation %d):\n%s", self.generation, format_plan(plan))
         c = cfg.coordinator
+        unreachable = []
         for a in plan.assignments:
-            self._send_worker(self.workers[a.worker_id], MsgType.ASSIGN, {
+            if not self._send_worker(self.workers[a.worker_id], MsgType.ASSIGN, {
                 "rank": a.rank, "world_size": plan.world_size, "stage": a.stage, "pp_size": plan.pp_size,
                 "tp_rank": a.tp_rank, "tp_size": plan.tp_size, "layer_start": a.layer_start, "layer_end": a.layer_end,
                 "model_path": self.model_path, "spec": self.spec.to_dict(), "num_kv_blocks": plan.num_kv_blocks,
                 "block_size": plan.block_size, "max_positions": self.max_model_len,
                 "store_host": c.advertise_host or c.host, "store_port": c.rendezvous_port,
-                "store_prefix": f"gen{self.generation}/", "heartbeat_interval_s": cfg.heartbeat.interval_s,
+                "store_prefix": f"gen{self.generation}/", "generation": self.generation,
+                "data_plane_timeout_s": cfg.heartbeat.data_plane_timeout_s,
+                "heartbeat_interval_s": cfg.heartbeat.interval_s,
                 "heartbeat_misses": cfg.heartbeat.misses, "quantization": cfg.quantization,
                 "quantization_group_size": cfg.quantization_group_size, "dtype": cfg.dtype,
                 "model": cfg.model, "model_digest": self.model_digest, "version": __version__,
                 "gemm_weights": cfg.workers.gemm_weights,
-            })
+            }):
+                unreachable.append(self.workers[a.worker_id])
         self.state = "loading"
+        for w in unreachable:  # its connection is gone: lost (this re-plans without it)
+            self._worker_lost(w, "unreachable (connection closed)")
 
     def _on_ready(self, identity: bytes, body: dict) -> None:
         w = self.workers.get(body.get("worker_id"))
-        if w is None or w.identity != identity:
-            return
+        if w is None or w.identity != identity or body.get("generation", self.generation) != self.generation:
+            return  # a stranger's, or the READY of a plan that has since been replaced
         w.ready = True
         self.shard_server.done(w.worker_id)
         w.weight_bytes = int(body.get("weight_bytes", 0))
@@ -341,21 +466,40 @@ class Coordinator:
             cfg = self.config.scheduler
             bm = BlockManager(self.plan.num_kv_blocks, self.plan.block_size, cfg.enable_prefix_caching)
             self.max_in_flight = cfg.pipeline_micro_batches or self.plan.pp_size
+            old = self.scheduler
             self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
                                        self.max_in_flight)
             self.scheduler.eos_token_id = self.spec.eos_token_id
+            if old is not None:  # step ids stay unique across plans (a late result never matches)
+                self.scheduler._next_step_id = old._next_step_id
+                self.scheduler.stats.num_preemptions = old.stats.num_preemptions
             self.state = "serving"
+            self._resume_requests()
             log.info("serving %s: %d KV blocks of %d tokens, %d micro-batches in flight", self.model_id,
                      self.plan.num_kv_blocks, self.plan.block_size, self.max_in_flight)
 
     def _heartbeat(self, now: float) -> None:
         cfg = self.config.heartbeat
-        for w in self.workers.values():
+        for w in list(self.workers.values()):
             if not w.alive:
                 continue
             self._send_worker(w, MsgType.HEARTBEAT, {"time": time.time()})
-            if now - w.last_heartbeat > cfg.interval_s * cfg.misses and self.state != "loading":
+            # Workers heartbeat from a thread of their own, so a long load or a blocked data-plane
+            # receive does not silence them; only a dead, frozen or cut-off process misses these.
+            if now - w.last_heartbeat > cfg.interval_s * cfg.misses:
                 self._worker_lost(w, f"no heartbeat for {now - w.last_heartbeat:.1f} s")
+        if self.replan_at is not None and now >= self.replan_at:
+            self._maybe_plan()
+        if self.recovery_deadline is not None and now > self.recovery_deadline and self.state != "serving":
+            why = self.state
+            log.error("no plan within coordinator.recovery_timeout_s=%.0f s; ending %d requests",
+                      self.config.coordinator.recovery_timeout_s, len({id(r.choices) for r in self.requests.values()}))
+            for seq_id in list(self.requests):
+                self._finish(seq_id, "error", ErrorCode.UNAVAILABLE,
+                             f"no worker plan within {self.config.coordinator.recovery_timeout_s:.0f} s ({why})")
+            self.recovery_deadline = None
+            if self.state != "loading":
+                self.state = f"degraded: {why.removeprefix('recovering: ')}"
 
     def _on_shard_message(self, w: WorkerInfo | None, identity: bytes, msg_type: MsgType, body: dict) -> None:
         """SHARD_REQUEST -> SHARD_MANIFEST, SHARD_FETCH -> SHARD_CHUNK (coordinator/shard_server.py);
@@ -395,17 +539,72 @@ class Coordinator:
         self.metrics.on_worker_steps(w.worker_id, stage, busy_s, [float(t) for t in times])
 
     def _worker_lost(self, w: WorkerInfo, why: str) -> None:
-        w.alive = False
+        """A worker died, froze, was cut off or left: forget a spare; for a member of the plan,
+        abandon the plan (`_plan_broken`) and recover."""
+        if not w.alive:
+            return
+        w.alive = w.ready = False
         w.lost_at = time.monotonic()
         self.metrics.on_worker_failure()
         log.error("worker %s lost: %s", w.worker_id, why)
-        if self.scheduler is not None:
-            for out in self.in_flight.values():
-                self.scheduler.abort_step(out)
-            self.in_flight.clear()
-            for seq_id in list(self.requests):
-                self._finish(seq_id, "error", ErrorCode.UNAVAILABLE, f"worker {w.worker_id} lost: {why}")
-        self.state = f"degraded: worker {w.worker_id} lost"
+        if self.plan is not None and any(a.worker_id == w.worker_id for a in self.plan.assignments):
+            self._plan_broken(f"worker {w.worker_id} lost: {why}")
+        else:  # a spare, or one that never got a place: forget it
+            self.workers.pop(w.worker_id, None)
+            self._by_identity.pop(w.identity, None)
+            if w.worker_id in self.order:
+                self.order.remove(w.worker_id)
+
+    def _plan_broken(self, why: str, settle: bool = False) -> None:
+        """The current plan cannot go on (a member lost, a data-plane failure). Recovery:
+
+        1. steps in flight are abandoned (late results are ignored: step ids never repeat);
+        2. every unfinished sequence keeps its token history (prompt + output so far) and is
+           recomputed from it under the next plan (`_resume_requests`), so greedy output is the
+           same as without the failure;
+        3. a new plan is made at once from the live workers (`_maybe_plan`), or when a replacement
+           registers; its ASSIGN carries a new store prefix, so survivors leave the old
+           torch.distributed group and join a new one;
+        4. if no plan is serving within `coordinator.recovery_timeout_s`, the requests end with
+           ERROR UNAVAILABLE (`_heartbeat`), and new ones are refused until a plan serves.
+
+        `settle`: a worker reported a data-plane failure, so some peer may be dead but not yet
+        found so: re-plan only after one heartbeat timeout, when liveness has told which.
+        """
+        if self.plan is None and self.state in ("waiting_for_workers",):
+            return
+        hb = self.config.heartbeat
+        if settle:
+            self.replan_at = time.monotonic() + hb.interval_s * (hb.misses + 1)
+        log.error("plan generation %d abandoned: %s", self.generation, why)
+        self.in_flight.clear()
+        self.step_started.clear()
+        self.plan = None
+        for w in self.workers.values():
+            w.ready = False
+        if self.recovery_deadline is None:
+            self.recovery_deadline = time.monotonic() + self.config.coordinator.recovery_timeout_s
+        self.state = f"recovering: {why}"
+        self._maybe_plan()
+
+    def _resume_requests(self) -> None:
+        """Under a new plan: queue every unfinished sequence again, to be recomputed from its
+        token history (a preemption: KV state is rebuilt, nothing the client saw is repeated)."""
+        self.recovery_deadline = None
+        seqs = sorted({r.seq.seq_id: r.seq for r in self.requests.values() if not r.seq.is_finished}.values(),
+                      key=lambda s: s.seq_id)
+        for seq in seqs:
+            seq.status = SequenceStatus.WAITING
+            seq.num_computed_tokens = 0
+            seq.block_table, seq.block_hashes, seq.num_blocks_sent = [], [], 0
+            seq.num_preemptions += 1
+            try:
+                self.scheduler.add(seq)
+            except RequestTooLarge as exc:
+                self._finish(seq.seq_id, "error", ErrorCode.UNAVAILABLE, f"after re-planning: {exc}")
+        if seqs:
+            log.info("resuming %d sequences under plan generation %d (recomputed from their tokens)",
+                     len(seqs), self.generation)
 
     # ---- steps ---------------------------------------------------------------------------
     def _can_dispatch(self) -> bool:
@@ -615,7 +814,11 @@ class Coordinator:
         try:
             msg_type, body = P.decode(frame, P.MAX_CLIENT_FRAME_BYTES)
             rid = body.get("request_id", "")
-            request_id = rid if isinstance(rid, str) else ""
+            request_id = rid if isinstance(rid, str) and len(rid) <= 128 else ""  # echoed in replies
+            if msg_type not in P.CLIENT_REQUESTS:
+                raise ProtocolError(f"{msg_type.name} (type {int(msg_type)}) is not a client request",
+                                    ErrorCode.UNKNOWN_TYPE)
+            P.validate(msg_type, body)
             if msg_type is MsgType.GENERATE:
                 self._on_generate(client, body)
             elif msg_type is MsgType.CANCEL:
@@ -646,8 +849,9 @@ class Coordinator:
         request_id = P.require(body, "request_id", str, "GENERATE")
         if not 0 < len(request_id) <= 128:
             raise ProtocolError("GENERATE: request_id must be 1..128 characters", ErrorCode.INVALID_REQUEST)
-        if self.state != "serving":
-            self._send_error(client, request_id, ErrorCode.UNAVAILABLE, f"cluster not serving: {self.state}")
+        if self.state != "serving" or self._draining:
+            why = "draining (shutting down): not accepting requests" if self._draining else self.state
+            self._send_error(client, request_id, ErrorCode.UNAVAILABLE, f"cluster not serving: {why}")
             return
         if (client, request_id) in self.by_client:
             raise ProtocolError(f"request_id {request_id!r} is already in use", ErrorCode.INVALID_REQUEST)
@@ -705,12 +909,14 @@ class Coordinator:
     # ---- introspection -------------------------------------------------------------------
     def health(self) -> dict:
         up = sum(1 for w in self.workers.values() if w.alive)
-        return {"status": "ok" if self.state == "serving" else self.state, "workers_up": up,
+        status = "draining" if self._draining else "ok" if self.state == "serving" else self.state
+        return {"status": status, "workers_up": up,
                 "workers_expected": self.config.workers.count, "model": self.model_id}
 
     def stats_snapshot(self) -> dict:
         s = dict(self.stats)
         s["state"] = self.state
+        s["coordinator"] = _process_stats()
         if self.scheduler is not None:
             bm = self.scheduler.block_manager
             s.update(num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
@@ -762,6 +968,18 @@ def _cost_per_million(cost: float, tokens: int) -> float | None:
     return cost / tokens * 1e6 if tokens > 0 else None
 
 
+def _process_stats() -> dict:
+    """This process: `pid`, resident memory `rss_bytes` and open file descriptors `num_fds`
+    (Linux /proc; zeros elsewhere), for leak checks under load and fuzzing."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        rss = fds = 0
+    return {"pid": os.getpid(), "rss_bytes": rss, "num_fds": fds}
+
+
 def _dt(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
@@ -773,5 +991,8 @@ def main(config: ClusterConfig) -> int:
     except PlanError as exc:  # impossible layout: refuse before any worker loads anything
         log.error("no plan fits: %s", exc)
         return 2
-    coordinator.serve_forever()
-    return 0
+    try:
+        return coordinator.serve_forever()
+    except SecurityError as exc:  # the bind rule, or a bad key file: refuse before binding anything
+        log.error("refusing to start: %s", exc)
+        return 2

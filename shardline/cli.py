@@ -66,6 +66,27 @@ def _local_memory_bytes(cfg: ClusterConfig) -> int:
     return int(total * 0.8 / cfg.workers.count)
 
 
+def _curve_options(f):
+    """--server-key / --key: CurveZMQ keys of a client or worker (cluster.yaml `security:`)."""
+    f = click.option("--key", "key_file", envvar="SHARDLINE_KEY", type=click.Path(dir_okay=False),
+                     help="This peer's secret key file (NAME.key_secret from `shardline keygen`; "
+                          "$SHARDLINE_KEY).")(f)
+    return click.option("--server-key", "server_key_file", envvar="SHARDLINE_SERVER_KEY",
+                        type=click.Path(dir_okay=False),
+                        help="The coordinator's public key file (NAME.key), when the cluster has CurveZMQ keys "
+                             "($SHARDLINE_SERVER_KEY).")(f)
+
+
+def _curve_kwargs(server_key_file, key_file) -> dict:
+    """Client keyword arguments (server_public_key, public_key, secret_key) from the two files."""
+    from shardline.security import SecurityError, client_credentials
+
+    try:
+        return client_credentials(server_key_file, key_file)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _die_with_parent() -> None:
     """In a child: get SIGTERM when the launcher dies, so no process outlives it (Linux)."""
     try:
@@ -96,6 +117,7 @@ def main() -> None:
 def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready_timeout):
     """Start the coordinator and the local workers in the foreground; Ctrl-C/SIGTERM stops all."""
     cfg = _load(cluster_yaml, _overrides(model, workers, pp, tp, port))
+    client_curve, worker_curve = _launch_keys(cfg)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="shardline-", delete=False) as f:
         yaml.safe_dump(cfg.model_dump(mode="json"), f)
         cfg_path = f.name
@@ -117,7 +139,7 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                 procs.append(subprocess.Popen(
                     exe + ["worker", "--coordinator", cfg.worker_address, "--device", cfg.workers.device,
                            "--threads", str(cfg.workers.threads), "--memory-gb", f"{mem_gb:.3f}",
-                           "--worker-id", f"local-{i}"], preexec_fn=_die_with_parent))
+                           "--worker-id", f"local-{i}"] + worker_curve, preexec_fn=_die_with_parent))
         serve_gateway = cfg.gateway.enabled and prompt is None
         if serve_gateway:  # the OpenAI-compatible HTTP gateway, a child like the others
             try:
@@ -127,7 +149,7 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
             procs.append(subprocess.Popen(exe + ["gateway", cfg_path], preexec_fn=_die_with_parent))
         from shardline.client import Client, ShardlineError
 
-        with Client(cfg.client_address) as client:
+        with Client(cfg.client_address, **client_curve) as client:
             deadline = time.monotonic() + ready_timeout
             ready = False
             while not stopping and not ready:
@@ -166,27 +188,63 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                 break
             time.sleep(0.2)  # poll interval
     finally:
-        _stop_all(procs)
+        _stop_all(procs, drain_timeout_s=cfg.coordinator.drain_timeout_s)
         os.unlink(cfg_path)
         for s, h in old.items():
             signal.signal(s, h)
     sys.exit(rc)
 
 
-def _stop_all(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
-    """SIGTERM the coordinator first (it tells the workers to shut down), then the rest;
-    SIGKILL whatever is still running after `timeout_s`."""
-    for group in (procs[:1], procs[1:]):
+def _launch_keys(cfg: ClusterConfig) -> tuple[dict, list[str]]:
+    """With `security.server_key`: the launcher's own Client keyword arguments (its
+    `security.client_key`) and the `--server-key/--key` arguments of the local workers
+    (`security.worker_key`). Without: ({}, [])."""
+    sec = cfg.security
+    if sec.server_key is None:
+        return {}, []
+    from shardline.security import server_public_file
+
+    missing = [f for f, v in (("client_key", sec.client_key),
+                              ("worker_key", sec.worker_key if cfg.workers.launch_local else "-")) if v is None]
+    if missing:
+        raise click.ClickException(f"security.server_key is set, so `shardline launch` needs security.{missing[0]} "
+                                   f"(a secret key file on the {missing[0][:-4]} allow-list) for the processes it runs")
+    server_public = server_public_file(sec.server_key)
+    workers = ["--server-key", server_public, "--key", sec.worker_key] if cfg.workers.launch_local else []
+    return _curve_kwargs(server_public, sec.client_key), workers
+
+
+def _stop_all(procs: list[subprocess.Popen], timeout_s: float = 10.0, drain_timeout_s: float = 0.0) -> None:
+    """SIGTERM the coordinator first (it stops admission, lets running requests finish for up to
+    `drain_timeout_s`, then tells the workers to shut down), then the rest; SIGKILL whatever is
+    still running `timeout_s` seconds (plus the drain time, for the coordinator) later."""
+    for group, limit in ((procs[:1], timeout_s + drain_timeout_s), (procs[1:], timeout_s)):
         for p in group:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + limit
         for p in group:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+# ---- keygen -----------------------------------------------------------------------------------
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", required=True, help="File name stem: writes NAME.key (public) and NAME.key_secret (0600).")
+@click.option("--force", is_flag=True, help="Overwrite existing key files of that name.")
+def keygen(directory, name, force):
+    """Create a CurveZMQ keypair for the coordinator, a worker or a client (cluster.yaml `security:`)."""
+    from shardline.security import SecurityError, generate_keypair
+
+    try:
+        public, secret = generate_keypair(directory, name, overwrite=force)
+    except (SecurityError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it on this host)")
 
 
 # ---- coordinator / worker ---------------------------------------------------------------------
@@ -253,8 +311,11 @@ def gateway(cluster_yaml, address, host, port, api_key_env, timeout):
               "match the coordinator's (default: use the coordinator's path if the same file is here).")
 @click.option("--no-local-model", is_flag=True, help="Never read a model file on this host: receive the shard's "
               "tensors from the coordinator (also SHARDLINE_NO_LOCAL_MODEL=1).")
-def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour, speed, model_path, no_local_model):
+@_curve_options
+def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour, speed, model_path, no_local_model,
+           server_key_file, key_file):
     """Run one worker that joins a coordinator."""
+    curve = _curve_kwargs(server_key_file, key_file)
     if threads > 1:
         # torch and Numba each bring an OpenMP pool; with the default spin-waiting the two pools
         # fight over the cores between regions (a 64-sequence step measured 287 ms best, 723 ms
@@ -263,7 +324,8 @@ def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour,
     from worker.worker import main as run
 
     sys.exit(run(address, device, threads, int(memory_gb * 2**30) if memory_gb else None, worker_id, host,
-                 price_per_hour, speed=speed, model_path=model_path, use_local_model=not no_local_model))
+                 price_per_hour, speed=speed, model_path=model_path, use_local_model=not no_local_model,
+                 curve_keys=(curve["server_public_key"], curve["public_key"], curve["secret_key"]) if curve else None))
 
 
 # ---- generate ---------------------------------------------------------------------------------
@@ -286,8 +348,10 @@ def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour,
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, finish_reason, usage, timings).")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for each reply.")
+@_curve_options
 def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, min_tokens,
-             repetition_penalty, presence_penalty, frequency_penalty, ignore_eos, chat, as_json, timeout):
+             repetition_penalty, presence_penalty, frequency_penalty, ignore_eos, chat, as_json, timeout,
+             server_key_file, key_file):
     """Generate a completion from a running cluster."""
     from shardline.client import Client, ShardlineError
 
@@ -296,8 +360,9 @@ def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed
                   repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                   frequency_penalty=frequency_penalty, ignore_eos=ignore_eos)
     kw = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    curve = _curve_kwargs(server_key_file, key_file)
     try:
-        with Client(address, timeout_s=timeout) as c:
+        with Client(address, timeout_s=timeout, **curve) as c:
             if as_json:
                 r = c.generate(**kw, **params)
                 click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -336,12 +401,14 @@ def batch(input_jsonl, output, address, concurrency, no_progress):
 @click.option("--address", help="Client-plane address (default: $SHARDLINE_ADDRESS or tcp://127.0.0.1:7450).")
 @click.option("--json", "as_json", is_flag=True, help="Print the coordinator's STATS reply as one JSON object.")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the reply.")
-def status(address, as_json, timeout):
+@_curve_options
+def status(address, as_json, timeout, server_key_file, key_file):
     """Workers, stages, KV usage, queue depth, recent throughput and cost of a running cluster."""
     from shardline.client import Client, ShardlineError
 
+    curve = _curve_kwargs(server_key_file, key_file)
     try:
-        with Client(address, timeout_s=timeout) as c:
+        with Client(address, timeout_s=timeout, **curve) as c:
             stats = c.stats()
     except ShardlineError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None

@@ -58,15 +58,15 @@ class WorkersConfig(_Frozen):
         0.5, gt=0, description="Most memory per worker for its KV cache pool (GiB); None: all memory left after weights."
     )
     launch_local: bool = Field(True, description="`shardline launch` starts `count` workers on this host.")
-    price_per_hour: float | None = Field(
-        None, ge=0, description="Hourly price of one worker (any currency), for utilization and cost per million "
-                                "generated tokens; a worker's `--price-per-hour` overrides it. None: cost not reported."
-    )
     gemm_weights: Literal["packed", "bf16"] = Field(
         "packed", description="Weights of the many-token path (prefill, large decode batches) on CPU workers: "
         "`packed` dequantizes tiles of the quantized weights at every call (memory ~= the file); `bf16` also "
         "keeps a bfloat16 copy of every linear weight (2 bytes per parameter more) and multiplies it directly, "
         "about twice the throughput at 32+ sequences.")
+    price_per_hour: float | None = Field(
+        None, ge=0, description="Hourly price of one worker (any currency), for utilization and cost per million "
+                                "generated tokens; a worker's `--price-per-hour` overrides it. None: cost not reported."
+    )
 
 
 class ParallelConfig(_Frozen):
@@ -143,6 +143,42 @@ class GatewayConfig(_Frozen):
         return key
 
 
+class SecurityConfig(_Frozen):
+    """CurveZMQ (RFC 26) keys of the client and worker planes; `shardline keygen` writes them."""
+
+    server_key: str | None = Field(
+        None, description="The coordinator's secret key file (`NAME.key_secret`); its public key (`NAME.key`) goes "
+                          "to every client and worker. Set: both planes are CURVE-encrypted and authenticated."
+    )
+    client_keys: str | list[str] | None = Field(
+        None, description="Public keys allowed on the client plane: a directory of `*.key` files or a list of files. "
+                          "None: any client key (still encrypted)."
+    )
+    worker_keys: str | list[str] | None = Field(
+        None, description="Public keys allowed on the worker plane: a directory of `*.key` files or a list of files. "
+                          "None: any worker key (still encrypted)."
+    )
+    client_key: str | None = Field(
+        None, description="Secret key file of the clients the cluster runs itself (`shardline launch`'s health checks "
+                          "and --prompt, the HTTP gateway, LocalCluster); must be on client_keys."
+    )
+    worker_key: str | None = Field(
+        None, description="Secret key file `shardline launch` gives the local workers it starts; must be on worker_keys."
+    )
+    insecure: bool = Field(
+        False, description="Allow binding a non-loopback coordinator.host without server_key (unencrypted, "
+                           "unauthenticated planes)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.server_key is None:
+            given = [f for f in ("client_keys", "worker_keys", "client_key", "worker_key") if getattr(self, f)]
+            if given:
+                raise ValueError(f"security.{given[0]} needs security.server_key (the coordinator's secret key file)")
+        return self
+
+
 class HeartbeatConfig(_Frozen):
     interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats on the worker plane.")
     misses: int = Field(5, ge=1, description="Missed heartbeats before a worker is declared dead.")
@@ -180,6 +216,7 @@ class ClusterConfig(_Frozen):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     metrics: MetricsConfig = MetricsConfig()
     gateway: GatewayConfig = GatewayConfig()
+    security: SecurityConfig = SecurityConfig()
 
     @model_validator(mode="after")
     def _check(self):

@@ -77,7 +77,7 @@ class LocalCluster:
             self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "shardline.cli", "launch", self._cfg_path],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.client = Client(self.address, timeout_s=120.0)
+        self.client = Client(self.address, timeout_s=120.0, **self.client_keys())
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -92,6 +92,16 @@ class LocalCluster:
                 self.stop()
                 raise RuntimeError(f"cluster not ready after {self.ready_timeout_s} s:\n{out}")
             time.sleep(0.2)  # poll interval
+
+    def client_keys(self) -> dict:
+        """Client keyword arguments for this cluster's CurveZMQ keys (`security.server_key` and
+        `security.client_key`), or {} without keys."""
+        sec = self.config.security
+        if sec.server_key is None or sec.client_key is None:
+            return {}
+        from shardline.security import client_credentials, server_public_file
+
+        return client_credentials(server_public_file(sec.server_key), sec.client_key)
 
     def output(self) -> str:
         self._log.flush()

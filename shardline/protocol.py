@@ -33,9 +33,9 @@ HEADER_BYTES = HEADER.size
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # weight chunks are the largest messages
 MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
 MAX_PROMPT_TOKENS = 1 << 20
+MAX_DEPTH = 16  # deepest nesting of maps/lists in a body (the deepest real message, STEP_RESULT, has 6)
 SHARD_CHUNK_BYTES = 4 * 1024 * 1024  # weight bytes per SHARD_CHUNK (a frame stays far below MAX_FRAME_BYTES)
 SHARD_WINDOW = 4  # SHARD_FETCHes a worker keeps outstanding (bounds the coordinator's send queue)
-MAX_DEPTH = 16  # deepest nesting of maps/lists in a body (the deepest real message, STEP_RESULT, has 6)
 
 
 class MsgType(enum.IntEnum):

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -109,6 +110,7 @@ class Worker:
         self.host = host or local_ip_towards(coordinator)
         self.heartbeat_interval_s = 1.0
         self.heartbeat_misses = 10
+        self.curve_keys: tuple[str, str, str] | None = None  # (server public, own public, own secret), Z85
         self._stop = False
         self.model = self.kv_cache = self.comm = None
         self.block_tables: dict[int, list[int]] = {}
@@ -128,6 +130,7 @@ class Worker:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
+        self._configure_socket(self.sock)
         self.sock.connect(self.coordinator)
         self._send(MsgType.REGISTER, {
             "worker_id": self.worker_id, "incarnation": self.incarnation, "host": self.host,
@@ -139,17 +142,37 @@ class Worker:
             **({} if self.price_per_hour is None else {"price_per_hour": self.price_per_hour}),
         })
         log.info("worker %s registered with %s from %s", self.worker_id, self.coordinator, self.host)
+        self._hb_stop = threading.Event()
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._hb_thread.start()
         last_sent = last_heard = time.monotonic()
         rc = 0
         try:
             while not self._stop:
                 if self.sock.poll(int(self.heartbeat_interval_s * 1000)):
-                    msg_type, body = P.decode(self.sock.recv())
+                    try:
+                        msg_type, body = P.decode(self.sock.recv())
+                        P.validate(msg_type, body)
+                    except P.ProtocolError as exc:
+                        log.error("bad frame from the coordinator: %s", exc)
+                        continue
                     last_heard = time.monotonic()
                     if msg_type is MsgType.STEP:
-                        self.execute_step(body)
+                        if self.comm is not None:  # else: the group broke; wait for the next ASSIGN
+                            try:
+                                self.execute_step(body)
+                            except Exception as exc:  # a dead peer (gloo/NCCL error or timeout), or a bug
+                                log.exception("step %s failed", body.get("step_id"))
+                                self._drop_data_plane(f"step {body.get('step_id')}: {exc}")
                     elif msg_type is MsgType.ASSIGN:
-                        self.assign(body)
+                        if self.comm is not None:  # a new plan: leave the old group first
+                            self.comm.abort()
+                            self.comm = None
+                        try:
+                            self.assign(body)
+                        except Exception as exc:  # e.g. a peer died during rendezvous (timeout)
+                            log.exception("ASSIGN failed")
+                            self._drop_data_plane(f"ASSIGN generation {body.get('generation')}: {exc}")
                     elif msg_type is MsgType.SHUTDOWN:
                         log.info("worker %s: shutdown requested", self.worker_id)
                         break
@@ -159,13 +182,6 @@ class Worker:
                         break
                     last_heard = time.monotonic()  # handling (a load) may take long
                 now = time.monotonic()
-                if now - last_sent >= self.heartbeat_interval_s:
-                    self._send(MsgType.HEARTBEAT, {"worker_id": self.worker_id, "num_steps": self.num_steps,
-                                                   "step_time_s": self.step_time_s, "rss_bytes": rss_bytes(),
-                                                   "busy_s": self.busy_s, "step_times_s": list(self.step_times),
-                                                   **({"comm": self.comm.stats()} if self.comm else {})})
-                    self.step_times.clear()
-                    last_sent = now
                 if self.model is not None and now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
                     log.error("coordinator silent for %.1f s; exiting", now - last_heard)
                     rc = 1
@@ -177,7 +193,57 @@ class Worker:
     def stop(self) -> None:
         self._stop = True
 
+    def _heartbeat_loop(self) -> None:
+        """Thread: a HEARTBEAT every `heartbeat_interval_s` from a socket of its own (routing id
+        `<worker id>#hb`; ZeroMQ sockets are not shared between threads), so a long load or a
+        data-plane receive blocked on a dead peer does not make this worker look dead. Only a
+        dead, frozen (SIGSTOP) or cut-off process stops heartbeating."""
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode() + b"#hb")
+        sock.setsockopt(zmq.SNDHWM, 4)  # never queue more than a few stale heartbeats
+        self._configure_socket(sock)
+        sock.connect(self.coordinator)
+        try:
+            while not self._hb_stop.wait(self.heartbeat_interval_s):
+                times, self.step_times = self.step_times, deque(maxlen=MAX_STEP_TIMES)
+                comm = self.comm
+                body = {"worker_id": self.worker_id, "incarnation": self.incarnation, "num_steps": self.num_steps,
+                        "step_time_s": self.step_time_s, "rss_bytes": rss_bytes(), "busy_s": self.busy_s,
+                        "step_times_s": list(times), **({"comm": comm.stats()} if comm is not None else {})}
+                try:
+                    sock.send(P.encode(MsgType.HEARTBEAT, body), zmq.NOBLOCK)
+                except zmq.Again:  # the coordinator is unreachable; it will time this worker out
+                    pass
+        finally:
+            sock.close(linger=0)
+
+    def _configure_socket(self, sock) -> None:
+        """CurveZMQ client keys on a worker-plane socket when `curve_keys` were given."""
+        if self.curve_keys is not None:
+            from shardline.security import configure_curve_client
+
+            configure_curve_client(sock, *self.curve_keys)
+
+    def _drop_data_plane(self, why: str) -> None:
+        """The torch.distributed group is broken (a peer died or timed out) or replaced: leave it,
+        forget the sequences' worker-side state, tell the coordinator (it re-plans), and wait for
+        the next ASSIGN; STEPs until then are ignored."""
+        log.error("worker %s: data plane failed: %s", self.worker_id, why)
+        if self.comm is not None:
+            try:
+                self.comm.abort()
+            except Exception as exc:  # a half-broken group may fail to tear down; it is dropped anyway
+                log.warning("leaving the old group: %s", exc)
+            self.comm = None
+        self.block_tables.clear()
+        self.params.clear()
+        self._send(MsgType.ERROR, P.error_body(P.ErrorCode.UNAVAILABLE, f"data plane failed: {why}"))
+
     def close(self) -> None:
+        if getattr(self, "_hb_stop", None) is not None:
+            self._hb_stop.set()
+            self._hb_thread.join(timeout=5)
         if self.comm is not None:
             try:
                 self.comm.close()
@@ -209,8 +275,11 @@ class Worker:
         bar = LoadProgress(f"stage {self.stage} layers [{self.shard.layer_start}, {self.shard.layer_end})",
                            ["joining the data plane", "weights", "KV cache", "warm-up (compiling kernels)"])
         backend = "nccl" if self.device == "cuda" else "gloo"
+        self.block_tables.clear()
+        self.params.clear()
         self.comm = StageComm(a["rank"], a["world_size"], self.stage, self.pp_size, self.tp_rank, self.tp_size,
-                              a["store_host"], a["store_port"], a["store_prefix"], backend, self.host)
+                              a["store_host"], a["store_port"], a["store_prefix"], backend, self.host,
+                              timeout_s=a.get("data_plane_timeout_s", 60.0))
         bar.next()
         local = self._local_model(a)
         if local is not None:
@@ -238,6 +307,7 @@ class Worker:
                  self.worker_id, self.stage, self.shard.layer_start, self.shard.layer_end, self.tp_rank,
                  self.tp_size, load_s, self.model.weight_bytes() / 1e6, self.kv_cache.nbytes / 1e6)
         self._send(MsgType.READY, {"worker_id": self.worker_id, "weight_bytes": self.model.weight_bytes(),
+                                   "generation": a.get("generation", 0),
                                    "shard_transfer": self.transfer_stats,
                                    "rss_bytes": rss_bytes(),
                                    "kv_bytes": self.kv_cache.nbytes, "load_s": load_s})
@@ -357,7 +427,6 @@ class Worker:
         self.step_times.append(t_end - t_input)
         self.num_steps += 1
 
-
     def _note_tokens(self, st: SequenceSampling, s: dict) -> None:
         """Last stage: keep the token ids of a sequence whose penalties need its history.
         `history` (with a reset) holds the tokens before the first computed position (a cached
@@ -413,9 +482,14 @@ class Worker:
                 result.append([seq_id, first, entries])
         return result
 
+
 def main(coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,
          worker_id: str | None = None, host: str | None = None, price_per_hour: float | None = None,
-         speed: float = 1.0, model_path: str | None = None, use_local_model: bool = True) -> int:
+         speed: float = 1.0, model_path: str | None = None, use_local_model: bool = True,
+         curve_keys: tuple | None = None) -> int:
+    """`curve_keys`: (coordinator public, own public, own secret) Z85 CurveZMQ keys, or None."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Worker(coordinator, device, threads, memory_bytes, worker_id, host, price_per_hour, speed=speed,
-                  model_path=model_path, use_local_model=use_local_model).run()
+    w = Worker(coordinator, device, threads, memory_bytes, worker_id, host, price_per_hour, speed=speed,
+               model_path=model_path, use_local_model=use_local_model)
+    w.curve_keys = curve_keys
+    return w.run()

@@ -135,7 +135,9 @@ def test_cluster_across_namespaces_with_the_model_only_on_the_coordinator_host(t
     cfg.write_text(yaml.safe_dump({
         "model": "smollm2-135m", "coordinator": {"host": coord},
         "workers": {"count": 2, "threads": 1}, "parallel": {"pipeline_parallel": 2, "tensor_parallel": 1},
-        "heartbeat": {"interval_s": 1.0, "misses": 30}}))
+        "heartbeat": {"interval_s": 1.0, "misses": 30},
+        # a non-loopback bind needs CurveZMQ keys or this flag; the bridge is private to the test
+        "security": {"insecure": True}}))
     py = [sys.executable, "-m", "shardline.cli"]
     worker_dir = tmp_path / "worker-home"
     worker_dir.mkdir()

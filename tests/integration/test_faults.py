@@ -1,0 +1,233 @@
+"""Faults with real processes: a worker killed (SIGKILL) or frozen (SIGSTOP) mid-generation.
+
+Each test measures the time to detection (kill/freeze -> the coordinator reports the worker dead),
+records what the clients saw, and checks that the coordinator stays up, and that afterwards no
+process of the cluster is left. Outputs are compared with an undisturbed greedy run of the same
+prompts on the same cluster (`assert_same_greedy`: identical tokens, up to a stated near-tie).
+
+- kill -9, `replan_on_fewer_workers: true`: the coordinator re-plans onto the survivor at once and
+  the in-flight requests finish, recomputed from their token history, with the undisturbed output.
+- SIGSTOP, `replan_on_fewer_workers: false`: no plan fits, so within `recovery_timeout_s` the
+  in-flight request ends with UnavailableError and new ones are refused with UnavailableError; a
+  replacement worker that joins brings the cluster back, with the undisturbed output.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shardline.client import Client, UnavailableError
+from shardline.local import LocalCluster
+from tests.integration.conftest import assert_same_greedy, pp_config
+
+HEARTBEAT = {"interval_s": 0.5, "misses": 4, "data_plane_timeout_s": 10.0}  # death declared after 2 s of silence
+DETECTION_BOUND_S = 0.5 * 4 + 2.0  # heartbeat timeout + one check interval + scheduling slack on 2 busy cores
+PROMPTS = ["The history of the printing press", "Write a short poem about rivers", "List three uses of copper"]
+GEN = {"max_tokens": 96, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _worker_pids(client: Client) -> dict[str, int]:
+    return {w["worker_id"]: w["pid"] for w in client.stats()["workers"] if w["alive"]}
+
+
+def _wait_dead(client: Client, worker_id: str, t0: float, bound_s: float = 30.0) -> float:
+    """Seconds from t0 until the coordinator reports `worker_id` dead."""
+    while time.monotonic() - t0 < bound_s:
+        if any(w["worker_id"] == worker_id and not w["alive"] for w in client.stats()["workers"]):
+            return time.monotonic() - t0
+        time.sleep(0.05)  # poll interval
+    raise AssertionError(f"worker {worker_id} not declared dead within {bound_s} s")
+
+
+def _run_all(address: str, prompts: list[str]) -> tuple[dict, dict, dict, list[threading.Thread]]:
+    """Generate each prompt in its own thread and client. Returns ({i: result}, {i: exception},
+    {i: seconds until the call returned}, the started threads)."""
+    results, errors, ended = {}, {}, {}
+    t0 = time.monotonic()
+
+    def one(i: int, prompt: str) -> None:
+        with Client(address, timeout_s=120) as c:
+            try:
+                results[i] = c.generate(prompt, **GEN)
+            except Exception as exc:  # recorded: what the client saw
+                errors[i] = exc
+            ended[i] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    return results, errors, ended, threads
+
+
+def _wait_tokens(client: Client, base: int, n: int, bound_s: float = 60.0) -> None:
+    """Until the cluster has generated `n` tokens beyond `base` (so the fault lands mid-generation)."""
+    deadline = time.monotonic() + bound_s
+    while client.stats()["generation_tokens_total"] < base + n:
+        assert time.monotonic() < deadline, "generation did not start"
+        time.sleep(0.02)  # poll interval
+
+
+def _no_process_left(cluster: LocalCluster, pids: list[int]) -> None:
+    rc = cluster.stop()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # poll interval
+    assert not [p for p in pids if _alive(p)], "cluster processes left after stop"
+    return rc
+
+
+def test_kill_worker_mid_generation_recomputes_on_survivor():
+    cfg = pp_config(2)
+    cfg["heartbeat"] = HEARTBEAT
+    cfg["coordinator"] = {"recovery_timeout_s": 60.0, "replan_on_fewer_workers": True}
+    cluster = LocalCluster(cfg).start()
+    client = cluster.client
+    pids = list(_worker_pids(client).values()) + [client.stats()["coordinator"]["pid"]]
+    try:
+        reference = [client.generate(p, **GEN) for p in PROMPTS]  # undisturbed
+        base = client.stats()["generation_tokens_total"]
+        results, errors, ended, threads = _run_all(cluster.address, PROMPTS)
+        _wait_tokens(client, base, 24)
+        victim = _worker_pids(client)["local-1"]
+        t_kill = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        detect_s = _wait_dead(client, "local-1", t_kill)
+        for t in threads:
+            t.join(180)
+        done_s = time.monotonic() - t_kill
+        assert not errors, f"clients saw errors: {errors}"
+        for ref, got in zip(reference, (results[i] for i in range(len(PROMPTS)))):
+            assert got.finish_reason == "length" and len(got.token_ids) == GEN["max_tokens"]
+            assert_same_greedy(ref, got)
+        assert all(results[i].usage["num_preemptions"] >= 1 for i in results), "not recomputed?"
+        health = client.health()
+        assert health["status"] == "ok" and health["workers_up"] == 1, health
+        stats = client.stats()
+        assert [w["alive"] for w in stats["workers"] if w["worker_id"] == "local-1"] == [False]
+        assert stats["plan"]["pp_size"] == 1
+        assert detect_s < DETECTION_BOUND_S, detect_s
+        print(f"\nkill -9 local-1: detected in {detect_s:.2f} s; {len(PROMPTS)} in-flight requests completed "
+              f"{done_s:.1f} s after the kill, outputs equal to the undisturbed run; clients saw no error")
+    finally:
+        rc = _no_process_left(cluster, pids)
+    assert rc == 0
+
+
+def test_frozen_worker_ends_requests_then_replacement_restores_service(tmp_path):
+    cfg = pp_config(2)
+    cfg["heartbeat"] = HEARTBEAT
+    cfg["coordinator"] = {"recovery_timeout_s": 5.0, "replan_on_fewer_workers": False}
+    cluster = LocalCluster(cfg).start()
+    client = cluster.client
+    pids = list(_worker_pids(client).values()) + [client.stats()["coordinator"]["pid"]]
+    replacement = None
+    victim = None
+    try:
+        reference = client.generate(PROMPTS[0], **GEN)
+        base = client.stats()["generation_tokens_total"]
+        results, errors, ended, threads = _run_all(cluster.address, PROMPTS[:1])
+        _wait_tokens(client, base, 16)
+        victim = _worker_pids(client)["local-1"]
+        t_stop = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)
+        detect_s = _wait_dead(client, "local-1", t_stop)
+        for t in threads:
+            t.join(60)
+        assert isinstance(errors.get(0), UnavailableError), (errors, results)
+        seen_s = time.monotonic() - t_stop
+        # a new request is refused at once (503-style) while no plan fits
+        with pytest.raises(UnavailableError, match="not serving"):
+            client.generate("hello", max_tokens=4)
+        health = client.health()
+        assert health["status"].startswith(("degraded", "recovering")) and health["workers_up"] == 1, health
+        assert detect_s < DETECTION_BOUND_S, detect_s
+        assert seen_s < DETECTION_BOUND_S + 5.0 + 5.0, seen_s  # detection + recovery_timeout_s + slack
+
+        # a replacement joins: the coordinator re-plans onto 2 workers and serves again
+        os.kill(victim, signal.SIGKILL)
+        t_join = time.monotonic()
+        replacement = subprocess.Popen(
+            [sys.executable, "-m", "shardline.cli", "worker", "--coordinator", cluster.config.worker_address,
+             "--threads", "1", "--worker-id", "local-2", "--memory-gb", "4"],
+            stdout=open(tmp_path / "replacement.log", "wb"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # wait_ready() gives up on a degraded cluster; here the degraded state is expected to end
+        deadline = time.monotonic() + 180
+        while client.health()["status"] != "ok":
+            assert time.monotonic() < deadline, client.health()
+            time.sleep(0.2)  # poll interval
+        restore_s = time.monotonic() - t_join
+        again = client.generate(PROMPTS[0], **GEN)
+        assert_same_greedy(reference, again)
+        assert client.health()["workers_up"] == 2
+        print(f"\nSIGSTOP local-1: detected in {detect_s:.2f} s; the in-flight request ended with "
+              f"UnavailableError {seen_s:.1f} s after the freeze ({errors[0]}); new requests refused with "
+              f"UnavailableError; a replacement restored service {restore_s:.1f} s after it started; "
+              "output equal to the undisturbed run")
+    finally:
+        if victim is not None and _alive(victim):
+            os.kill(victim, signal.SIGKILL)
+        rc = _no_process_left(cluster, pids)
+        if replacement is not None:
+            # Known gap: a worker started outside the launcher does not always exit after the
+            # coordinator stops (seen in this test); it is killed here so nothing is left behind.
+            try:
+                replacement.wait(30)
+            except subprocess.TimeoutExpired:
+                replacement.kill()
+                replacement.wait()
+    assert rc == 0
+
+
+def test_sigterm_drains_running_requests_then_exits():
+    """SIGTERM to the coordinator: admission stops at once (new requests get UnavailableError),
+    the running request still completes in full, then the coordinator shuts the workers down and
+    exits 0 (reported by the launcher), leaving no process behind."""
+    cfg = pp_config(1)
+    cfg["coordinator"] = {"drain_timeout_s": 60.0}
+    cluster = LocalCluster(cfg).start()
+    client = cluster.client
+    coordinator = client.stats()["coordinator"]["pid"]
+    pids = list(_worker_pids(client).values()) + [coordinator]
+    try:
+        base = client.stats()["generation_tokens_total"]
+        results, errors, ended, threads = _run_all(cluster.address, PROMPTS[:1])
+        _wait_tokens(client, base, 8)
+        t_term = time.monotonic()
+        os.kill(coordinator, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while client.health()["status"] != "draining":
+            assert time.monotonic() < deadline, client.health()
+            time.sleep(0.02)  # poll interval
+        with pytest.raises(UnavailableError, match="draining"):
+            client.generate("hello", max_tokens=4)
+        threads[0].join(120)
+        assert not errors, errors
+        assert results[0].finish_reason == "length" and len(results[0].token_ids) == GEN["max_tokens"]
+        deadline = time.monotonic() + 30
+        while _alive(coordinator):
+            assert time.monotonic() < deadline, "coordinator still running after the drain"
+            time.sleep(0.1)  # poll interval
+        print(f"\nSIGTERM: the running request finished {ended[0]:.1f} s after it started; the coordinator "
+              f"exited {time.monotonic() - t_term:.1f} s after the signal")
+    finally:
+        rc = _no_process_left(cluster, pids)
+    assert rc == 0
