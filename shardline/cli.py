@@ -182,9 +182,9 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                                    f"{t.get('decode_tokens_per_s') or 0:.1f} tokens/s]", err=True)
                 return
         while not stopping:
-            if procs[0].poll() is not None:
-                rc = 1
-                click.echo("shardline: coordinator exited; stopping workers", err=True)
+            if procs[0].poll() is not None:  # e.g. drained after a SIGTERM of its own: its rc is ours
+                rc = procs[0].returncode
+                click.echo(f"shardline: coordinator exited (rc={rc}); stopping workers", err=True)
                 break
             time.sleep(0.2)  # poll interval
     finally:

@@ -11,6 +11,7 @@ the cluster serves, and on exit stops it and checks that no process of it is lef
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,14 +25,22 @@ from shardline.client import Client
 from shardline.config import ClusterConfig, _merge
 
 
+def _ephemeral_low() -> int:
+    """Lowest port the kernel hands out for outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(n: int = 3) -> int:
-    """A port p such that p..p+n-1 were all free a moment ago."""
+    """A port p such that p..p+n-1 were all free a moment ago, chosen below the ephemeral range:
+    a port the kernel gave out for bind(0) can be taken by any process's next outgoing
+    connection (ZeroMQ, gloo, the TCPStore) before the cluster binds it."""
+    high = max(2048, _ephemeral_low()) - n
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
+        base = random.randrange(1024 if high <= 20000 else 20000, high)
         ok = True
         for p in range(base, base + n):
             with socket.socket() as t:
