@@ -84,8 +84,11 @@ class LocalCluster:
             self._log = open(self.log_path, "wb")
         else:
             self._log = tempfile.TemporaryFile()
+        from shardline.cli import _die_with_parent  # SIGTERM on our death: no cluster outlives its owner
+
         self.proc = subprocess.Popen([sys.executable, "-m", "shardline.cli", "launch", self._cfg_path],
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         self.client = Client(self.address, timeout_s=120.0, **self.client_keys())
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
