@@ -48,7 +48,7 @@ def start_gateway(tmp_path, address: str, api_key_env: str | None = None) -> tup
                 return proc, url
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.2)  # poll interval
     proc.kill()
     raise RuntimeError("gateway did not come up")
 
@@ -277,7 +277,7 @@ def test_client_disconnect_cancels_the_request(gateway, cluster):
                 break
     deadline = time.monotonic() + 15
     while cluster.client.stats()["num_requests_running"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll interval
     stats = cluster.client.stats()
     assert stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
 
@@ -303,7 +303,7 @@ def test_launch_starts_the_gateway_and_health_reports_missing_workers(tmp_path):
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.3)  # poll interval
         assert r is not None and r.status_code == 503, (tmp_path / "launch.log").read_text()
         assert r.json()["workers_up"] == 0 and r.json()["workers_expected"] == 1
         children = subprocess.run(["pgrep", "-g", str(launcher.pid)], capture_output=True, text=True).stdout.split()

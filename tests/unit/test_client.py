@@ -154,8 +154,15 @@ def test_async_timeout_error_and_closed_client(coord):
         with pytest.raises(ClientClosedError):
             await c.health()
     asyncio.run(main())
-    time.sleep(0.1)
+    _wait_for(lambda: len(coord.cancelled) >= 1)
     assert len(coord.cancelled) == 1  # the timed-out request was cancelled
+
+
+def _wait_for(condition, timeout_s: float = 5.0) -> None:
+    """Poll `condition` until it holds or `timeout_s` passes (the assertion after it then fails)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll interval
 
 
 def test_sync_client_from_many_threads(coord):
@@ -177,7 +184,7 @@ def test_sync_client_from_many_threads(coord):
         with pytest.raises(RequestTimeoutError):
             c.generate("silent", max_tokens=1)
         c.timeout_s = 10
-        time.sleep(0.3)
+        _wait_for(lambda: len(coord.cancelled) >= 2)
         assert len(coord.cancelled) == 2
         c.health()  # late replies of the stream closed above are dropped, not kept
         assert not c._inbox
