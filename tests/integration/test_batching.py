@@ -76,13 +76,15 @@ def test_same_output_with_one_seat_and_small_chunks(clusters, reference):
 
 def test_preemption_gives_the_same_outputs(clusters, default_cluster):
     """One stage, so one step is in flight and a sequence short of blocks always finds a victim
-    (with micro-batches in flight it may wait instead); 8 sequences growing to ~4 blocks each
-    cannot fit 24 blocks without preemption."""
+    (with micro-batches in flight it may wait instead). 8 sequences of 5-18 prompt tokens growing
+    by 96 tokens need 7-8 blocks each (block size 16): any 4 of them at once overflow 24 blocks, so
+    preemption happens even when the requests arrive staggered. (With 48 new tokens the demand
+    was ~33 blocks and one preemption relieved it; a CI run saw none.)"""
     prompts = [TARGET] + OTHERS
-    big = _concurrently(default_cluster.client, prompts, n=48)
+    big = _concurrently(default_cluster.client, prompts, n=96)
     small = clusters.get(pp_config(1, num_kv_blocks=24, enable_prefix_caching=False))
     before = small.client.stats()
-    outs = _concurrently(small.client, prompts, n=48)
+    outs = _concurrently(small.client, prompts, n=96)
     after = _wait_idle(small.client)
     assert after["num_preemptions_total"] > before["num_preemptions_total"], "the pool was meant to force preemption"
     _all_same(big, outs)
