@@ -7,7 +7,13 @@ ASSIGN each worker -> wait for every READY -> serve. The busy loop:
     2. schedule: while fewer than `pipeline_micro_batches` steps are in flight, ask the scheduler
     3. dispatch each new step plan to every worker
     4. collect: a STEP_RESULT from the last stage completes a step (arrives via step 1)
-    5. emit text deltas / DONE messages, and check worker liveness
+    5. emit text deltas / DONE messages, and check worker liveness (and advance a worker drain)
+
+Draining one worker (DRAIN_WORKER, `shardline drain`): no new steps are dispatched on the current
+plan and the steps in flight finish; then the plan is abandoned as after a loss, a new one is made
+from the other live workers (shards reload, unfinished sequences are recomputed from their
+tokens), the drained worker is sent SHUTDOWN, and the client is answered once the new plan serves.
+Requests arriving meanwhile are queued, not refused.
 """
 
 from __future__ import annotations
@@ -69,6 +75,23 @@ class WorkerInfo:
     speed: float = 1.0  # relative speed the worker declared (planner input)
     comm: dict | None = None  # the worker's cumulative data-plane times (worker.comm.StageComm.stats)
     lost_at: float | None = None
+    drained: bool = False  # left by an operator's drain (not a failure)
+
+
+@dataclass
+class WorkerDrain:
+    """An operator's drain of one worker (DRAIN_WORKER), from acceptance to its answer.
+
+    phase `quiesce`: no new steps; the steps in flight finish (at most until `quiesce_deadline`,
+    monotonic seconds). phase `replan`: the worker has been told to SHUTDOWN and the new plan
+    loads; the client is answered when it serves, or with ERROR if recovery fails."""
+
+    worker_id: str
+    client: bytes
+    request_id: str
+    started: float  # monotonic seconds
+    quiesce_deadline: float
+    phase: str = "quiesce"
 
 
 @dataclass
@@ -126,6 +149,7 @@ class Coordinator:
         self.drain_deadline: float | None = None
         self.recovery_deadline: float | None = None  # a plan was lost: serve again before this
         self.replan_at: float | None = None  # after a reported data-plane failure: re-plan no sooner
+        self.worker_drain: WorkerDrain | None = None  # DRAIN_WORKER in progress (at most one)
         self.generation = 0
         self.stats = {"requests_total": 0, "requests_finished": 0, "generation_tokens_total": 0,
                       "prompt_tokens_total": 0, "steps_total": 0, "step_time_s_total": 0.0}
@@ -190,6 +214,7 @@ class Coordinator:
             self._send_worker(w, MsgType.SHUTDOWN, {})
         for req in list(self.requests.values()):
             self._send_error(req.client, req.request_id, ErrorCode.UNAVAILABLE, "coordinator shutting down")
+        self._end_worker_drain(ErrorCode.UNAVAILABLE, "coordinator shutting down")
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         if getattr(self, "authenticator", None) is not None:
@@ -241,6 +266,7 @@ class Coordinator:
                 if now - last_hb >= hb:
                     last_hb = now
                     self._heartbeat(now)
+                self._advance_worker_drain(now)
                 if self._draining and (not self.requests or now > self.drain_deadline):
                     if self.requests:
                         log.error("drain timed out with %d sequences running", len(self.requests))
@@ -387,9 +413,10 @@ class Coordinator:
                  w.memory_bytes / 2**30, alive + 1, self.config.workers.count)
         self._maybe_plan()
 
-    def _maybe_plan(self) -> None:
+    def _maybe_plan(self, fewer: bool = False) -> None:
         """Plan when there is something to plan for: the first time `workers.count` workers are
-        registered, or after a loss (`recovering`/`degraded`) whenever the live workers may fit."""
+        registered, or after a loss (`recovering`/`degraded`) whenever the live workers may fit.
+        `fewer`: re-plan onto fewer workers even without `replan_on_fewer_workers` (a drain)."""
         alive = sum(1 for w in self.workers.values() if w.alive)
         if self.state in ("serving", "loading") or self._draining:
             return
@@ -398,12 +425,19 @@ class Coordinator:
                 return
             self.replan_at = None
         if alive >= self.config.workers.count or (
-                self.state != "waiting_for_workers" and alive and self.config.coordinator.replan_on_fewer_workers):
+                self.state != "waiting_for_workers" and alive
+                and (fewer or self.config.coordinator.replan_on_fewer_workers)):
             self._assign()
 
-    def _assign(self) -> None:
+    def _make_plan(self, exclude: str | None = None) -> Plan:
+        """The planner's layout over the live workers (all but `exclude`): the first
+        `workers.count` by id, or all of them when fewer (fewer stages, the same TP size).
+
+        Raises:
+            PlanError: no layout fits those workers (the message says why).
+        """
         cfg = self.config
-        ids = sorted(w for w in self.order if self.workers[w].alive)[: cfg.workers.count]
+        ids = sorted(w for w in self.order if self.workers[w].alive and w != exclude)[: cfg.workers.count]
         if len(ids) < cfg.workers.count:  # re-plan onto the survivors: fewer stages, same TP size
             tp = cfg.parallel.tensor_parallel
             if isinstance(tp, int):
@@ -413,10 +447,14 @@ class Coordinator:
                 "parallel": cfg.parallel.model_copy(update={"pipeline_parallel": None if isinstance(tp, int) else "auto"})})
         offers = [WorkerOffer(w, self.workers[w].host, self.workers[w].memory_bytes, self.workers[w].device,
                               self.workers[w].speed) for w in ids]
+        if not offers:
+            raise PlanError(f"no live workers fit tensor_parallel={cfg.parallel.tensor_parallel}")
+        return plan_for_config(cfg, self.spec, self.model_sizes, offers)
+
+    def _assign(self) -> None:
+        cfg = self.config
         try:
-            if not offers:
-                raise PlanError(f"no live workers fit tensor_parallel={cfg.parallel.tensor_parallel}")
-            plan = plan_for_config(cfg, self.spec, self.model_sizes, offers)
+            plan = self._make_plan()
         except PlanError as exc:
             log.error("no plan fits: %s", exc)
             if self.recovery_deadline is None:
@@ -474,9 +512,10 @@ class Coordinator:
                 self.scheduler._next_step_id = old._next_step_id
                 self.scheduler.stats.num_preemptions = old.stats.num_preemptions
             self.state = "serving"
-            self._resume_requests()
+            resumed = self._resume_requests()
             log.info("serving %s: %d KV blocks of %d tokens, %d micro-batches in flight", self.model_id,
                      self.plan.num_kv_blocks, self.plan.block_size, self.max_in_flight)
+            self._end_worker_drain(resumed=resumed)
 
     def _heartbeat(self, now: float) -> None:
         cfg = self.config.heartbeat
@@ -498,6 +537,7 @@ class Coordinator:
                 self._finish(seq_id, "error", ErrorCode.UNAVAILABLE,
                              f"no worker plan within {self.config.coordinator.recovery_timeout_s:.0f} s ({why})")
             self.recovery_deadline = None
+            self._end_worker_drain(ErrorCode.UNAVAILABLE, f"worker drained, but no plan serves without it ({why})")
             if self.state != "loading":
                 self.state = f"degraded: {why.removeprefix('recovering: ')}"
 
@@ -555,7 +595,7 @@ class Coordinator:
             if w.worker_id in self.order:
                 self.order.remove(w.worker_id)
 
-    def _plan_broken(self, why: str, settle: bool = False) -> None:
+    def _plan_broken(self, why: str, settle: bool = False, fewer: bool = False) -> None:
         """The current plan cannot go on (a member lost, a data-plane failure). Recovery:
 
         1. steps in flight are abandoned (late results are ignored: step ids never repeat);
@@ -570,9 +610,13 @@ class Coordinator:
 
         `settle`: a worker reported a data-plane failure, so some peer may be dead but not yet
         found so: re-plan only after one heartbeat timeout, when liveness has told which.
+        `fewer`: re-plan onto fewer workers even without `replan_on_fewer_workers` (a drain).
         """
         if self.plan is None and self.state in ("waiting_for_workers",):
             return
+        if self.worker_drain is not None and self.worker_drain.phase == "quiesce":
+            self._end_worker_drain(ErrorCode.UNAVAILABLE, f"drain of worker {self.worker_drain.worker_id} "
+                                                          f"abandoned: the plan broke ({why})")
         hb = self.config.heartbeat
         if settle:
             self.replan_at = time.monotonic() + hb.interval_s * (hb.misses + 1)
@@ -585,19 +629,21 @@ class Coordinator:
         if self.recovery_deadline is None:
             self.recovery_deadline = time.monotonic() + self.config.coordinator.recovery_timeout_s
         self.state = f"recovering: {why}"
-        self._maybe_plan()
+        self._maybe_plan(fewer=fewer)
 
-    def _resume_requests(self) -> None:
+    def _resume_requests(self) -> int:
         """Under a new plan: queue every unfinished sequence again, to be recomputed from its
-        token history (a preemption: KV state is rebuilt, nothing the client saw is repeated)."""
+        token history (a preemption: KV state is rebuilt, nothing the client saw is repeated).
+        Returns the number of sequences queued."""
         self.recovery_deadline = None
         seqs = sorted({r.seq.seq_id: r.seq for r in self.requests.values() if not r.seq.is_finished}.values(),
                       key=lambda s: s.seq_id)
         for seq in seqs:
+            if seq.num_computed_tokens:  # had KV state to lose (not one queued while the plan changed)
+                seq.num_preemptions += 1
             seq.status = SequenceStatus.WAITING
             seq.num_computed_tokens = 0
             seq.block_table, seq.block_hashes, seq.num_blocks_sent = [], [], 0
-            seq.num_preemptions += 1
             try:
                 self.scheduler.add(seq)
             except RequestTooLarge as exc:
@@ -605,10 +651,91 @@ class Coordinator:
         if seqs:
             log.info("resuming %d sequences under plan generation %d (recomputed from their tokens)",
                      len(seqs), self.generation)
+        return len(seqs)
+
+    # ---- draining one worker -------------------------------------------------------------
+    def _on_drain_worker(self, client: bytes, request_id: str, body: dict) -> None:
+        """DRAIN_WORKER: check that the worker can go, then start the drain (`WorkerDrain`); the
+        answer comes when the new plan serves (`_end_worker_drain`). A spare (no place in the
+        plan) is shut down and answered at once.
+
+        Raises:
+            ProtocolError: NOT_FOUND for an unknown or no longer live worker; UNAVAILABLE when the
+                cluster is not serving or another drain is in progress; INVALID_REQUEST when no plan
+                fits the other workers (nothing is changed).
+        """
+        wid = P.require(body, "worker_id", str, "DRAIN_WORKER")
+        w = self.workers.get(wid)
+        if w is None or not w.alive:
+            live = ", ".join(sorted(x.worker_id for x in self.workers.values() if x.alive)) or "none"
+            why = "is not registered" if w is None else "has already left (drained or lost)"
+            raise ProtocolError(f"worker {wid!r} {why}; live workers: {live}", ErrorCode.NOT_FOUND)
+        if self._draining:
+            raise ProtocolError("coordinator is draining (shutting down)", ErrorCode.UNAVAILABLE)
+        if self.worker_drain is not None:
+            raise ProtocolError(f"a drain of worker {self.worker_drain.worker_id} is in progress", ErrorCode.UNAVAILABLE)
+        if self.state != "serving":
+            raise ProtocolError(f"cluster not serving ({self.state}): try again when it is", ErrorCode.UNAVAILABLE)
+        echo = {"request_id": request_id} if request_id else {}
+        if not any(a.worker_id == wid for a in self.plan.assignments):  # a spare: nothing runs on it
+            w.alive, w.drained, w.lost_at = False, True, time.monotonic()
+            self._send_worker(w, MsgType.SHUTDOWN, {"reason": "drained"})
+            log.info("worker %s (a spare) drained", wid)
+            self._reply(self.client_sock, client, MsgType.DRAIN_WORKER_REPLY, {
+                "worker_id": wid, "generation": self.generation, "plan": self.plan.to_dict(),
+                "requests_resumed": 0, "drain_s": 0.0, **echo})
+            return
+        try:
+            self._make_plan(exclude=wid)
+        except PlanError as exc:
+            raise ProtocolError(f"cannot drain worker {wid}: no plan fits the other workers ({exc})",
+                                ErrorCode.INVALID_REQUEST) from None
+        now = time.monotonic()
+        self.worker_drain = WorkerDrain(wid, client, request_id, now,
+                                        now + self.config.heartbeat.data_plane_timeout_s)
+        log.info("draining worker %s: no new steps; %d in flight finish, then re-plan without it",
+                 wid, len(self.in_flight))
+
+    def _advance_worker_drain(self, now: float) -> None:
+        """Phase quiesce -> replan once no step is in flight (or the quiesce deadline passed: the
+        steps left are abandoned and recomputed): mark the worker gone, abandon the plan and
+        re-plan without it (`_plan_broken`), then tell it to SHUTDOWN. Its data-plane peers are
+        idle by then, so its leaving breaks no step of theirs."""
+        d = self.worker_drain
+        if d is None or d.phase != "quiesce" or (self.in_flight and now < d.quiesce_deadline):
+            return
+        if self.in_flight:
+            log.warning("drain of worker %s: %d steps still in flight after %.0f s; abandoning them", d.worker_id,
+                        len(self.in_flight), self.config.heartbeat.data_plane_timeout_s)
+        w = self.workers[d.worker_id]
+        w.alive = w.ready = False
+        w.drained, w.lost_at = True, now
+        d.phase = "replan"
+        self._plan_broken(f"worker {d.worker_id} drained", fewer=True)
+        self._send_worker(w, MsgType.SHUTDOWN, {"reason": "drained"})
+
+    def _end_worker_drain(self, code: ErrorCode | None = None, message: str = "", resumed: int = 0) -> None:
+        """Answer the drain in progress, if any: DRAIN_WORKER_REPLY when the new plan serves
+        (`code` None), else ERROR `code` with `message`."""
+        d = self.worker_drain
+        if d is None or (code is None and d.phase != "replan"):
+            return
+        self.worker_drain = None
+        if code is not None:
+            log.error("drain of worker %s failed: %s", d.worker_id, message)
+            self._send_error(d.client, d.request_id, code, message)
+            return
+        drain_s = time.monotonic() - d.started
+        log.info("worker %s drained in %.1f s; %d sequences resumed under plan generation %d", d.worker_id,
+                 drain_s, resumed, self.generation)
+        self._reply(self.client_sock, d.client, MsgType.DRAIN_WORKER_REPLY, {
+            "worker_id": d.worker_id, "generation": self.generation, "plan": self.plan.to_dict(),
+            "requests_resumed": resumed, "drain_s": drain_s, **({"request_id": d.request_id} if d.request_id else {})})
 
     # ---- steps ---------------------------------------------------------------------------
     def _can_dispatch(self) -> bool:
         return (self.state == "serving" and len(self.in_flight) < self.max_in_flight
+                and (self.worker_drain is None or self.worker_drain.phase != "quiesce")
                 and (self.scheduler.has_work() or bool(self.scheduler._freed)))
 
     def _dispatch(self, out: SchedulerOutput) -> None:
@@ -825,6 +952,8 @@ class Coordinator:
                 seq_id = self.by_client.get((client, request_id))
                 if seq_id is not None:
                     self._finish(seq_id, "abort")
+            elif msg_type is MsgType.DRAIN_WORKER:
+                self._on_drain_worker(client, request_id, body)
             elif msg_type in (MsgType.HEALTH, MsgType.STATS, MsgType.MODELS):
                 echo = {"request_id": request_id} if request_id else {}  # lets a client match the reply
                 if msg_type is MsgType.HEALTH:
@@ -849,7 +978,8 @@ class Coordinator:
         request_id = P.require(body, "request_id", str, "GENERATE")
         if not 0 < len(request_id) <= 128:
             raise ProtocolError("GENERATE: request_id must be 1..128 characters", ErrorCode.INVALID_REQUEST)
-        if self.state != "serving" or self._draining:
+        # during a worker drain requests queue (the new plan runs them); otherwise only a serving plan admits
+        if (self.state != "serving" and self.worker_drain is None) or self._draining:
             why = "draining (shutting down): not accepting requests" if self._draining else self.state
             self._send_error(client, request_id, ErrorCode.UNAVAILABLE, f"cluster not serving: {why}")
             return
@@ -924,7 +1054,11 @@ class Coordinator:
                      num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
                      num_preemptions_total=self.scheduler.stats.num_preemptions,
                      prefix_cache_hit_blocks=bm.num_prefix_hits)
+        d = self.worker_drain
+        s["worker_drain"] = None if d is None else {"worker_id": d.worker_id, "phase": d.phase,
+                                                    "elapsed_s": time.monotonic() - d.started}
         s["workers"] = [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "alive": w.alive, "ready": w.ready,
+                         "drained": w.drained,
                          "heartbeat_age_s": time.monotonic() - w.last_heartbeat, "step_time_s": w.step_time_s,
                          "weight_bytes": w.weight_bytes, "rss_bytes": w.rss_bytes, "speed": w.speed,
                          "comm": w.comm} for w in self.workers.values()]

@@ -1,4 +1,4 @@
-"""`shardline` command line (click): launch, coordinator, worker, generate, plan."""
+"""`shardline` command line (click): launch, coordinator, worker, generate, plan, status, drain."""
 
 from __future__ import annotations
 
@@ -123,6 +123,7 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
         cfg_path = f.name
     exe = [sys.executable, "-m", "shardline.cli"]
     procs: list[subprocess.Popen] = []
+    worker_names: dict[subprocess.Popen, str] = {}  # local workers not yet seen to exit
     stopping = False
 
     def on_signal(signum, _frame):
@@ -140,6 +141,7 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                     exe + ["worker", "--coordinator", cfg.worker_address, "--device", cfg.workers.device,
                            "--threads", str(cfg.workers.threads), "--memory-gb", f"{mem_gb:.3f}",
                            "--worker-id", f"local-{i}"] + worker_curve, preexec_fn=_die_with_parent))
+                worker_names[procs[-1]] = f"local-{i}"
         serve_gateway = cfg.gateway.enabled and prompt is None
         if serve_gateway:  # the OpenAI-compatible HTTP gateway, a child like the others
             try:
@@ -186,6 +188,8 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                 rc = procs[0].returncode
                 click.echo(f"shardline: coordinator exited (rc={rc}); stopping workers", err=True)
                 break
+            for p in [p for p in worker_names if p.poll() is not None]:  # drained (rc 0), or failed
+                click.echo(f"shardline: worker {worker_names.pop(p)} exited (rc={p.returncode})", err=True)
             time.sleep(0.2)  # poll interval
     finally:
         _stop_all(procs, drain_timeout_s=cfg.coordinator.drain_timeout_s)
@@ -418,6 +422,39 @@ def status(address, as_json, timeout, server_key_file, key_file):
     from shardline.status import print_status
 
     print_status(stats)
+
+
+# ---- drain ----------------------------------------------------------------------------------
+@main.command()
+@click.argument("worker_id")
+@click.option("--address", help="Client-plane address (default: $SHARDLINE_ADDRESS or tcp://127.0.0.1:7450).")
+@click.option("--json", "as_json", is_flag=True, help="Print the coordinator's DRAIN_WORKER_REPLY as one JSON object.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for the new plan to serve (the drain goes on if the wait ends first).")
+@_curve_options
+def drain(worker_id, address, as_json, timeout, server_key_file, key_file):
+    """Move WORKER_ID's work to the other workers, then shut it down (it exits 0).
+
+    The coordinator stops scheduling, lets the steps in flight finish, re-plans onto the other
+    workers (running requests are recomputed from their tokens: none fails) and tells the worker
+    to leave. Refused, changing nothing, when no plan fits without it. WORKER_ID is a name from
+    `shardline status`."""
+    from shardline.client import Client, ShardlineError
+
+    curve = _curve_kwargs(server_key_file, key_file)
+    try:
+        with Client(address, timeout_s=timeout, **curve) as c:
+            reply = c.drain_worker(worker_id)
+    except ShardlineError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(reply))
+        return
+    plan = reply.get("plan") or {}
+    click.echo(f"worker {reply['worker_id']} drained in {reply['drain_s']:.1f} s: serving on "
+               f"{', '.join(a['worker_id'] for a in plan.get('assignments', [])) or '?'} "
+               f"(plan generation {reply['generation']}, pipeline {plan.get('pp_size', '?')} x tensor "
+               f"{plan.get('tp_size', '?')}); {reply['requests_resumed']} sequences resumed")
 
 
 # ---- plan -------------------------------------------------------------------------------------

@@ -365,6 +365,32 @@ class Client:
         """[{id, name, context_length (tokens), architecture}]."""
         return self._request(MsgType.MODELS, timeout_s)["models"]
 
+    def drain_worker(self, worker_id: str, timeout_s: float | None = None) -> dict:
+        """Take one worker out of service: the coordinator re-plans onto the other workers
+        (unfinished sequences are recomputed from their tokens, so no request fails), then shuts
+        the worker down (it exits 0). Waits until the new plan serves, at most `timeout_s`
+        (default: the client's); the drain goes on if the wait ends first.
+
+        Returns the DRAIN_WORKER_REPLY: {worker_id, generation, plan, requests_resumed, drain_s
+        (seconds)}.
+
+        Raises:
+            ShardlineError (code NOT_FOUND): no such live worker. InvalidRequestError: no plan
+            fits the other workers (nothing changed). UnavailableError: the cluster is not
+            serving, another drain is in progress, or no plan serves after the worker left.
+            RequestTimeoutError: no answer within `timeout_s`.
+        """
+        key = uuid.uuid4().hex
+        self._inbox[key] = deque()
+        try:
+            self._send(MsgType.DRAIN_WORKER, {"request_id": key, "worker_id": worker_id})
+            msg_type, body = self._recv(key, timeout_s)
+        finally:
+            self._inbox.pop(key, None)
+        if msg_type is MsgType.ERROR:
+            raise _error(body)
+        return body
+
     def wait_ready(self, timeout_s: float = 300.0) -> dict:
         """Poll HEALTH until the cluster serves. Raises UnavailableError on timeout or a failed plan."""
         deadline = time.monotonic() + timeout_s

@@ -25,7 +25,8 @@ import numpy as np
 
 MAGIC = b"SL"
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1  # 1.1: shard transfer (SHARD_*), model digest in REGISTER/ASSIGN, MODEL_MISMATCH
+PROTOCOL_MINOR = 2  # 1.1: shard transfer (SHARD_*), model digest in REGISTER/ASSIGN, MODEL_MISMATCH;
+# 1.2: DRAIN_WORKER / DRAIN_WORKER_REPLY (move one worker's work elsewhere), SHUTDOWN `reason`
 HEADER = struct.Struct("<2sBBH")
 HEADER_BYTES = HEADER.size
 
@@ -53,6 +54,8 @@ class MsgType(enum.IntEnum):
     STATS_REPLY = 9
     MODELS = 10
     MODELS_REPLY = 11
+    DRAIN_WORKER = 12  # client -> coordinator: re-plan without this worker, then shut it down
+    DRAIN_WORKER_REPLY = 13  # coordinator -> client: the drain is done (the new plan serves)
     # worker plane
     REGISTER = 64
     ASSIGN = 65
@@ -183,6 +186,8 @@ SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
     MsgType.HEALTH: {"request_id": ((str,), False)},
     MsgType.STATS: {"request_id": ((str,), False)},
     MsgType.MODELS: {"request_id": ((str,), False)},
+    MsgType.DRAIN_WORKER: {"request_id": ((str,), False), "worker_id": ((str,), True)},
+    MsgType.SHUTDOWN: {"reason": ((str,), False)},
     MsgType.REGISTER: {"worker_id": ((str,), True), "incarnation": ((str,), False), "host": ((str,), True),
                        "device": ((str,), True), "memory_bytes": ((int,), True), "version": ((str,), True),
                        "pid": ((int,), False), "threads": ((int,), False), "price_per_hour": ((*_NUM, _NIL), False),
@@ -213,7 +218,8 @@ SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
                     "request_id": ((str,), False)},
 }
 
-CLIENT_REQUESTS = frozenset({MsgType.GENERATE, MsgType.CANCEL, MsgType.HEALTH, MsgType.STATS, MsgType.MODELS})
+CLIENT_REQUESTS = frozenset({MsgType.GENERATE, MsgType.CANCEL, MsgType.HEALTH, MsgType.STATS, MsgType.MODELS,
+                             MsgType.DRAIN_WORKER})
 """Message types a client may send the coordinator; anything else on the client plane is UNKNOWN_TYPE."""
 
 

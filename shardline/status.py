@@ -34,7 +34,7 @@ def worker_table(stats: dict) -> Table:
         t.add_column(col, justify="right" if right else "left", no_wrap=True)
     for w in stats.get("workers", []):
         layers = "-" if w.get("layer_start") is None else f"[{w['layer_start']}, {w['layer_end']})"
-        state = "lost" if not w["alive"] else ("ready" if w["ready"] else "loading")
+        state = ("drained" if w.get("drained") else "lost") if not w["alive"] else ("ready" if w["ready"] else "loading")
         t.add_row(w["worker_id"], w["host"], _num(w.get("stage"), "{}"), layers, _num(w.get("tp_rank"), "{}"),
                   state, f"{w['heartbeat_age_s']:.1f} s", _bytes(w.get("rss_bytes")), _bytes(w.get("kv_bytes")),
                   f"{w['step_time_s'] * 1000:.1f} ms", str(w.get("num_steps", "-")),
@@ -48,6 +48,9 @@ def cluster_table(stats: dict) -> Table:
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("state", str(stats.get("state", "-")))
+    if stats.get("worker_drain"):
+        d = stats["worker_drain"]
+        t.add_row("draining worker", f"{d['worker_id']} ({d['phase']}, {d['elapsed_s']:.1f} s)")
     if "num_requests_running" in stats:
         t.add_row("requests running / waiting", f"{stats['num_requests_running']} / {stats['num_requests_waiting']}")
         t.add_row("steps in flight", str(stats["num_steps_in_flight"]))

@@ -105,7 +105,7 @@ def hostile_frame(rng: random.Random, plane: str) -> tuple[list[bytes], bool]:
     if kind == 2:  # another major version
         return [_hdr(t, major=rng.choice([0, 2, 9, 255])) + b"\x80"], True
     if kind == 3:  # an unknown type number
-        return [_hdr(rng.choice([0, 12, 63, 100, 200, 254, 65535])) + b"\x80"], True
+        return [_hdr(rng.choice([0, 62, 63, 100, 200, 254, 65535])) + b"\x80"], True
     if kind == 4:  # a type of the other plane, or a reply type
         return [_hdr(rng.choice(other)) + msgpack.packb({"request_id": "x"})], True
     if kind == 5:  # truncated or garbage msgpack
