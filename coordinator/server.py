@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -181,7 +182,7 @@ class Coordinator:
         self.worker_sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
         self.client_sock.bind(f"tcp://{c.host}:{c.client_port}")
         self.worker_sock.bind(f"tcp://{c.host}:{c.worker_port}")
-        self.store = dist.TCPStore(c.host, c.rendezvous_port, is_master=True, wait_for_workers=False)
+        self.store = host_rendezvous_store(c.host, c.rendezvous_port)
         if self.config.metrics.enabled:
             self.metrics.start_http_server(self.config.metrics.host, self.config.metrics.port)
         log.info("coordinator up: clients %s, workers %s, rendezvous %s:%d, model %s (%s)",
@@ -1096,6 +1097,34 @@ class Coordinator:
         s["cost_total"] = cost if priced else None
         s["cost_per_million_tokens"] = _cost_per_million(cost, s["generation_tokens_total"]) if priced else None
         s["recent_cost_per_million_tokens"] = (price / (rate * 3600.0) * 1e6) if priced and rate else None
+
+
+def host_rendezvous_store(host: str, port: int):
+    """The torch.distributed rendezvous `TCPStore` server, listening on `host`:`port` only.
+
+    Left to itself, TCPStore's server listens on every interface (`*:port`, IPv6 dual-stack):
+    its host argument only tells clients where to connect. So the listening socket is made here,
+    bound to `host` (`*` or an empty host: every interface, as ZeroMQ's `tcp://*`), and handed to
+    the store (`master_listen_fd`, libuv backend), which owns and closes it. Raises OSError when
+    the address cannot be bound (in use, not local).
+    """
+    import torch.distributed as dist
+
+    bind_host = None if host in ("*", "") else host.strip("[]")
+    family, kind, proto, _, addr = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    fd = sock.detach()  # the store's server owns the descriptor from here on
+    connect_host = "127.0.0.1" if bind_host is None else bind_host  # the server's own client
+    return dist.TCPStore(connect_host, port, is_master=True, wait_for_workers=False, master_listen_fd=fd,
+                         use_libuv=True)
 
 
 def _cost_per_million(cost: float, tokens: int) -> float | None:
