@@ -327,6 +327,11 @@ class Coordinator:
                     return  # a result of an abandoned plan, or from a worker that does not sample
                 self._on_step_result(body)
             elif msg_type is MsgType.ERROR:  # its data plane failed: a peer may be dead, let liveness tell
+                failed = body.get("generation", self.generation)
+                if failed != self.generation:  # a survivor's late report on a plan already replaced
+                    log.warning("worker %s: data plane of plan generation %s failed (now %d): %s", w.worker_id,
+                                failed, self.generation, str(body.get("message", ""))[:500])
+                    return
                 self._plan_broken(f"worker {w.worker_id}: {str(body.get('message', ''))[:500]}", settle=True)
             elif msg_type is MsgType.HEARTBEAT:
                 if w is not None:

@@ -111,6 +111,7 @@ class Worker:
         self.heartbeat_interval_s = 1.0
         self.heartbeat_misses = 10
         self.curve_keys: tuple[str, str, str] | None = None  # (server public, own public, own secret), Z85
+        self.generation = 0  # plan generation of the last ASSIGN (named in data-plane ERRORs)
         self._stop = False
         self.model = self.kv_cache = self.comm = None
         self.block_tables: dict[int, list[int]] = {}
@@ -168,6 +169,7 @@ class Worker:
                         if self.comm is not None:  # a new plan: leave the old group first
                             self.comm.abort()
                             self.comm = None
+                        self.generation = body.get("generation", 0)
                         try:
                             self.assign(body)
                         except Exception as exc:  # e.g. a peer died during rendezvous (timeout)
@@ -184,6 +186,9 @@ class Worker:
                 now = time.monotonic()
                 if self.model is not None and now - last_heard > self.heartbeat_interval_s * self.heartbeat_misses:
                     log.error("coordinator silent for %.1f s; exiting", now - last_heard)
+                    if self.comm is not None:  # cut off: pending sends would only wait out their timeout
+                        self.comm.abort()
+                        self.comm = None
                     rc = 1
                     break
         finally:
@@ -228,7 +233,9 @@ class Worker:
     def _drop_data_plane(self, why: str) -> None:
         """The torch.distributed group is broken (a peer died or timed out) or replaced: leave it,
         forget the sequences' worker-side state, tell the coordinator (it re-plans), and wait for
-        the next ASSIGN; STEPs until then are ignored."""
+        the next ASSIGN; STEPs until then are ignored. The ERROR names the plan generation that
+        failed: a survivor blocked on a cut-off peer until `data_plane_timeout_s` reports it after
+        the coordinator may already have re-planned, and that report must not break the new plan."""
         log.error("worker %s: data plane failed: %s", self.worker_id, why)
         if self.comm is not None:
             try:
@@ -238,7 +245,8 @@ class Worker:
             self.comm = None
         self.block_tables.clear()
         self.params.clear()
-        self._send(MsgType.ERROR, P.error_body(P.ErrorCode.UNAVAILABLE, f"data plane failed: {why}"))
+        self._send(MsgType.ERROR, P.error_body(P.ErrorCode.UNAVAILABLE, f"data plane failed: {why}",
+                                               generation=self.generation))
 
     def close(self) -> None:
         if getattr(self, "_hb_stop", None) is not None:

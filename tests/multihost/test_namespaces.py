@@ -18,96 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from shardline.model_file import resolve_model_path
+from tests.multihost.netns import Hosts, run, skip_reason
 
 pytestmark = pytest.mark.multihost
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 8
 PROMPT = "The capital of France is"
 NEAR_TIE = 0.02  # as tests/integration/conftest.py: fp32 reordering may flip a greedy choice only here
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        return "needs iproute2 (`ip`) and util-linux (`unshare`)"
-    probe = f"slprobe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode:
-        return f"cannot create a network namespace: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-class Hosts:
-    """Network namespaces on a bridge; `popen(host, argv)` runs a process "on" a host."""
-
-    def __init__(self, names: list[str]):
-        tag = os.getpid() % 100000
-        self.subnet = f"198.18.{os.getpid() % 250 + 1}"
-        self.bridge = f"slb{tag}"
-        self.ns = {name: f"sl{tag}-{name}" for name in names}
-        self.addr = {name: f"{self.subnet}.{i + 1}" for i, name in enumerate(names)}
-        self.procs: list[subprocess.Popen] = []
-
-    def up(self) -> None:
-        _run("ip", "link", "add", self.bridge, "type", "bridge")
-        _run("ip", "link", "set", self.bridge, "up")
-        for i, (name, ns) in enumerate(self.ns.items()):
-            veth = f"slv{i}-{self.bridge[3:]}"[:15]
-            _run("ip", "netns", "add", ns)
-            _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _run("ip", "link", "set", veth, "master", self.bridge, "up")
-            _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.addr[name]}/24", "dev", "eth0")
-            _run("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
-            _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-
-    def popen(self, name: str, argv: list[str], log: Path, cwd: Path, hide: Path | None = None) -> subprocess.Popen:
-        """Start argv in host `name`'s namespace; with `hide`, that directory is an empty tmpfs for it."""
-        cmd = ["ip", "netns", "exec", self.ns[name]]
-        if hide is not None:
-            cmd += ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    'mount -t tmpfs tmpfs "$0" && exec "$@"', str(hide)]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(cwd), "OMP_NUM_THREADS": "1",
-               "NUMBA_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        env.pop("SHARDLINE_ADDRESS", None)
-        p = subprocess.Popen(cmd + argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                             start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def down(self) -> None:
-        for p in self.procs:  # SIGTERM our own process groups, then SIGKILL what is left
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        for ns in self.ns.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # removes its veth pair too
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
 CLIENT = textwrap.dedent("""
@@ -122,7 +47,7 @@ CLIENT = textwrap.dedent("""
 
 
 def test_cluster_across_namespaces_with_the_model_only_on_the_coordinator_host(tmp_path):
-    reason = _skip_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
     from coordinator.tokenizer import Tokenizer
@@ -184,4 +109,4 @@ def test_cluster_across_namespaces_with_the_model_only_on_the_coordinator_host(t
             top = np.sort(logits[i])[::-1]
             assert top[0] - top[1] < NEAR_TIE, f"token {i}: cluster {tok}, reference {ref} (gap {top[0] - top[1]:.4f})"
             break
-    assert not any(n.startswith(f"sl{os.getpid() % 100000}-") for n in _run("ip", "netns", "list").stdout.split())
+    assert not any(n.startswith(f"sl{os.getpid() % 100000}-") for n in run("ip", "netns", "list").stdout.split())
