@@ -76,11 +76,18 @@ class Plan:
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """Bytes of the weights as the workers keep them: per decoder layer, embedding, head."""
+    """Bytes of the weights as the workers keep them: per decoder layer, embedding, head, all
+    whole (the TP split is `stage_weight_bytes`'s business)."""
 
     layer_bytes: tuple[int, ...]
     embed_bytes: int
     head_bytes: int  # lm_head (== embed_bytes when tied) + final norm
+    norm_bytes: int | None = None  # the final norm's part of head_bytes; None: 4 * hidden_size (float32)
+
+    def lm_head_bytes(self, spec: ModelSpec) -> int:
+        """head_bytes without the final norm: the [vocab, hidden] matrix (the embedding when tied)."""
+        norm = 4 * spec.hidden_size if self.norm_bytes is None else self.norm_bytes
+        return max(0, self.head_bytes - norm)
 
     @classmethod
     def from_gguf(cls, path: str, spec: ModelSpec, bytes_per_element: float | None = None) -> "ModelSizes":
@@ -90,7 +97,7 @@ class ModelSizes:
 
         reader = gguf.GGUFReader(path)
         layer = [0] * spec.num_layers
-        embed = head = 0
+        embed = head = norm = 0
 
         def size(t) -> int:
             return int(t.n_bytes) if bytes_per_element is None else int(t.n_elements * bytes_per_element)
@@ -102,9 +109,10 @@ class ModelSizes:
                 embed = size(t)
             else:  # output.weight, output_norm.weight
                 head += size(t)
+                norm += size(t) if t.name == "output_norm.weight" else 0
         if spec.tie_word_embeddings:
             head += embed
-        return cls(tuple(layer), embed, head)
+        return cls(tuple(layer), embed, head, norm)
 
     @classmethod
     def from_safetensors(cls, directory: str, spec: ModelSpec, quantization: str = "none", group_size: int = 32,
@@ -120,7 +128,7 @@ class ModelSizes:
         layer_rate = bytes_per_element(quantization, group_size, dtype)
         embed_rate = bytes_per_element(embedding_quantization(quantization), group_size, dtype)
         layer = [0] * spec.num_layers
-        embed = head = 0
+        embed = head = norm = 0
         for name, shape in hf_expected_tensors(spec).items():
             n = ckpt.numel(name)
             if name.startswith("model.layers."):
@@ -131,9 +139,10 @@ class ModelSizes:
                 head += int(n * embed_rate)
             else:  # model.norm.weight
                 head += 4 * n
+                norm += 4 * n
         if spec.tie_word_embeddings:
             head += embed
-        return cls(tuple(layer), embed, head)
+        return cls(tuple(layer), embed, head, norm)
 
     @classmethod
     def from_model(cls, path: str, spec: ModelSpec, quantization: str = "none", group_size: int = 32,
@@ -160,6 +169,9 @@ def check_parallel(spec: ModelSpec, pp_size: int, tp_size: int) -> None:
         raise PlanError(f"tensor_parallel={tp_size} does not divide {', '.join(bad)}")
     if pp_size > spec.num_layers:
         raise PlanError(f"pipeline_parallel={pp_size} exceeds num_layers={spec.num_layers}")
+    if (tp_size - 1) * -(-spec.vocab_size // tp_size) >= spec.vocab_size:
+        raise PlanError(f"tensor_parallel={tp_size} leaves a TP rank no rows of the vocab_size={spec.vocab_size} "
+                        f"embedding (ceil(vocab / tp) rows per rank)")
 
 
 def check_quantization(spec: ModelSpec, tp_size: int, group_size: int) -> None:
@@ -192,16 +204,37 @@ def split_layers(num_layers: int, weights: list[float]) -> list[tuple[int, int]]
     return [(bounds[i], bounds[i + 1]) for i in range(pp)]
 
 
+def vocab_share(nbytes: int, vocab_size: int, tp_size: int) -> int:
+    """Bytes of one TP rank's vocabulary slice of a [vocab, hidden] tensor of `nbytes`: the
+    largest slice, ceil(vocab / tp) rows (shardline.shard.vocab_range), rounded up."""
+    per = -(-vocab_size // tp_size)
+    return -(-nbytes * per // vocab_size)
+
+
+def embed_share(spec: ModelSpec, sizes: ModelSizes, tp_size: int) -> int:
+    """Bytes of the token embedding one TP rank of the first stage holds (vocabulary-parallel)."""
+    return vocab_share(sizes.embed_bytes, spec.vocab_size, tp_size)
+
+
+def head_share(spec: ModelSpec, sizes: ModelSizes, tp_size: int) -> int:
+    """Bytes of the head one TP rank of the last stage holds: its vocabulary slice of the lm_head
+    plus the whole final norm."""
+    lm_head = sizes.lm_head_bytes(spec)
+    return sizes.head_bytes - lm_head + vocab_share(lm_head, spec.vocab_size, tp_size)
+
+
 def stage_weight_bytes(spec: ModelSpec, sizes: ModelSizes, stage: int, pp_size: int, layer_start: int,
                        layer_end: int, tp_size: int) -> int:
-    """Bytes of the weights one TP rank of `stage` holds: 1/tp of each of its layers, plus the whole
-    embedding on the first stage and the whole head on the last (neither is vocabulary-parallel;
-    with one stage and tied embeddings the head is the embedding, counted once)."""
+    """Bytes of the weights one TP rank of `stage` holds: 1/tp of each of its layers, plus its
+    vocabulary slice (ceil(vocab / tp) rows) of the embedding on the first stage and of the
+    lm_head on the last, with the whole final norm (with one stage and tied embeddings the head
+    is the embedding, counted once)."""
     w = sum(sizes.layer_bytes[layer_start:layer_end]) // tp_size
+    embed = embed_share(spec, sizes, tp_size)
     if stage == 0:
-        w += sizes.embed_bytes
+        w += embed
     if stage == pp_size - 1:  # lm_head + final norm; a tied lm_head on stage 0 is the embedding
-        w += sizes.head_bytes - (sizes.embed_bytes if stage == 0 and spec.tie_word_embeddings else 0)
+        w += head_share(spec, sizes, tp_size) - (embed if stage == 0 and spec.tie_word_embeddings else 0)
     return w
 
 
@@ -210,15 +243,18 @@ class CostModel:
     """Estimated seconds of one decode step of a pipeline stage (the planner's objective).
 
     A decode step is memory-bound: each weight a rank holds is read once per step, and every layer
-    adds a fixed cost (Python, kernel calls, attention). A TP rank reads 1/tp of each layer but the
-    whole lm_head, and waits for two all-reduces per layer:
+    adds a fixed cost (Python, kernel calls, attention). A TP rank reads 1/tp of each layer and its
+    vocabulary slice of the lm_head (`head_bytes` is that rank's share), and waits for two
+    all-reduces per layer, plus one more on the first stage (the vocabulary-parallel embedding)
+    and one on the last (the logits' all-gather), `extra_collectives`, each costed as one
+    all-reduce:
 
         stage_s = ((layer_bytes / tp + head_bytes) / bytes_per_s + num_layers * layer_overhead_s) / speed
-                  + num_layers * 2 * all_reduce_s * (tp - 1)
+                  + (num_layers * 2 + extra_collectives) * all_reduce_s * (tp - 1)
 
     `speed` is the slowest rank's declared relative speed (the TP ranks run in lock step). The
-    embedding is a row gather and costs nothing here. Only ratios matter to the planner: it
-    minimizes the slowest stage, which bounds pipelined throughput.
+    embedding's row gather costs nothing here. Only ratios matter to the planner: it minimizes
+    the slowest stage, which bounds pipelined throughput.
     """
 
     bytes_per_s: float
@@ -229,9 +265,10 @@ class CostModel:
     def for_device(cls, device: str) -> "CostModel":
         return COST_MODELS.get(device, COST_MODELS["cpu"])
 
-    def stage_s(self, layer_bytes: int, num_layers: int, head_bytes: int, tp_size: int, speed: float) -> float:
+    def stage_s(self, layer_bytes: int, num_layers: int, head_bytes: int, tp_size: int, speed: float,
+                extra_collectives: int = 0) -> float:
         compute = (layer_bytes / tp_size + head_bytes) / self.bytes_per_s + num_layers * self.layer_overhead_s
-        return compute / speed + num_layers * 2 * self.all_reduce_s * (tp_size - 1)
+        return compute / speed + (num_layers * 2 + extra_collectives) * self.all_reduce_s * (tp_size - 1)
 
 
 # CPU: measured on the 2-core development machine, one thread per worker, SmolLM2 Q4_1: the Q8_0
@@ -252,14 +289,16 @@ def _gib(n: float) -> str:
 def check_total_memory(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp_size: int, tp_size: int,
                        block_size: int, min_kv_blocks: int) -> None:
     """Raises PlanError when all the workers together offer less than the model needs: every
-    layer once, the embedding (and the head) once per TP rank of its stage, and `min_kv_blocks`
+    layer once, each TP rank's vocabulary slice of the embedding and the head (once in all, up to
+    the padding of the last slice) with a copy of the final norm per rank, and `min_kv_blocks`
     KV blocks for every layer ("model needs 9.10 GiB, workers offer 8.00 GiB (...)")."""
-    replicated = sizes.embed_bytes + sizes.head_bytes - (sizes.embed_bytes if pp_size == 1 and spec.tie_word_embeddings else 0)
-    weights = sum(sizes.layer_bytes) + tp_size * replicated
+    embed = embed_share(spec, sizes, tp_size)
+    per_rank = embed + head_share(spec, sizes, tp_size) - (embed if pp_size == 1 and spec.tie_word_embeddings else 0)
+    weights = sum(sizes.layer_bytes) + tp_size * per_rank
     kv = min_kv_blocks * kv_bytes_per_block(spec, spec.num_layers, block_size, 1)
     offered = sum(w.memory_bytes for w in workers)
     if weights + kv > offered:
-        copies = f" with the embedding and head on each of {tp_size} TP ranks" if tp_size > 1 else ""
+        copies = f" with the embedding and head split over {tp_size} TP ranks" if tp_size > 1 else ""
         raise PlanError(f"model needs {_gib(weights + kv)}, workers offer {_gib(offered)} (weights "
                         f"{_gib(weights)}{copies}, KV cache of {min_kv_blocks} blocks {_gib(kv)})")
 
@@ -281,9 +320,11 @@ class _Stages:
         return kv_bytes_per_block(self.spec, l1 - l0, self.block_size, self.tp)
 
     def time_s(self, s: int, l0: int, l1: int) -> float:
-        head = self.sizes.head_bytes if s == self.pp - 1 else 0
+        last = s == self.pp - 1
+        head = head_share(self.spec, self.sizes, self.tp) if last else 0
         speed = min(w.speed for w in self.groups[s])
-        return self.cost.stage_s(sum(self.sizes.layer_bytes[l0:l1]), l1 - l0, head, self.tp, speed)
+        return self.cost.stage_s(sum(self.sizes.layer_bytes[l0:l1]), l1 - l0, head, self.tp, speed,
+                                 extra_collectives=int(s == 0) + int(last))
 
     def blocks_fit(self, s: int, l0: int, l1: int) -> list[int]:
         """KV blocks each rank can hold beside its weights (capped by kv_cache_bytes); negative

@@ -5,16 +5,18 @@ Both sides of a shard transfer use `shard_tensor_slices`: the coordinator to str
 these bytes, the worker to check that it received them. It mirrors what `worker/model.py` asks
 its loader for (GGUF tensor names):
 
-    stage 0:        token_embd.weight                               whole (row gather)
+    stage 0:        token_embd.weight                               rows of this rank's vocabulary slice
     every layer i:  blk.i.attn_norm / ffn_norm                      whole
                     blk.i.attn_q / attn_k / attn_v  (+ .bias)       rows of this rank's heads   (column-parallel)
                     blk.i.attn_output                               cols of this rank's heads   (row-parallel)
                     blk.i.ffn_gate / ffn_up                         rows of this rank's FFN slice
                     blk.i.ffn_down                                  cols of this rank's FFN slice
-    last stage:     output_norm.weight, output.weight (or the tied token_embd.weight)   whole
+    last stage:     output_norm.weight                              whole
+                    output.weight (or the tied token_embd.weight)   rows of this rank's vocabulary slice
 
 Rows are output features ([out, in] weights), columns input features; a 1-D bias is sliced like
-its weight's rows.
+its weight's rows. The embedding and lm_head are vocabulary-parallel (Megatron-LM, Shoeybi et
+al. 2019, sec. 3): TP rank r holds the vocabulary rows `vocab_range(V, r, t)`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,23 @@ def ffn_range(spec: ModelSpec, tp_rank: int, tp_size: int) -> tuple[int, int]:
     return tp_rank * per, (tp_rank + 1) * per
 
 
+def vocab_range(vocab_size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """TP rank `tp_rank`'s rows [v0, v1) of the token embedding and the lm_head.
+
+    Each rank's slice is padded to per = ceil(V / t) rows: rank r holds [r * per, min((r + 1) *
+    per, V)), so only the last rank's slice can be short (V = 49152, t = 3: 16384 rows each). The
+    padding is never stored; the lm_head pads the last rank's partial logits with -inf to `per`
+    columns for the all-gather and cuts the gathered [T, t * per] back to V (worker/model.py,
+    `VocabParallelLMHead`). t = 1: (0, V). Raises ValueError when a rank would hold no row
+    (V <= (t - 1) * per; the planner refuses such a layout first).
+    """
+    per = -(-vocab_size // tp_size)
+    v0, v1 = tp_rank * per, min((tp_rank + 1) * per, vocab_size)
+    if v0 >= v1:
+        raise ValueError(f"tensor_parallel={tp_size} leaves rank {tp_rank} no rows of a {vocab_size}-token vocabulary")
+    return v0, v1
+
+
 def shard_tensor_slices(spec: ModelSpec, layer_start: int, layer_end: int, is_first: bool, is_last: bool,
                         tp_rank: int = 0, tp_size: int = 1) -> list[TensorSlice]:
     """The tensors (GGUF names) and slices a worker of this shard reads, in a fixed order (see the
@@ -59,9 +78,10 @@ def shard_tensor_slices(spec: ModelSpec, layer_start: int, layer_end: int, is_fi
     q_rows = part(head_rows(spec, spec.num_heads, tp_rank, tp_size), spec.num_heads * spec.head_dim)
     kv_rows = part(head_rows(spec, spec.num_kv_heads, tp_rank, tp_size), spec.num_kv_heads * spec.head_dim)
     f = part(ffn_range(spec, tp_rank, tp_size), spec.intermediate_size)
+    vocab = part(vocab_range(spec.vocab_size, tp_rank, tp_size), spec.vocab_size)
     out: list[TensorSlice] = []
     if is_first:
-        out.append(TensorSlice("token_embd.weight"))
+        out.append(TensorSlice("token_embd.weight", rows=vocab))
     for i in range(layer_start, layer_end):
         p = f"blk.{i}."
         out += [TensorSlice(p + "attn_norm.weight"), TensorSlice(p + "ffn_norm.weight")]
@@ -76,7 +96,7 @@ def shard_tensor_slices(spec: ModelSpec, layer_start: int, layer_end: int, is_fi
         out.append(TensorSlice("output_norm.weight"))
         head = "token_embd.weight" if spec.tie_word_embeddings else "output.weight"
         if not (is_first and spec.tie_word_embeddings):  # one stage, tied: already listed
-            out.append(TensorSlice(head))
+            out.append(TensorSlice(head, rows=vocab))
     return out
 
 

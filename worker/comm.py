@@ -2,7 +2,8 @@
 
 Ranks are laid out stage-major: rank = stage * tp_size + tp_rank. Pipeline parallelism sends
 the hidden states `[num_tokens, hidden]` from (stage s, tp_rank r) to (stage s+1, tp_rank r);
-tensor parallelism all-reduces over the stage's TP subgroup after each row-parallel linear.
+tensor parallelism all-reduces over the stage's TP subgroup after each row-parallel linear and
+after the vocabulary-parallel embedding, and all-gathers the vocabulary-parallel logits.
 The coordinator hosts the rendezvous `TCPStore`; control never rides on this plane.
 """
 
@@ -56,8 +57,8 @@ class StageComm:
             if ifname:
                 os.environ[ifname_var] = ifname
         # cumulative seconds and calls, reported in heartbeats (`stats`)
-        self.all_reduce_s = self.send_s = self.recv_s = 0.0
-        self.num_all_reduce = self.num_send = self.num_recv = 0
+        self.all_reduce_s = self.all_gather_s = self.send_s = self.recv_s = 0.0
+        self.num_all_reduce = self.num_all_gather = self.num_send = self.num_recv = 0
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
         self.store = dist.PrefixStore(prefix, store)
@@ -113,6 +114,36 @@ class StageComm:
             self.num_all_reduce += 1
         return x
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The TP ranks' tensors side by side along the last dimension, in rank order, on every
+        rank (the vocabulary-parallel logits). x: [T, n] float32, the same shape on every rank ->
+        [T, tp_size * n]. On gloo one round of isend/irecv inside the group (as `_all_reduce_p2p`),
+        on NCCL its collective; tp_size 1: x itself."""
+        if self.tp_size == 1:
+            return x
+        t0 = time.perf_counter()
+        x = x.contiguous()
+        parts = [x if r == self.rank else torch.empty_like(x) for r in self.tp_ranks]
+        if self.all_reduce_impl == "p2p":
+            self._exchange(x, parts)
+        else:
+            dist.all_gather(parts, x, group=self.tp_group)
+        out = torch.cat(parts, dim=-1)
+        self.all_gather_s += time.perf_counter() - t0
+        self.num_all_gather += 1
+        return out
+
+    def _exchange(self, x: torch.Tensor, parts: list[torch.Tensor]) -> None:
+        """Send x to every other rank of the TP group and receive each one's tensor into
+        parts[i] (parts[i] for global rank tp_ranks[i]; this rank's entry is left as it is)."""
+        reqs = []
+        for r, buf in zip(self.tp_ranks, parts):
+            if r != self.rank:
+                reqs.append(dist.isend(x, r, group=self.tp_group))
+                reqs.append(dist.irecv(buf, r, group=self.tp_group))
+        for q in reqs:
+            q.wait()
+
     def _all_reduce_p2p(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the stage's TP ranks, in one round: every rank sends its tensor to every
         other rank and receives theirs (isend/irecv inside the TP group), then adds all of them in
@@ -121,13 +152,7 @@ class StageComm:
         multi-round ring. x: [T, hidden] float32 -> a new tensor of the same shape."""
         x = x.contiguous()
         parts = [x if r == self.rank else torch.empty_like(x) for r in self.tp_ranks]
-        reqs = []
-        for r, buf in zip(self.tp_ranks, parts):
-            if r != self.rank:
-                reqs.append(dist.isend(x, r, group=self.tp_group))
-                reqs.append(dist.irecv(buf, r, group=self.tp_group))
-        for q in reqs:
-            q.wait()
+        self._exchange(x, parts)
         out = parts[0].clone()
         for p in parts[1:]:
             out += p
@@ -135,10 +160,12 @@ class StageComm:
 
     def stats(self) -> dict:
         """Cumulative data-plane time since the stage was built: `all_reduce_s` (inside
-        all-reduce, including waiting for the slowest TP rank), `send_s` (issuing sends and
+        all-reduce, including waiting for the slowest TP rank), `all_gather_s` (the logits'
+        all-gather on a last stage under TP), `send_s` (issuing sends and
         waiting for old ones to complete), `recv_s` (blocked in recv: the transfer plus any wait
         for the previous stage), seconds; and the number of calls of each."""
-        return {"all_reduce_s": self.all_reduce_s, "num_all_reduce": self.num_all_reduce, "send_s": self.send_s,
+        return {"all_reduce_s": self.all_reduce_s, "num_all_reduce": self.num_all_reduce,
+                "all_gather_s": self.all_gather_s, "num_all_gather": self.num_all_gather, "send_s": self.send_s,
                 "num_send": self.num_send, "recv_s": self.recv_s, "num_recv": self.num_recv}
 
     def wait_sends(self) -> None:

@@ -120,6 +120,13 @@ class GGUFShardLoader:
         per = self.spec.intermediate_size // self.shard.tp_size
         return self.shard.tp_rank * per, (self.shard.tp_rank + 1) * per
 
+    def vocab_rows(self) -> tuple[int, int]:
+        """This TP rank's vocabulary rows [v0, v1) of the token embedding and the lm_head
+        (`shardline.shard.vocab_range`: ceil(V / t) per rank, the last rank's slice short)."""
+        from shardline.shard import vocab_range
+
+        return vocab_range(self.spec.vocab_size, self.shard.tp_rank, self.shard.tp_size)
+
 
 def permute_rope_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
     """Hugging Face Q/K rows (or biases) -> the adjacent-pair RoPE layout the model uses.
@@ -176,7 +183,7 @@ class SafetensorsShardLoader:
         self.group_size = group_size
         self.dtype = dtype
         self.ckpt = SafetensorsCheckpoint(path)
-        self._embedding = None  # the encoded token embedding, shared with a tied lm_head
+        self._embedding = None  # (rows, the encoded token embedding's rows), shared with a tied lm_head
 
     def _hf(self, name: str) -> str:
         try:
@@ -227,9 +234,9 @@ class SafetensorsShardLoader:
         shape (r1 - r0, c1 - c0)."""
         from kernels.formats import quantize
 
-        whole = rows is None and cols is None
-        if name == "token_embd.weight" and whole and self._embedding is not None:
-            return self._embedding
+        embedding = name == "token_embd.weight" and cols is None  # kept: a tied lm_head asks for the same rows
+        if embedding and self._embedding is not None and self._embedding[0] == rows:
+            return self._embedding[1]
         hf = self._hf(name)
         out_all, in_all = self.ckpt.shapes[hf]
         r0, r1 = rows or (0, out_all)
@@ -263,13 +270,14 @@ class SafetensorsShardLoader:
         from kernels.formats import QuantizedWeight
 
         weight = QuantizedWeight(q.qtype, (r1 - r0, c1 - c0), data, scales, mins, q.group_size)
-        if name == "token_embd.weight" and whole:
-            self._embedding = weight
+        if embedding:
+            self._embedding = (rows, weight)
         return weight
 
     # TP slices --------------------------------------------------------------------------
     head_rows = GGUFShardLoader.head_rows
     ffn_range = GGUFShardLoader.ffn_range
+    vocab_rows = GGUFShardLoader.vocab_rows
 
 
 def open_shard_loader(path: str, spec: ModelSpec, shard: ShardSpec, quantization: str = "none",

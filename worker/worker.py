@@ -295,7 +295,8 @@ class Worker:
                                        a.get("quantization_group_size", 32), a.get("dtype", "float32"))
         else:
             loader = self._receive_shard(a, spec)
-        self.model = StageModel(spec, loader, a["max_positions"], all_reduce=self.comm.all_reduce)
+        self.model = StageModel(spec, loader, a["max_positions"], all_reduce=self.comm.all_reduce,
+                                all_gather=self.comm.all_gather)
         loader.close()
         if a.get("gemm_weights") == "bf16" and self.device == "cpu":
             self.model.keep_bf16_copies()

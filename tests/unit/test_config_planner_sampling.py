@@ -155,8 +155,9 @@ def test_even_split_gives_the_first_stages_the_extra_layers():
 def test_tensor_parallel_plan_shards_weights_and_kv_heads():
     plan = make_plan(SMOL, SIZES, offers(2, 2, 2), pp_size=1, tp_size=3, block_size=BS)
     assert [(a.rank, a.stage, a.tp_rank) for a in plan.assignments] == [(0, 0, 0), (1, 0, 1), (2, 0, 2)]
-    # tied head: no copy of the embedding, but the final norm (4 * 576 bytes) is held
-    assert all(a.weight_bytes == 30 * LAYER // 3 + EMBED + 4 * 576 for a in plan.assignments)
+    # tied head: no copy of the embedding, but the final norm (4 * 576 bytes) is held; the
+    # embedding is vocabulary-parallel: a third of its rows per rank
+    assert all(a.weight_bytes == 30 * LAYER // 3 + EMBED // 3 + 4 * 576 for a in plan.assignments)
     assert all(a.kv_bytes_per_block == kv_bytes_per_block(SMOL, 30, BS, 3) for a in plan.assignments)
 
 

@@ -6,6 +6,7 @@ any worker loads."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -51,12 +52,25 @@ def offers(*gib: float, speeds=None) -> list[WorkerOffer]:
     return [WorkerOffer(f"w{i}", f"host{i}", int(g * GiB), "cpu", s) for i, (g, s) in enumerate(zip(gib, speeds))]
 
 
+def rank_bytes(nbytes: int, spec, tp: int) -> int:
+    """One TP rank's vocabulary slice (ceil(V / tp) of V rows) of a [V, hidden] tensor of nbytes."""
+    return math.ceil(nbytes * math.ceil(spec.vocab_size / tp) / spec.vocab_size)
+
+
+def head_rank_bytes(sizes, spec, tp: int) -> int:
+    """The last stage's head on one TP rank: its slice of the lm_head and the whole float32 norm."""
+    norm = min(4 * spec.hidden_size, sizes.head_bytes)
+    return norm + rank_bytes(sizes.head_bytes - norm, spec, tp)
+
+
 def stage_time(cost, sizes, spec, pp, tp, s, l0, l1, speed) -> float:
-    """The objective written out again, independently of the planner's helpers."""
+    """The objective written out again, independently of the planner's helpers: a TP rank reads
+    its vocabulary slice of the head; the first and last stages add one collective each."""
     layer = sum(sizes.layer_bytes[l0:l1])
-    head = sizes.head_bytes if s == pp - 1 else 0
+    head = head_rank_bytes(sizes, spec, tp) if s == pp - 1 else 0
     compute = (layer / tp + head) / cost.bytes_per_s + (l1 - l0) * cost.layer_overhead_s
-    return compute / speed + (l1 - l0) * 2 * cost.all_reduce_s * (tp - 1)
+    collectives = (l1 - l0) * 2 + (s == 0) + (s == pp - 1)
+    return compute / speed + collectives * cost.all_reduce_s * (tp - 1)
 
 
 def brute_force(spec, sizes, workers, pp, tp, min_kv=16, kv_cap=None, cost=CPU):
@@ -69,9 +83,10 @@ def brute_force(spec, sizes, workers, pp, tp, min_kv=16, kv_cap=None, cost=CPU):
         worst, blocks, ok = 0.0, [], True
         for s in range(pp):
             l0, l1 = bounds[s], bounds[s + 1]
-            w = sum(sizes.layer_bytes[l0:l1]) // tp + (sizes.embed_bytes if s == 0 else 0)
+            embed = rank_bytes(sizes.embed_bytes, spec, tp)
+            w = sum(sizes.layer_bytes[l0:l1]) // tp + (embed if s == 0 else 0)
             if s == pp - 1:  # lm_head + final norm; with one stage a tied lm_head is the embedding
-                w += sizes.head_bytes - (sizes.embed_bytes if s == 0 and spec.tie_word_embeddings else 0)
+                w += head_rank_bytes(sizes, spec, tp) - (embed if s == 0 and spec.tie_word_embeddings else 0)
             per = 2 * (l1 - l0) * BS * (spec.num_kv_heads // tp) * spec.head_dim * 4
             for g in groups[s]:
                 room = g.memory_bytes - w
@@ -164,10 +179,13 @@ def test_not_enough_memory_in_all_is_refused_with_both_totals():
     with pytest.raises(PlanError) as info:
         make_plan(SMOL, SIZES, offers(0.05), 1, 1, BS, "balanced")
     assert str(info.value).startswith(f"model needs {need / GiB:.2f} GiB, workers offer {int(0.05 * GiB) / GiB:.2f} GiB")
-    # TP copies the embedding to each rank of its stage
-    with pytest.raises(PlanError, match=r"model needs 0\.1[0-9] GiB, workers offer 0\.09 GiB \(weights .* with the "
-                                        r"embedding and head on each of 3 TP ranks"):
+    # TP splits the embedding over the ranks of its stage (vocabulary-parallel): still too little here
+    with pytest.raises(PlanError, match=r"model needs 0\.10 GiB, workers offer 0\.09 GiB \(weights .* with the "
+                                        r"embedding and head split over 3 TP ranks"):
         make_plan(SMOL, SIZES, offers(0.03, 0.03, 0.03), 1, 3, BS, "balanced")
+    # ... but 3 x 0.035 GiB now hold what needed 3 whole copies of the 30 MB embedding before
+    plan = make_plan(SMOL, SIZES, offers(0.035, 0.035, 0.035), 1, 3, BS, "balanced")
+    assert all(a.weight_bytes < 34 * MiB for a in plan.assignments)
 
 
 def test_tensor_parallel_must_divide_the_head_counts():
@@ -217,10 +235,29 @@ def test_no_layout_fits_names_every_reason():
 
 def test_stage_weight_bytes_counts_embedding_and_head_once():
     norm = SIZES.head_bytes - SIZES.embed_bytes  # tied: the head is the embedding plus the final norm
+    assert norm == 4 * 576
     assert stage_weight_bytes(SMOL, SIZES, 0, 1, 0, 30, 1) == sum(SIZES.layer_bytes) + SIZES.embed_bytes + norm
-    assert stage_weight_bytes(SMOL, SIZES, 1, 2, 15, 30, 3) == 15 * SIZES.layer_bytes[0] // 3 + SIZES.head_bytes
     untied = variant(tie_word_embeddings=False)
     assert stage_weight_bytes(untied, SIZES, 0, 1, 0, 30, 1) == sum(SIZES.layer_bytes) + SIZES.embed_bytes + SIZES.head_bytes
+
+
+def test_stage_weight_bytes_split_the_vocabulary_under_tp():
+    """TP=3: each rank holds 49152 / 3 = 16384 rows of the embedding / lm_head (a third of their
+    bytes) and the whole final norm; a vocabulary t does not divide gives every rank the padded
+    ceil(V / t) rows' bytes (the largest slice)."""
+    third = SIZES.embed_bytes // 3
+    assert third * 3 == SIZES.embed_bytes
+    norm = 4 * 576
+    assert stage_weight_bytes(SMOL, SIZES, 1, 2, 15, 30, 3) == 15 * SIZES.layer_bytes[0] // 3 + third + norm
+    assert stage_weight_bytes(SMOL, SIZES, 0, 2, 0, 15, 3) == 15 * SIZES.layer_bytes[0] // 3 + third
+    assert stage_weight_bytes(SMOL, SIZES, 0, 1, 0, 30, 3) == sum(SIZES.layer_bytes) // 3 + third + norm
+    untied = variant(tie_word_embeddings=False)
+    assert stage_weight_bytes(untied, SIZES, 0, 1, 0, 30, 3) == sum(SIZES.layer_bytes) // 3 + 2 * third + norm
+    odd = variant(vocab_size=49153)  # ceil(49153 / 3) = 16385 rows per rank
+    sizes = ModelSizes(SIZES.layer_bytes, 49153 * 612, 49153 * 612 + norm, norm)
+    assert stage_weight_bytes(odd, sizes, 1, 2, 15, 30, 3) == 15 * SIZES.layer_bytes[0] // 3 + 16385 * 612 + norm
+    with pytest.raises(PlanError, match="tensor_parallel=3 leaves a TP rank no rows of the vocab_size=4"):
+        make_plan(variant(vocab_size=4), SIZES, offers(2, 2, 2), 1, 3, BS)
 
 
 def test_plan_table_has_the_named_columns():

@@ -112,6 +112,11 @@ def test_received_tensors_equal_the_file_slices(source, shard):
         q = loader.tensors[f"blk.{shard[0]}.attn_q.weight"]
         assert q.data.shape[0] == 3 * SPEC.head_dim and q.rows == (shard[4] * 192, (shard[4] + 1) * 192)
         assert stats["bytes"] < sum(int(t.n_bytes) for t in source.tensors.values()) / 2
+        # vocabulary-parallel: only the rank's third of the embedding / tied lm_head rows travels
+        embd = loader.tensors["token_embd.weight"]
+        v = SPEC.vocab_size // 3
+        assert embd.rows == (shard[4] * v, (shard[4] + 1) * v) and embd.data.shape[0] == v
+        assert embd.n_bytes == source.tensors["token_embd.weight"].n_bytes // 3
 
 
 def test_stage_from_received_tensors_computes_what_the_file_stage_does(source):
@@ -139,7 +144,8 @@ def test_stage_from_received_tensors_computes_what_the_file_stage_does(source):
         model = StageModel(SPEC, loader, 64)
         kv = KVCache(3, 4, 16, SPEC.num_kv_heads // 3, SPEC.head_dim)
         outs.append(model(x.clone(), meta, kv))
-    assert outs[0].shape == (1, SPEC.vocab_size) and torch.equal(outs[0], outs[1])
+    # no all-gather outside a cluster: rank 1's partial logits, its vocabulary slice [16384, 32768)
+    assert outs[0].shape == (1, SPEC.vocab_size // 3) and torch.equal(outs[0], outs[1])
 
 
 def test_chunks_are_bounded_and_checksummed(source):
@@ -184,3 +190,4 @@ def test_a_manifest_for_another_shard_is_refused(source):
         check_manifest(manifest, SPEC, ShardSpec(0, 2, True, False, 1, 3))  # another TP rank's heads
     with pytest.raises(ShardTransferError, match="missing blk.2"):
         check_manifest(manifest, SPEC, ShardSpec(0, 3, True, False, 0, 3))
+
