@@ -31,47 +31,53 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 
+@njit(fastmath=True, cache=True)
+def decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, h, out):
+    """Sequence b's query heads of KV head h (GQA group) against its paged context; writes
+    out[b, group heads]. Shapes as in the module doc; serial (called per (sequence, KV head))."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // k_cache.shape[1]
+    length = context_lens[b]
+    h0 = h * group
+    scores = np.empty((group, length), np.float32)
+    for t in range(length):
+        slot = block_tables[b, t // block_size] * block_size + t % block_size
+        k = k_cache[slot, h]
+        for g in range(group):
+            qg = q[b, h0 + g]
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += qg[d] * k[d]
+            scores[g, t] = s * scale
+    acc = np.zeros((group, head_dim), np.float32)
+    for g in range(group):
+        m = scores[g, 0]
+        for t in range(1, length):
+            m = max(m, scores[g, t])
+        total = np.float32(0.0)
+        for t in range(length):
+            p = np.exp(scores[g, t] - m)
+            scores[g, t] = p
+            total += p
+        scores[g, :length] *= np.float32(1.0) / total
+    for t in range(length):
+        slot = block_tables[b, t // block_size] * block_size + t % block_size
+        v = v_cache[slot, h]
+        for g in range(group):
+            p = scores[g, t]
+            a = acc[g]
+            for d in range(head_dim):
+                a[d] += p * v[d]
+    for g in range(group):
+        out[b, h0 + g] = acc[g]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, out):
-    num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    group = num_heads // num_kv_heads
-    for w in prange(num_seqs * num_kv_heads):
-        b = w // num_kv_heads
-        h = w % num_kv_heads
-        length = context_lens[b]
-        h0 = h * group
-        scores = np.empty((group, length), np.float32)
-        for t in range(length):
-            slot = block_tables[b, t // block_size] * block_size + t % block_size
-            k = k_cache[slot, h]
-            for g in range(group):
-                qg = q[b, h0 + g]
-                s = np.float32(0.0)
-                for d in range(head_dim):
-                    s += qg[d] * k[d]
-                scores[g, t] = s * scale
-        acc = np.zeros((group, head_dim), np.float32)
-        for g in range(group):
-            m = scores[g, 0]
-            for t in range(1, length):
-                m = max(m, scores[g, t])
-            total = np.float32(0.0)
-            for t in range(length):
-                p = np.exp(scores[g, t] - m)
-                scores[g, t] = p
-                total += p
-            scores[g, :length] *= np.float32(1.0) / total
-        for t in range(length):
-            slot = block_tables[b, t // block_size] * block_size + t % block_size
-            v = v_cache[slot, h]
-            for g in range(group):
-                p = scores[g, t]
-                a = acc[g]
-                for d in range(head_dim):
-                    a[d] += p * v[d]
-        for g in range(group):
-            out[b, h0 + g] = acc[g]
+    for w in prange(q.shape[0] * num_kv_heads):
+        decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
+                          w // num_kv_heads, w % num_kv_heads, out)
 
 
 class PagedDecodePlan:

@@ -191,6 +191,18 @@ class QuantizedLinear(torch.nn.Module):
         self.weight_bf16 = copy
         return copy.numel() * 2
 
+    def packed_kernel_args(self, n_tokens: int):
+        """(fmt, qs, d, m) of the row-interleaved CPU kernels (kernels.cpu._packed) when `forward`
+        would run them for `n_tokens` tokens (CPU, q8_0/q4_0/q4_1, no bias, below the crossover
+        and the bf16-copy threshold), so a fused caller (kernels/fused.py) makes the same
+        choice; else None."""
+        w = self.qweight
+        if (self.bias is not None or cpu.FMT.get(w.qtype) not in cpu.PACKED_FORMATS or w.in_features % 32
+                or (self.weight_bf16 is not None and n_tokens >= BF16_COPY_MIN_TOKENS)
+                or not (n_tokens <= GEMV_MAX_TOKENS or n_tokens < crossover(w))):
+            return None
+        return cpu._packed(w)
+
     @property
     def in_features(self) -> int:
         return self.qweight.in_features

@@ -11,8 +11,11 @@ one `[num_tokens, hidden]` tensor; `AttentionMetadata` says which rows belong to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +23,6 @@ from kernels.attention import PagedDecodePlan
 from shardline.model_file import ModelSpec
 from worker.kv_cache import KVCache
 from worker.loader import GGUFShardLoader, ShardSpec
-from worker.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
 
 
 # ---- linear layers --------------------------------------------------------------------------
@@ -102,6 +104,31 @@ def linear_nbytes(layer: torch.nn.Module) -> int:
         return (layer.qweight.nbytes + (sum(a.nbytes for a in packed[1:]) if packed else 0)
                 + (copy.numel() * 2 if copy is not None else 0))
     return layer.nbytes
+
+
+class QuantizedEmbedding:
+    """Token embedding kept packed: looks up rows and dequantizes only those.
+
+    weight: QuantizedWeight [vocab, hidden]; __call__(ids [T] int64) -> [T, hidden] float32.
+    """
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        from kernels.dispatch import dequantize
+        from kernels.formats import QuantizedWeight
+
+        w = self.weight
+        i = ids.numpy()
+        rows = w.data[i]
+        pick = lambda a: None if a is None else a[i]  # noqa: E731  (int8/int4: per-row scales, mins)
+        return dequantize(QuantizedWeight(w.qtype, (rows.shape[0], w.in_features), rows, pick(w.scales),
+                                          pick(w.mins), w.group_size))
 
 
 # ---- step metadata ----------------------------------------------------------------------
@@ -201,6 +228,9 @@ class RotaryEmbedding:
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
         self.freqs_cis = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # [max_pos, head_dim/2]
+        # the same factors as float32 [max_pos, head_dim/2] arrays for the fused decode kernel
+        self.cos = self.freqs_cis.real.contiguous().numpy()
+        self.sin = self.freqs_cis.imag.contiguous().numpy()
 
     def for_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """[num_tokens, 1, head_dim // 2] complex64 rotations, computed once per step."""
@@ -238,6 +268,43 @@ class DecoderLayer(torch.nn.Module):
         self.gate_up_proj = make_linear(loader, [p + "ffn_gate.weight", p + "ffn_up.weight"], rows=[f, f])
         self.down_proj = make_linear(loader, [p + "ffn_down.weight"], cols=f)
         self.ffn_local = f[1] - f[0]
+        self.tp_size = tp
+        self.eps = spec.rms_norm_eps
+        self._fused: dict[int, tuple | None] = {}  # n_tokens -> packed kernel args, or None
+
+    def fused_args(self, n_tokens: int) -> tuple | None:
+        """The packed weights for kernels.fused when every linear of this layer would run the
+        packed CPU kernels for `n_tokens` tokens; None otherwise (other formats, bias, the
+        torch GEMM path). Cached per n_tokens."""
+        if n_tokens not in self._fused:
+            from kernels.dispatch import QuantizedLinear
+
+            mods = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+            args = [m.packed_kernel_args(n_tokens) if isinstance(m, QuantizedLinear) else None for m in mods]
+            self._fused[n_tokens] = None if any(a is None for a in args) else (
+                self.input_norm.weight.numpy(), self.post_attention_norm.weight.numpy(), *args)
+        return self._fused[n_tokens]
+
+    def fused_decode(self, x: torch.Tensor, step, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """The layer through kernels.fused (one compiled call; two with TP, around the
+        all-reduces) for a pure decode step on the CPU. x: float32 [T, hidden] contiguous, updated
+        in place and returned; None when the fused kernel does not apply (caller runs forward)."""
+        args = self.fused_args(x.shape[0])
+        if args is None:
+            return None
+        from kernels import fused
+
+        attn_norm, ffn_norm, (qf, qq, qd, qm), (of, oq, od, om), (gf, gq, gd, gm), (df, dq, dd, dm) = args
+        xn = x.numpy()
+        eps = np.float32(self.eps)
+        k_cache, v_cache = kv[0].numpy(), kv[1].numpy()
+        positions, slots, tables, lens, block_size, cos, sin, nchunk = step
+        scale = np.float32(1.0 / math.sqrt(self.head_dim))
+        if self.tp_size == 1:
+            fused.decode_layer(xn, attn_norm, ffn_norm, eps, qf, qq, qd, qm, of, oq, od, om, gf, gq, gd, gm,
+                               df, dq, dd, dm, cos, sin, positions, slots, k_cache, v_cache, tables, lens,
+                               block_size, self.num_heads, scale, nchunk)
+            return x
 
     def attention(self, q, k, v, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
         # q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D] (flat view)
@@ -282,34 +349,24 @@ class StageModel(torch.nn.Module):
     logits [num_sampled, vocab] float32 (rows `meta.sample_rows`) on the last stage.
     """
 
-    def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, max_positions: int, all_reduce=None,
-                 all_gather=None):
-        """all_reduce: sums [T, n] float32 over the stage's TP group; all_gather: [S, n] ->
-        [S, tp_size * n] over it (worker.comm.StageComm). Both None outside a cluster: the
-        layers then return partial sums, and under TP the last stage returns this rank's
-        partial logits [S, v1 - v0] (worker/vocab_parallel.py)."""
+    def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, max_positions: int, all_reduce=None):
         super().__init__()
         self.spec = spec
         self.shard = loader.shard
-        s = loader.shard
-        # the token embedding and the lm_head are vocabulary-parallel under TP (worker/vocab_parallel.py)
-        vocab = loader.vocab_rows() if s.tp_size > 1 else None
-        v0 = vocab[0] if vocab else 0
-        self.embed_tokens = None
-        if s.is_first:
-            self.embed_tokens = VocabParallelEmbedding(loader.linear_weight("token_embd.weight", rows=vocab), v0,
-                                                       (all_reduce or (lambda t: t)) if vocab else None)
         all_reduce = all_reduce or (lambda t: t)
+        s = loader.shard
+        self.embed_tokens = QuantizedEmbedding(loader.quantized("token_embd.weight")) if s.is_first else None
         self.layers = torch.nn.ModuleList(
             DecoderLayer(spec, loader, i, all_reduce) for i in range(s.layer_start, s.layer_end)
         )
         self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, max_positions)
+        # pure decode steps on the CPU run each layer as one compiled call (kernels/fused.py)
+        self.fused_decode = True
         self.norm = self.lm_head = None
         if s.is_last:
             self.norm = RMSNorm(loader.dense("output_norm.weight"), spec.rms_norm_eps)
             name = "token_embd.weight" if spec.tie_word_embeddings else "output.weight"
-            self.lm_head = VocabParallelLMHead(loader.linear_weight(name, rows=vocab), spec.vocab_size, v0, s.tp_size,
-                                               all_gather)
+            self.lm_head = make_linear(loader, [name])
 
     @property
     def num_layers(self) -> int:
@@ -357,13 +414,33 @@ class StageModel(torch.nn.Module):
                     seen.add(key)
                     calibrate(m.qweight)
 
+    def _fused_step(self, x: torch.Tensor, meta: AttentionMetadata) -> tuple | None:
+        """The per-step arguments of the fused decode layers (kernels/fused.py), or None when the
+        step is not a pure decode step of float32 activations on the CPU (or fusing is off)."""
+        if not (self.fused_decode and meta.decode_rows_all and x.dtype == torch.float32 and not x.is_cuda):
+            return None
+        plan = meta.decode_plan
+        tables, lens = plan._np
+        threads = numba.get_num_threads()
+        return (meta.positions.numpy(), meta.slot_mapping.numpy(), tables, lens, plan.block_size,
+                self.rope.cos, self.rope.sin, 4 * threads if threads > 1 else 1)
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         if self.shard.is_first:
             x = self.embed_tokens(x)  # x: [T] int64 -> [T, hidden]
-        rot = self.rope.for_positions(meta.positions)
+        else:
+            x = x.contiguous()  # the fused layers update the residual stream in place
+        step = self._fused_step(x, meta)
+        rot = None if step is not None else self.rope.for_positions(meta.positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, meta, kv_cache.layer(i), rot)
+            kv = kv_cache.layer(i)
+            y = None if step is None else layer.fused_decode(x, step, kv)
+            if y is None:
+                if rot is None:
+                    rot = self.rope.for_positions(meta.positions)
+                y = layer(x, meta, kv, rot)
+            x = y
         if not self.shard.is_last:
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))

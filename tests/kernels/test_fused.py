@@ -1,0 +1,80 @@
+"""The fused decode layer (kernels/fused.py) against the unfused DecoderLayer path of
+worker/model.py on the real SmolLM2 weights: same hidden states / logits (to float32 rounding)
+and the same K/V written into the cache, for one and several decode sequences, with and without
+a tensor-parallel split, and the fallback when a layer's linears would not take the packed
+kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardline.model_file import read_model_spec, resolve_model_path
+from worker.kv_cache import KVCache
+from worker.loader import GGUFShardLoader, ShardSpec
+from worker.model import StageModel, build_attention_metadata
+
+PATH = str(resolve_model_path("smollm2-135m"))
+SPEC = read_model_spec(PATH)
+BLOCK = 16
+
+
+def _run(shard: ShardSpec, fused: bool, prompt_lens: list[int], decode_steps: int, seed: int = 0):
+    """Prefill each sequence (unfused: many tokens), then `decode_steps` pure decode steps of all
+    sequences together; returns the decode outputs and the KV cache."""
+    model = StageModel(SPEC, GGUFShardLoader(PATH, SPEC, shard), 256)
+    model.fused_decode = fused
+    n_layers = shard.layer_end - shard.layer_start
+    kv = KVCache(n_layers, 32, BLOCK, SPEC.num_kv_heads // shard.tp_size, SPEC.head_dim)
+    gen = torch.Generator().manual_seed(seed)
+    tables = [list(range(i * 6, i * 6 + 6)) for i in range(len(prompt_lens))]  # 96 slots each
+
+    def inputs(n):
+        if shard.is_first:
+            return torch.randint(0, SPEC.vocab_size, (n,), generator=gen)
+        return torch.randn(n, SPEC.hidden_size, generator=gen)
+
+    for length, table in zip(prompt_lens, tables):
+        model(inputs(length), build_attention_metadata([(0, length, table, True)], BLOCK), kv)
+    outs = []
+    for step in range(decode_steps):
+        entries = [(length + step, 1, table, True) for length, table in zip(prompt_lens, tables)]
+        meta = build_attention_metadata(entries, BLOCK)
+        assert meta.decode_rows_all
+        outs.append(model(inputs(len(prompt_lens)), meta, kv))
+    return outs, kv, model
+
+
+@pytest.mark.parametrize("shard,prompt_lens", [
+    (ShardSpec(0, 3, True, False, 0, 1), [5]),            # first stage, one sequence
+    (ShardSpec(27, 30, False, True, 0, 1), [3, 17, 9]),   # last stage (logits), three sequences
+    (ShardSpec(10, 12, False, False, 1, 3), [7, 2]),      # TP rank 1 of 3: attention and MLP halves
+])
+def test_fused_decode_matches_the_unfused_layers(shard, prompt_lens):
+    ref, kv_ref, _ = _run(shard, False, prompt_lens, 4)
+    got, kv_got, model = _run(shard, True, prompt_lens, 4)
+    assert all(layer._fused.get(len(prompt_lens)) is not None for layer in model.layers), "fused path not taken"
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+    # later layers' K/V inherit the earlier layers' rounding differences
+    torch.testing.assert_close(kv_got.k, kv_ref.k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv_got.v, kv_ref.v, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_path_declines_when_a_linear_would_not_use_the_packed_kernels():
+    shard = ShardSpec(0, 2, True, False, 0, 1)
+    model = StageModel(SPEC, GGUFShardLoader(PATH, SPEC, shard), 64)
+    layer = model.layers[0]
+    assert layer.fused_args(1) is not None
+    assert layer.fused_args(4096) is None  # far past the GEMM crossover: the torch path
+    layer.o_proj.keep_bf16_copy()
+    assert layer.fused_args(16) is None  # the bf16 copy takes >= 8 tokens
+    assert layer.fused_args(2) is not None
+    # with the bf16 copy, a 16-sequence decode step runs the unfused layer and still agrees
+    model.fused_decode = False
+    kv = KVCache(2, 16, BLOCK, SPEC.num_kv_heads, SPEC.head_dim)
+    meta = build_attention_metadata([(0, 1, [i], True) for i in range(16)], BLOCK)
+    ids = torch.arange(16)
+    ref = model(ids, meta, kv)
+    model.fused_decode = True
+    torch.testing.assert_close(model(ids, meta, kv), ref)
