@@ -23,6 +23,7 @@ from kernels.attention import PagedDecodePlan
 from shardline.model_file import ModelSpec
 from worker.kv_cache import KVCache
 from worker.loader import GGUFShardLoader, ShardSpec
+from worker.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
 
 
 # ---- linear layers --------------------------------------------------------------------------
@@ -104,31 +105,6 @@ def linear_nbytes(layer: torch.nn.Module) -> int:
         return (layer.qweight.nbytes + (sum(a.nbytes for a in packed[1:]) if packed else 0)
                 + (copy.numel() * 2 if copy is not None else 0))
     return layer.nbytes
-
-
-class QuantizedEmbedding:
-    """Token embedding kept packed: looks up rows and dequantizes only those.
-
-    weight: QuantizedWeight [vocab, hidden]; __call__(ids [T] int64) -> [T, hidden] float32.
-    """
-
-    def __init__(self, weight):
-        self.weight = weight
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        from kernels.dispatch import dequantize
-        from kernels.formats import QuantizedWeight
-
-        w = self.weight
-        i = ids.numpy()
-        rows = w.data[i]
-        pick = lambda a: None if a is None else a[i]  # noqa: E731  (int8/int4: per-row scales, mins)
-        return dequantize(QuantizedWeight(w.qtype, (rows.shape[0], w.in_features), rows, pick(w.scales),
-                                          pick(w.mins), w.group_size))
 
 
 # ---- step metadata ----------------------------------------------------------------------
@@ -305,6 +281,12 @@ class DecoderLayer(torch.nn.Module):
                                df, dq, dd, dm, cos, sin, positions, slots, k_cache, v_cache, tables, lens,
                                block_size, self.num_heads, scale, nchunk)
             return x
+        o = fused.decode_attention(xn, attn_norm, eps, qf, qq, qd, qm, of, oq, od, om, cos, sin, positions, slots,
+                                   k_cache, v_cache, tables, lens, block_size, self.num_heads, scale, nchunk)
+        x += self.all_reduce(torch.from_numpy(o))
+        d = fused.decode_mlp(xn, ffn_norm, eps, gf, gq, gd, gm, df, dq, dd, dm, nchunk)
+        x += self.all_reduce(torch.from_numpy(d))
+        return x
 
     def attention(self, q, k, v, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
         # q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D] (flat view)
@@ -349,13 +331,24 @@ class StageModel(torch.nn.Module):
     logits [num_sampled, vocab] float32 (rows `meta.sample_rows`) on the last stage.
     """
 
-    def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, max_positions: int, all_reduce=None):
+    def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, max_positions: int, all_reduce=None,
+                 all_gather=None):
+        """all_reduce: sums [T, n] float32 over the stage's TP group; all_gather: [S, n] ->
+        [S, tp_size * n] over it (worker.comm.StageComm). Both None outside a cluster: the
+        layers then return partial sums, and under TP the last stage returns this rank's
+        partial logits [S, v1 - v0] (worker/vocab_parallel.py)."""
         super().__init__()
         self.spec = spec
         self.shard = loader.shard
-        all_reduce = all_reduce or (lambda t: t)
         s = loader.shard
-        self.embed_tokens = QuantizedEmbedding(loader.quantized("token_embd.weight")) if s.is_first else None
+        # the token embedding and the lm_head are vocabulary-parallel under TP (worker/vocab_parallel.py)
+        vocab = loader.vocab_rows() if s.tp_size > 1 else None
+        v0 = vocab[0] if vocab else 0
+        self.embed_tokens = None
+        if s.is_first:
+            self.embed_tokens = VocabParallelEmbedding(loader.linear_weight("token_embd.weight", rows=vocab), v0,
+                                                       (all_reduce or (lambda t: t)) if vocab else None)
+        all_reduce = all_reduce or (lambda t: t)
         self.layers = torch.nn.ModuleList(
             DecoderLayer(spec, loader, i, all_reduce) for i in range(s.layer_start, s.layer_end)
         )
@@ -366,7 +359,8 @@ class StageModel(torch.nn.Module):
         if s.is_last:
             self.norm = RMSNorm(loader.dense("output_norm.weight"), spec.rms_norm_eps)
             name = "token_embd.weight" if spec.tie_word_embeddings else "output.weight"
-            self.lm_head = make_linear(loader, [name])
+            self.lm_head = VocabParallelLMHead(loader.linear_weight(name, rows=vocab), spec.vocab_size, v0, s.tp_size,
+                                               all_gather)
 
     @property
     def num_layers(self) -> int:
