@@ -147,6 +147,8 @@ class Coordinator:
         self._next_seq_id = 0
         self._stop = False
         self._draining = False  # SIGTERM: admission stopped, running requests finishing
+        self._reload_keys = False  # SIGHUP: re-read the allow-lists at the next loop turn
+        self._refused_keys: set[str] = set()  # revoked keys whose messages were dropped (logged once)
         self.drain_deadline: float | None = None
         self.recovery_deadline: float | None = None  # a plan was lost: serve again before this
         self.replan_at: float | None = None  # after a reported data-plane failure: re-plan no sooner
@@ -203,9 +205,49 @@ class Coordinator:
         allowed = {CLIENT_DOMAIN: None if sec.client_keys is None else load_public_keys(sec.client_keys),
                    WORKER_DOMAIN: None if sec.worker_keys is None else load_public_keys(sec.worker_keys)}
         self.authenticator = start_authenticator(self.ctx, allowed)
+        self._allow_sources = {CLIENT_DOMAIN: sec.client_keys, WORKER_DOMAIN: sec.worker_keys}
         log.info("CurveZMQ on: %s client keys, %s worker keys allowed",
                  *("any" if k is None else len(k) for k in allowed.values()))
         return secret
+
+    def reload_allow_lists(self) -> bool:
+        """Re-read the allow-list files (`security.client_keys`, `security.worker_keys`), as on
+        SIGHUP: a key added is admitted at its next handshake; a key removed is refused at its next
+        handshake, and every message still arriving on a connection it opened before is dropped
+        (a revoked worker stops counting as alive and is lost after the heartbeat timeout). An
+        unreadable or empty list keeps every old list (a typo must not lock everyone out) and is
+        logged. Returns whether the lists were replaced."""
+        if self.authenticator is None:
+            log.warning("SIGHUP: no CurveZMQ keys configured (security.server_key); nothing to reload")
+            return False
+        try:
+            allowed = {d: None if src is None else load_public_keys(src) for d, src in self._allow_sources.items()}
+        except SecurityError as exc:
+            log.error("allow-lists not reloaded, the old ones stay: %s", exc)
+            return False
+        changes = self.authenticator.update(allowed)
+        self._refused_keys.clear()
+        log.info("allow-lists reloaded: %s", ", ".join(
+            f"{d} plane {'any key' if allowed[d] is None else f'{len(allowed[d])} keys'} "
+            f"(+{changes[d][0]} -{changes[d][1]})" for d in allowed))
+        return True
+
+    def _revoked(self, sock, frames: list) -> bool:
+        """Whether a message (zmq.Frames) comes from a CURVE peer whose key has been taken off its
+        plane's allow-list since it connected; logged once per key."""
+        if self.authenticator is None or not frames[-1].bytes:
+            return False
+        try:
+            key = frames[-1].get("User-Id")
+        except zmq.ZMQError:  # no metadata (not a CURVE connection): ZAP admitted it as configured
+            return False
+        domain = CLIENT_DOMAIN if sock is self.client_sock else WORKER_DOMAIN
+        if self.authenticator.allows(domain, key):
+            return False
+        if key not in self._refused_keys:
+            self._refused_keys.add(key)
+            log.warning("dropping messages on the %s plane from revoked public key %s", domain, key)
+        return True
 
     def stop(self) -> None:
         self._stop = True
@@ -240,6 +282,7 @@ class Coordinator:
         if install_signals:
             signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
             signal.signal(signal.SIGINT, lambda *_: self.begin_drain())
+            signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_keys", True))
         self.exit_code = 0
         self.start()
         try:
@@ -268,6 +311,9 @@ class Coordinator:
                     last_hb = now
                     self._heartbeat(now)
                 self._advance_worker_drain(now)
+                if self._reload_keys:  # SIGHUP
+                    self._reload_keys = False
+                    self.reload_allow_lists()
                 if self._draining and (not self.requests or now > self.drain_deadline):
                     if self.requests:
                         log.error("drain timed out with %d sequences running", len(self.requests))
@@ -285,9 +331,13 @@ class Coordinator:
     def _drain(self, sock, handler, limit: int = 1000) -> None:
         for _ in range(limit):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=self.authenticator is None)
             except zmq.Again:
                 return
+            if self.authenticator is not None:  # frames with metadata: check the sender's key
+                if self._revoked(sock, frames):
+                    continue
+                frames = [f.bytes for f in frames]
             if len(frames) != 2:
                 if sock is self.client_sock and frames:
                     self._send_error(frames[0], "", ErrorCode.BAD_FRAME, f"expected 1 frame, got {len(frames) - 1}")

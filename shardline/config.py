@@ -152,11 +152,11 @@ class SecurityConfig(_Frozen):
     )
     client_keys: str | list[str] | None = Field(
         None, description="Public keys allowed on the client plane: a directory of `*.key` files or a list of files. "
-                          "None: any client key (still encrypted)."
+                          "None: any client key (still encrypted). Re-read on SIGHUP to the coordinator."
     )
     worker_keys: str | list[str] | None = Field(
         None, description="Public keys allowed on the worker plane: a directory of `*.key` files or a list of files. "
-                          "None: any worker key (still encrypted)."
+                          "None: any worker key (still encrypted). Re-read on SIGHUP to the coordinator."
     )
     client_key: str | None = Field(
         None, description="Secret key file of the clients the cluster runs itself (`shardline launch`'s health checks "

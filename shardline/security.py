@@ -166,7 +166,8 @@ def _b(key: bytes | str) -> bytes:
 
 
 class _AllowList:
-    """ZAP credentials provider of one domain: `callback(domain, z85_key)` -> allowed."""
+    """ZAP credentials provider of one domain: `callback(domain, z85_key)` -> allowed. `keys` may
+    be replaced while the authenticator runs (one reference assignment: atomic for its thread)."""
 
     def __init__(self, domain: str, keys: Iterable[bytes] | None):
         self.domain = domain
@@ -180,17 +181,50 @@ class _AllowList:
         return ok
 
 
-def start_authenticator(ctx: zmq.Context, allowed: Mapping[str, Iterable[bytes] | None]) -> ThreadAuthenticator:
-    """Start a ZAP handler (RFC 27; `zmq.auth.thread.ThreadAuthenticator`) in `ctx` that admits,
-    on each ZAP domain of `allowed`, the CURVE peers whose Z85 public key is in its allow-list
-    (None: any key). A domain not in `allowed` admits no one. Stop it with `.stop()` after the
-    sockets are closed.
-    """
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("shardline.zap"))
-    auth.start()
-    for domain, keys in allowed.items():
-        auth.configure_curve_callback(domain, _AllowList(domain, keys))
-    return auth
+class Authenticator:
+    """The coordinator's ZAP handler (RFC 27; `zmq.auth.thread.ThreadAuthenticator`): on each ZAP
+    domain, admits the CURVE peers whose Z85 public key is on that domain's allow-list (None: any
+    key; a domain not configured admits no one). The lists can be replaced while it runs
+    (`update`); ZAP is asked only at a connection's handshake, so `allows` lets the owner also
+    check every message of connections made before a key was revoked (a message's `User-Id`
+    property is its peer's Z85 key)."""
+
+    def __init__(self, ctx: zmq.Context, allowed: Mapping[str, Iterable[bytes] | None]):
+        self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("shardline.zap"))
+        self._auth.start()
+        self.lists = {domain: _AllowList(domain, keys) for domain, keys in allowed.items()}
+        for domain, provider in self.lists.items():
+            self._auth.configure_curve_callback(domain, provider)
+
+    def update(self, allowed: Mapping[str, Iterable[bytes] | None]) -> dict[str, tuple[int, int]]:
+        """Replace the allow-lists of the domains in `allowed` (None: any key). Returns, per
+        domain, (keys added, keys removed); a change to or from None counts as (0, 0)."""
+        changes = {}
+        for domain, keys in allowed.items():
+            new = None if keys is None else frozenset(keys)
+            old = self.lists[domain].keys
+            changes[domain] = (len(new - old), len(old - new)) if new is not None and old is not None else (0, 0)
+            self.lists[domain].keys = new
+        return changes
+
+    def allows(self, domain: str, key: bytes | str | None) -> bool:
+        """Whether the Z85 public `key` is on `domain`'s allow-list now (any key when it is None)."""
+        keys = self.lists[domain].keys
+        if keys is None:
+            return True
+        if isinstance(key, str):
+            key = key.encode("ascii", "replace")
+        return key in keys
+
+    def stop(self) -> None:
+        """Stop the ZAP handler thread (after the sockets it serves are closed)."""
+        self._auth.stop()
+
+
+def start_authenticator(ctx: zmq.Context, allowed: Mapping[str, Iterable[bytes] | None]) -> Authenticator:
+    """Start an `Authenticator` in `ctx` with the allow-list of each ZAP domain of `allowed`
+    (Z85 public keys; None: any key). Stop it with `.stop()` after the sockets are closed."""
+    return Authenticator(ctx, allowed)
 
 
 # ---- the bind rule --------------------------------------------------------------------------------
