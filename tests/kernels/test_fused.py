@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import fused
 from shardline.model_file import read_model_spec, resolve_model_path
 from worker.kv_cache import KVCache
 from worker.loader import GGUFShardLoader, ShardSpec
@@ -49,10 +50,14 @@ def _run(shard: ShardSpec, fused: bool, prompt_lens: list[int], decode_steps: in
     (ShardSpec(27, 30, False, True, 0, 1), [3, 17, 9]),   # last stage (logits), three sequences
     (ShardSpec(10, 12, False, False, 1, 3), [7, 2]),      # TP rank 1 of 3: attention and MLP halves
 ])
-def test_fused_decode_matches_the_unfused_layers(shard, prompt_lens):
+def test_fused_decode_matches_the_unfused_layers(shard, prompt_lens, monkeypatch):
     ref, kv_ref, _ = _run(shard, False, prompt_lens, 4)
+    calls = []
+    name = "decode_layer" if shard.tp_size == 1 else "decode_attention"
+    real = getattr(fused, name)
+    monkeypatch.setattr(fused, name, lambda *a: calls.append(1) or real(*a))
     got, kv_got, model = _run(shard, True, prompt_lens, 4)
-    assert all(layer._fused.get(len(prompt_lens)) is not None for layer in model.layers), "fused path not taken"
+    assert len(calls) == 4 * len(model.layers), "the fused kernel did not run every decode layer"
     for r, g in zip(ref, got):
         assert r.shape == g.shape
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
