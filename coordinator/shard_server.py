@@ -10,11 +10,20 @@ one byte stream and answers SHARD_MANIFEST:
     chunks:  [0, C) [C, 2C) ... (C = SHARD_CHUNK_BYTES, the last one shorter)
 
 The worker then pulls chunks with SHARD_FETCH (at most SHARD_WINDOW outstanding), checks each
-SHARD_CHUNK's sha256 and finally the whole stream's sha256 (`shard_digest`). Tensor bytes are
-the GGUF's own (quantized blocks as stored); a column slice of a quantized weight takes whole
-quant blocks of each row, so the worker's kernels run on it unchanged. The coordinator keeps no
-copy of the stream: each chunk is cut from the memory-mapped file when asked for (the last
-tensor's contiguous bytes are kept for the next chunk).
+SHARD_CHUNK's sha256 and finally the whole stream's sha256 (`shard_digest`). Two formats
+(the manifest's `format`):
+
+    gguf         tensor bytes are the GGUF's own (quantized blocks as stored); a column slice of a
+                 quantized weight takes whole quant blocks of each row, so the worker's kernels
+                 run on it unchanged (`GGUFTensorSource`).
+    safetensors  tensor bytes are the checkpoint's own values in the stored dtype (F32, F16, or
+                 BF16 sent as its raw 16-bit patterns), Q/K rows still in the rotate-half layout;
+                 the worker permutes and quantizes (`none|int8|int4`) after receipt exactly as
+                 when it reads the files itself (`SafetensorsTensorSource`). The coordinator
+                 never imports kernels/, so nothing is quantized before sending.
+
+The coordinator keeps no copy of the stream: each chunk is cut from the memory-mapped file when
+asked for (the last tensor's contiguous bytes are kept for the next chunk).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import os
 import numpy as np
 
 from shardline import protocol as P
-from shardline.model_file import is_safetensors_checkpoint
+from shardline.model_file import SafetensorsCheckpoint, hf_tensor_name, is_safetensors_checkpoint
 from shardline.shard import TensorSlice, shard_tensor_slices
 
 
@@ -36,6 +45,8 @@ class ShardError(ValueError):
 
 class GGUFTensorSource:
     """Cuts tensor slices out of a memory-mapped GGUF file as C-contiguous NumPy arrays."""
+
+    format = "gguf"
 
     def __init__(self, path: str):
         import gguf
@@ -77,10 +88,66 @@ class GGUFTensorSource:
         return entry, data
 
 
-class ShardLayout:
-    """One worker's shard as a byte stream: the manifest, chunk `i` on demand, and the digest."""
+class SafetensorsTensorSource:
+    """Cuts tensor slices out of a Hugging Face checkpoint directory, in the stored dtype. Tensors
+    are named by their GGUF names (as `shard_tensor_slices` lists them) and looked up by their
+    Hugging Face names (`hf_tensor_name`); each slice is read only when its bytes are needed."""
 
-    def __init__(self, source: GGUFTensorSource, slices: list[TensorSlice], chunk_bytes: int = P.SHARD_CHUNK_BYTES):
+    format = "safetensors"
+    # stored dtype -> NumPy type string on the wire (BF16: raw 16-bit patterns)
+    WIRE_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+    def __init__(self, directory: str):
+        self.ckpt = SafetensorsCheckpoint(directory)
+
+    def describe(self, ts: TensorSlice):
+        """(manifest entry without offset, a function returning the slice as a C-contiguous NumPy
+        array). Entry fields: name, st_dtype (the stored dtype), dtype, shape, rows, cols, nbytes.
+
+        Raises:
+            ShardError: a tensor missing from the checkpoint, a slice out of range, or a stored
+                dtype other than F32, F16 and BF16.
+        """
+        import math
+
+        import torch
+
+        try:
+            hf = hf_tensor_name(ts.name)
+        except KeyError:
+            raise ShardError(f"tensor {ts.name!r} has no Hugging Face counterpart") from None
+        if hf not in self.ckpt:
+            raise ShardError(f"tensor {hf} (for {ts.name}) is not in the checkpoint {self.ckpt.directory}")
+        full, st_dtype = list(self.ckpt.shapes[hf]), self.ckpt.dtypes[hf]
+        if st_dtype not in self.WIRE_DTYPES:
+            raise ShardError(f"tensor {hf}: stored dtype {st_dtype}; shard transfer sends F32, F16 and BF16")
+        shape = list(full)
+        for dim, rng in ((0, ts.rows), (1, ts.cols)):
+            if rng is not None:
+                if dim >= len(full) or not 0 <= rng[0] < rng[1] <= full[dim]:
+                    raise ShardError(f"{ts.name}: {'rows' if dim == 0 else 'columns'} {list(rng)} out of range "
+                                     f"for shape {full}")
+                shape[dim] = rng[1] - rng[0]
+        dtype = self.WIRE_DTYPES[st_dtype]
+
+        def read() -> np.ndarray:
+            t = self.ckpt.read_stored(hf, ts.rows, ts.cols)
+            if t.dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            return t.numpy().view(np.dtype(dtype))
+
+        entry = {"name": ts.name, "st_dtype": st_dtype, "dtype": dtype, "shape": shape,
+                 "rows": list(ts.rows) if ts.rows else None, "cols": list(ts.cols) if ts.cols else None,
+                 "nbytes": math.prod(shape) * np.dtype(dtype).itemsize}
+        return entry, read
+
+
+class ShardLayout:
+    """One worker's shard as a byte stream: the manifest, chunk `i` on demand, and the digest.
+    A source's `describe` gives each slice's data as an array (a memmap view) or as a function
+    that reads it (called when the tensor's bytes are needed: the digest, then its chunks)."""
+
+    def __init__(self, source, slices: list[TensorSlice], chunk_bytes: int = P.SHARD_CHUNK_BYTES):
         self.source = source
         self.chunk_bytes = chunk_bytes
         self.entries, self._views, self._offsets = [], [], []
@@ -102,11 +169,14 @@ class ShardLayout:
 
     def _tensor_bytes(self, i: int) -> memoryview:
         if self._cached is None or self._cached[0] != i:
-            self._cached = (i, memoryview(np.ascontiguousarray(self._views[i])).cast("B"))
+            view = self._views[i]
+            data = view() if callable(view) else view
+            self._cached = (i, memoryview(np.ascontiguousarray(data)).cast("B"))
         return self._cached[1]
 
     def manifest(self, model_digest: str) -> dict:
-        return {"model_digest": model_digest, "tensors": self.entries, "total_bytes": self.total_bytes,
+        return {"model_digest": model_digest, "format": getattr(self.source, "format", "gguf"),
+                "tensors": self.entries, "total_bytes": self.total_bytes,
                 "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks, "shard_digest": self.digest}
 
     def chunk(self, index: int) -> dict:
@@ -143,7 +213,7 @@ class ShardServer:
         self.model_path = model_path
         self.spec = spec
         self.model_digest = model_digest
-        self._source: GGUFTensorSource | None = None
+        self._source: GGUFTensorSource | SafetensorsTensorSource | None = None
         self.layouts: dict[str, ShardLayout] = {}
         self.bytes_sent: dict[str, int] = {}
 
@@ -151,8 +221,8 @@ class ShardServer:
         """SHARD_REQUEST -> SHARD_MANIFEST body.
 
         Raises:
-            ShardError: no assignment, a digest other than the served model's, or a model that is
-                not a single GGUF file.
+            ShardError: no assignment, a digest other than the served model's, or a tensor the
+                source cannot serve (see the sources' `describe`).
         """
         want = body.get("model_digest")
         if want != self.model_digest:
@@ -160,11 +230,9 @@ class ShardServer:
                              f"{os.path.basename(self.model_path)} sha256 {self.model_digest[:16]}")
         if shard is None:
             raise ShardError(f"worker {worker_id} has no assignment in the current plan")
-        if is_safetensors_checkpoint(self.model_path):
-            raise ShardError(f"shard transfer serves GGUF models; the checkpoint directory {self.model_path} "
-                             f"must be present on worker {worker_id}'s host")
         if self._source is None:
-            self._source = GGUFTensorSource(self.model_path)
+            self._source = (SafetensorsTensorSource(self.model_path) if is_safetensors_checkpoint(self.model_path)
+                            else GGUFTensorSource(self.model_path))
         layout = ShardLayout(self._source, shard_tensor_slices(self.spec, *shard))
         self.layouts[worker_id] = layout
         self.bytes_sent[worker_id] = 0

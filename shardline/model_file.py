@@ -317,6 +317,20 @@ class SafetensorsCheckpoint:
             t = sl[r, slice(*cols) if cols is not None else slice(None)]
         return t.to(torch.float32, copy=True).numpy()
 
+    def read_stored(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None):
+        """Rows and columns of a tensor as `read` takes them, in the dtype stored in the file, as
+        a C-contiguous torch tensor (a copy). Only those bytes are read.
+
+        Raises:
+            ModelError: the tensor is not in the checkpoint.
+        """
+        if name not in self.files:
+            raise ModelError(f"{self.directory}: tensor {name!r} is missing")
+        sl = self._handles[self.files[name]].get_slice(name)
+        r = slice(*rows) if rows is not None else slice(None)
+        t = sl[r] if len(self.shapes[name]) == 1 else sl[r, slice(*cols) if cols is not None else slice(None)]
+        return t.contiguous().clone()
+
     def check(self, spec: ModelSpec) -> None:
         """Every tensor the model needs is there with the right shape.
 

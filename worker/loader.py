@@ -172,7 +172,9 @@ class SafetensorsShardLoader:
     """
 
     def __init__(self, path: str, spec: ModelSpec, shard: ShardSpec, quantization: str = "none",
-                 group_size: int = 32, dtype: str = "float32"):
+                 group_size: int = 32, dtype: str = "float32", checkpoint=None):
+        """`checkpoint`: an object with SafetensorsCheckpoint's reading interface to read from
+        instead of opening `path` (worker/shard_transfer.py's ReceivedCheckpoint)."""
         if quantization not in ("none", "int8", "int4"):
             raise ValueError(f"unknown quantization {quantization!r}; expected none, int8 or int4")
         if dtype not in ("float32", "bfloat16"):
@@ -182,7 +184,7 @@ class SafetensorsShardLoader:
         self.quantization = quantization
         self.group_size = group_size
         self.dtype = dtype
-        self.ckpt = SafetensorsCheckpoint(path)
+        self.ckpt = checkpoint if checkpoint is not None else SafetensorsCheckpoint(path)
         self._embedding = None  # (rows, the encoded token embedding's rows), shared with a tied lm_head
 
     def _hf(self, name: str) -> str:

@@ -12,8 +12,15 @@ loader over them (docs/protocol.md, "Shard transfer"; coordinator/shard_server.p
 
 Every chunk's sha256 is checked as it arrives (a bad one is fetched again, up to
 `MAX_CHUNK_RETRIES` times), then the sha256 of the whole stream against `shard_digest`. The
-stream lands in one buffer; each tensor is a NumPy view of its part (no copies), still in the
-GGUF's quantized blocks. Nothing is written to disk.
+stream lands in one buffer; each tensor is a NumPy view of its part (no copies). Nothing is
+written to disk. By the manifest's `format`:
+
+    gguf         the views hold the GGUF's quantized blocks; `ReceivedShardLoader` serves
+                 `GGUFShardLoader`'s interface over them.
+    safetensors  the views hold the checkpoint's values in the stored dtype (F32, F16, BF16 as raw
+                 16-bit patterns); `ReceivedCheckpoint` serves `SafetensorsCheckpoint`'s reads over
+                 them, and `SafetensorsShardLoader` permutes Q/K and quantizes (`none|int8|int4`)
+                 exactly as from the files. The buffer is dropped when the stage is built.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpy as np
 from shardline import protocol as P
 from shardline.protocol import MsgType
 from shardline.shard import shard_tensor_slices
-from worker.loader import GGUFShardLoader, ShardSpec
+from worker.loader import GGUFShardLoader, SafetensorsShardLoader, ShardSpec
 
 log = logging.getLogger("shardline.worker")
 
@@ -112,6 +119,54 @@ class ReceivedShardLoader(GGUFShardLoader):
         return GGUFShardLoader.dense(self, name)[:, c[0]:c[1]].contiguous()
 
 
+class ReceivedCheckpoint:
+    """`shardline.model_file.SafetensorsCheckpoint`'s reading interface (`__contains__`,
+    `shapes`, `read`, `close`, `directory`) over received slices of a checkpoint's tensors.
+
+    tensors: Hugging Face name -> (array in the wire dtype, st_dtype, rows, cols), rows/cols the
+    slice held in whole-tensor coordinates (None: all). Whole shapes come from the spec
+    (`hf_expected_tensors`). Reading outside a held slice raises KeyError naming the tensor.
+    """
+
+    def __init__(self, spec, tensors: dict[str, tuple[np.ndarray, str, tuple | None, tuple | None]]):
+        from shardline.model_file import hf_expected_tensors
+
+        self.directory = "<received from the coordinator>"
+        self.tensors = tensors
+        expected = hf_expected_tensors(spec)
+        self.shapes = {name: expected[name] for name in tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def close(self) -> None:
+        """Drop the received arrays (the stage holds its own encoded copies)."""
+        self.tensors = {}
+
+    @staticmethod
+    def _local(held, want, size: int, name: str, what: str) -> slice:
+        lo, hi = want if want is not None else (0, size)
+        h0, h1 = held if held is not None else (0, size)
+        if not h0 <= lo < hi <= h1:
+            raise KeyError(f"tensor {name!r}: {what} [{lo}, {hi}) asked for, only [{h0}, {h1}) received")
+        return slice(lo - h0, hi - h0)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None):
+        """As `SafetensorsCheckpoint.read`: rows [r0, r1) and columns [c0, c1) in whole-tensor
+        coordinates (all when None) -> float32 NumPy array (a copy)."""
+        import torch
+
+        if name not in self.tensors:
+            raise KeyError(f"tensor {name!r} was not received")
+        data, st_dtype, held_rows, held_cols = self.tensors[name]
+        shape = self.shapes[name]
+        r = self._local(held_rows, rows, shape[0], name, "rows")
+        part = data[r] if len(shape) == 1 else data[r, self._local(held_cols, cols, shape[1], name, "columns")]
+        if st_dtype == "BF16":
+            return torch.from_numpy(np.ascontiguousarray(part).view(np.int16)).view(torch.bfloat16).float().numpy()
+        return part.astype(np.float32)
+
+
 def _recv(sock, deadline_s: float, expect: MsgType) -> dict:
     """Next message of type `expect` (HEARTBEATs skipped). Raises ShardTransferError on ERROR or
     after TRANSFER_TIMEOUT_S of silence."""
@@ -151,19 +206,29 @@ def check_manifest(manifest: dict, spec, shard: ShardSpec) -> None:
 
 
 def fetch_shard(sock, worker_id: str, model_digest: str, spec, shard: ShardSpec, reason: str,
-                window: int = P.SHARD_WINDOW) -> tuple[ReceivedShardLoader, dict]:
+                window: int = P.SHARD_WINDOW, quantization: str = "none", group_size: int = 32,
+                dtype: str = "float32") -> tuple[ReceivedShardLoader | SafetensorsShardLoader, dict]:
     """Receive this worker's shard over `sock` (the worker-plane DEALER) and return a loader over
-    it and transfer stats {bytes, chunks, retries, seconds}.
+    it and transfer stats {bytes, chunks, retries, seconds, format}. A GGUF shard gives a
+    `ReceivedShardLoader`; a safetensors shard a `SafetensorsShardLoader` that encodes the
+    received values as `quantization`, `group_size` and `dtype` say (as ASSIGN names them).
 
     Raises:
         ShardTransferError: refused, a chunk still corrupt after MAX_CHUNK_RETRIES, a digest
-            mismatch, or the coordinator silent for TRANSFER_TIMEOUT_S.
+            mismatch, quantization asked for a GGUF shard, or the coordinator silent for
+            TRANSFER_TIMEOUT_S.
     """
     t0 = time.monotonic()
     sock.send(P.encode(MsgType.SHARD_REQUEST, {"worker_id": worker_id, "model_digest": model_digest,
                                                "reason": reason}))
     manifest = _recv(sock, TRANSFER_TIMEOUT_S, MsgType.SHARD_MANIFEST)
     check_manifest(manifest, spec, shard)
+    fmt = manifest.get("format", "gguf")
+    if fmt not in ("gguf", "safetensors"):
+        raise ShardTransferError(f"manifest: unknown format {fmt!r}")
+    if fmt == "gguf" and quantization != "none":
+        raise ShardTransferError(f"quantization={quantization} applies to safetensors checkpoints; the coordinator "
+                                 f"serves a GGUF file")
     total, chunk_bytes, n = manifest["total_bytes"], manifest["chunk_bytes"], manifest["num_chunks"]
     if n != max(1, -(-total // chunk_bytes)):
         raise ShardTransferError(f"manifest: {n} chunks of {chunk_bytes} bytes cannot hold {total} bytes")
@@ -199,9 +264,19 @@ def fetch_shard(sock, worker_id: str, model_digest: str, spec, shard: ShardSpec,
     if digest != manifest["shard_digest"]:
         raise ShardTransferError(f"shard sha256 {digest[:16]} does not match the manifest's "
                                  f"{manifest['shard_digest'][:16]}")
-    tensors = {}
-    for e in manifest["tensors"]:
-        arr = buf[e["offset"]:e["offset"] + e["nbytes"]].view(np.dtype(e["dtype"])).reshape(e["shape"])
-        tensors[e["name"]] = ReceivedTensor(e, arr)
-    stats = {"bytes": total, "chunks": n, "retries": sum(retries.values()), "seconds": time.monotonic() - t0}
-    return ReceivedShardLoader(spec, shard, tensors), stats
+    stats = {"bytes": total, "chunks": n, "retries": sum(retries.values()), "seconds": time.monotonic() - t0,
+             "format": fmt}
+    views = [(e, buf[e["offset"]:e["offset"] + e["nbytes"]].view(np.dtype(e["dtype"])).reshape(e["shape"]))
+             for e in manifest["tensors"]]
+    if fmt == "safetensors":
+        from shardline.model_file import hf_tensor_name
+
+        if any(e.get("st_dtype") not in ("F32", "F16", "BF16") for e, _ in views):
+            raise ShardTransferError("manifest: a safetensors tensor without st_dtype F32, F16 or BF16")
+        ckpt = ReceivedCheckpoint(spec, {hf_tensor_name(e["name"]): (arr, e["st_dtype"],
+                                                                     tuple(e["rows"]) if e.get("rows") else None,
+                                                                     tuple(e["cols"]) if e.get("cols") else None)
+                                         for e, arr in views})
+        return SafetensorsShardLoader(ckpt.directory, spec, shard, quantization, group_size, dtype,
+                                      checkpoint=ckpt), stats
+    return ReceivedShardLoader(spec, shard, {e["name"]: ReceivedTensor(e, arr) for e, arr in views}), stats

@@ -361,13 +361,13 @@ class Worker:
     def _receive_shard(self, a: dict, spec: ModelSpec):
         from worker.shard_transfer import fetch_shard
 
-        if a.get("quantization", "none") != "none":
-            raise RuntimeError("shard transfer carries GGUF tensors only; this model is quantized on load")
         reason = "local model files disabled" if not self.use_local_model else "no local model file with that digest"
         log.info("worker %s: receiving stage %d tp %d/%d from the coordinator (%s)", self.worker_id, self.stage,
                  self.tp_rank, self.tp_size, reason)
         loader, self.transfer_stats = fetch_shard(self.sock, self.worker_id, a["model_digest"], spec, self.shard,
-                                                  reason)
+                                                  reason, quantization=a.get("quantization", "none"),
+                                                  group_size=a.get("quantization_group_size", 32),
+                                                  dtype=a.get("dtype", "float32"))
         st = self.transfer_stats
         log.info("worker %s: received %.1f MB in %d chunks (%d retried) in %.2f s", self.worker_id, st["bytes"] / 1e6,
                  st["chunks"], st["retries"], st["seconds"])

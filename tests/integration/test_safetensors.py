@@ -171,3 +171,32 @@ def test_quantized_on_load(clusters, hf_checkpoint, tokenizer, quantization, gro
     (w,) = c.stats()["workers"]
     assert w["weight_bytes"] == held_bytes(hf_checkpoint, quantization, group_size)
     assert w["rss_bytes"] > w["weight_bytes"]
+
+
+def test_workers_without_the_checkpoint_receive_their_shard(clusters, hf_checkpoint, tokenizer, tmp_path,
+                                                           monkeypatch):
+    """Three TP workers that may not read the checkpoint (SHARDLINE_NO_LOCAL_MODEL=1) receive their
+    slices from the coordinator in the stored float32 (each rank a third of every layer and of the
+    embedding's vocabulary rows), quantize them to int8 on receipt, and generate the greedy tokens
+    of a one-worker cluster that read the directory itself, with logprobs within 2e-3 (only the TP
+    summation order differs)."""
+    from shardline.local import LocalCluster
+
+    local = clusters.get(hf_config(hf_checkpoint, 1, "int8")).client
+    monkeypatch.setenv("SHARDLINE_NO_LOCAL_MODEL", "1")
+    cfg = hf_config(hf_checkpoint, 3, "int8")
+    cfg["parallel"] = {"pipeline_parallel": 1, "tensor_parallel": 3}
+    log = tmp_path / "cluster.log"
+    cluster = LocalCluster(cfg, log_path=str(log)).start()
+    try:
+        for prompt in PROMPTS[:2]:
+            ids = tokenizer.encode(prompt)
+            want = local.generate(prompt_token_ids=ids, max_tokens=6, ignore_eos=True, logprobs=5)
+            got = cluster.client.generate(prompt_token_ids=ids, max_tokens=6, ignore_eos=True, logprobs=5)
+            assert_same_greedy(want, got)
+            if got.token_ids == want.token_ids:
+                np.testing.assert_allclose([lp for lp, _ in got.logprobs], [lp for lp, _ in want.logprobs], atol=2e-3)
+        text = log.read_text(errors="replace")
+        assert text.count("receiving stage 0 tp") == 3 and text.count("received ") >= 3, text[-3000:]
+    finally:
+        cluster.stop()

@@ -191,3 +191,99 @@ def test_a_manifest_for_another_shard_is_refused(source):
     with pytest.raises(ShardTransferError, match="missing blk.2"):
         check_manifest(manifest, SPEC, ShardSpec(0, 3, True, False, 0, 3))
 
+
+# ---- safetensors checkpoints ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """A 2-layer SmolLM2 checkpoint made from the GGUF (float32, tests/safetensors_checkpoint.py)
+    and the same tensors stored as bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.safetensors_checkpoint import gguf_to_hf_checkpoint
+
+    f32 = gguf_to_hf_checkpoint(PATH, tmp_path_factory.mktemp("hf_f32"), num_layers=2, tokenizer=None)
+    bf16 = tmp_path_factory.mktemp("hf_bf16")
+    (bf16 / "config.json").write_text((f32 / "config.json").read_text())
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f32 / "model.safetensors")).items()},
+              str(bf16 / "model.safetensors"), metadata={"format": "pt"})
+    return {"f32": str(f32), "bf16": str(bf16)}
+
+
+def fetch_from(directory: str, shard: tuple, quantization: str, corrupt=frozenset()):
+    """Serve `shard` of the checkpoint over ZeroMQ; (loader, stats, layout)."""
+    from coordinator.shard_server import SafetensorsTensorSource
+
+    spec = read_model_spec(directory)
+    digest = model_digest(directory)
+    server = ShardServer(directory, spec, digest)
+    layout = ShardLayout(SafetensorsTensorSource(directory), shard_tensor_slices(spec, *shard))
+    dealer, t = serve(server, shard, 1 + layout.num_chunks + len(corrupt), corrupt=corrupt)
+    try:
+        loader, stats = fetch_shard(dealer, "w0", digest, spec, ShardSpec(*shard), "test",
+                                    quantization=quantization, group_size=32)
+    finally:
+        dealer.close(linger=0)
+        t.join(5)
+    return loader, stats, layout
+
+
+@pytest.mark.parametrize("stored", ["f32", "bf16"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_safetensors_shard_transfer_builds_the_stage_the_files_do(hf_dirs, stored, quantization):
+    """A TP=3 rank 1 of a one-stage 2-layer checkpoint, received from the coordinator (values in
+    the stored dtype, quantized on the worker after receipt), gives bit-identical logits to the
+    stage its SafetensorsShardLoader builds from the directory, for float32 and bfloat16 files
+    and quantization none/int8/int4; only the rank's slices travel (a third of each layer and of
+    the embedding's rows)."""
+    from coordinator.shard_server import SafetensorsTensorSource
+    from worker.kv_cache import KVCache
+    from worker.loader import SafetensorsShardLoader
+    from worker.model import StageModel, build_attention_metadata
+
+    directory = hf_dirs[stored]
+    spec = read_model_spec(directory)
+    shard = (0, 2, True, True, 1, 3)
+    received, stats, layout = fetch_from(directory, shard, quantization,
+                                         corrupt={1} if quantization == "int8" else frozenset())
+    assert stats["format"] == "safetensors" and stats["bytes"] == layout.total_bytes
+    itemsize = 4 if stored == "f32" else 2
+    third = spec.vocab_size // 3
+    embd = next(e for e in layout.entries if e["name"] == "token_embd.weight")
+    assert embd["rows"] == [third, 2 * third] and embd["nbytes"] == third * spec.hidden_size * itemsize
+    assert embd["st_dtype"] == {"f32": "F32", "bf16": "BF16"}[stored]
+    whole = sum(SafetensorsTensorSource(directory).describe(TensorSlice(s.name))[0]["nbytes"]
+                for s in shard_tensor_slices(spec, 0, 2, True, True, 0, 1))
+    assert stats["bytes"] < 0.4 * whole
+    ids = torch.tensor([1, 17000, 40000, 2, 33000], dtype=torch.int64)  # every rank's vocabulary slice
+    meta = build_attention_metadata([(0, 5, [0], True)], 16)
+    outs = []
+    for loader in (received, SafetensorsShardLoader(directory, spec, ShardSpec(*shard), quantization, 32)):
+        model = StageModel(spec, loader, 64)
+        loader.close()
+        kv = KVCache(2, 4, 16, spec.num_kv_heads // 3, spec.head_dim)
+        assert model.embed_tokens.weight.out_features == third
+        outs.append(model(ids.clone(), meta, kv))
+    assert outs[0].shape == (1, third) and torch.equal(outs[0], outs[1])
+
+
+def test_safetensors_transfer_refuses_what_it_cannot_serve(hf_dirs):
+    from coordinator.shard_server import SafetensorsTensorSource
+
+    source = SafetensorsTensorSource(hf_dirs["f32"])
+    with pytest.raises(ShardError, match="out of range"):
+        source.describe(TensorSlice("token_embd.weight", rows=(0, 10**6)))
+    with pytest.raises(ShardError, match=r"model\.layers\.5\.mlp\.down_proj\.weight .* is not in the checkpoint"):
+        source.describe(TensorSlice("blk.5.ffn_down.weight"))
+    # a GGUF shard cannot be quantized on receipt
+    server = ShardServer(PATH, SPEC, DIGEST)
+    shard = (29, 30, False, True, 0, 1)
+    layout = ShardLayout(GGUFTensorSource(PATH), shard_tensor_slices(SPEC, *shard))
+    dealer, t = serve(server, shard, 1 + layout.num_chunks)
+    try:
+        with pytest.raises(ShardTransferError, match="quantization=int8 applies to safetensors checkpoints"):
+            fetch_shard(dealer, "w0", DIGEST, SPEC, ShardSpec(*shard), "test", quantization="int8")
+    finally:
+        dealer.close(linger=0)
+        t.join(5)
