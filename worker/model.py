@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels import fused
 from kernels.attention import PagedDecodePlan
 from shardline.model_file import ModelSpec
 from worker.kv_cache import KVCache
@@ -268,8 +269,6 @@ class DecoderLayer(torch.nn.Module):
         args = self.fused_args(x.shape[0])
         if args is None:
             return None
-        from kernels import fused
-
         attn_norm, ffn_norm, (qf, qq, qd, qm), (of, oq, od, om), (gf, gq, gd, gm), (df, dq, dd, dm) = args
         xn = x.numpy()
         eps = np.float32(self.eps)
