@@ -93,9 +93,9 @@ class ModelSizes:
     def from_gguf(cls, path: str, spec: ModelSpec, bytes_per_element: float | None = None) -> "ModelSizes":
         """Sizes from the GGUF tensor table: packed bytes as stored (`bytes_per_element` None) or
         numel * bytes_per_element (weights dequantized on load)."""
-        import gguf
+        from shardline.model_file import open_gguf
 
-        reader = gguf.GGUFReader(path)
+        reader = open_gguf(path)
         layer = [0] * spec.num_layers
         embed = head = norm = 0
 

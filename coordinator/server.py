@@ -39,7 +39,7 @@ from coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tok
 from shardline import __version__
 from shardline import protocol as P
 from shardline.config import ClusterConfig
-from shardline.model_file import read_model_spec, resolve_model_path
+from shardline.model_file import ModelError, read_model_spec, resolve_model_path
 from shardline.protocol import ErrorCode, MsgType, ProtocolError
 from shardline.sampling import SamplingParams, check_num_logprobs
 from shardline.security import (CLIENT_DOMAIN, WORKER_DOMAIN, SecurityError, check_bind, configure_curve_server,
@@ -676,7 +676,8 @@ class Coordinator:
         hb = self.config.heartbeat
         if settle:
             self.replan_at = time.monotonic() + hb.interval_s * (hb.misses + 1)
-        log.error("plan generation %d abandoned: %s", self.generation, why)
+        # an operator's drain (`fewer`) is not a failure
+        log.log(logging.INFO if fewer else logging.ERROR, "plan generation %d abandoned: %s", self.generation, why)
         self.in_flight.clear()
         self.step_started.clear()
         self.plan = None
@@ -1096,8 +1097,10 @@ class Coordinator:
     def health(self) -> dict:
         up = sum(1 for w in self.workers.values() if w.alive)
         status = "draining" if self._draining else "ok" if self.state == "serving" else self.state
+        # a worker an operator drained is not missing: expect one fewer per drained worker
+        drained = sum(1 for w in self.workers.values() if w.drained and not w.alive)
         return {"status": status, "workers_up": up,
-                "workers_expected": self.config.workers.count, "model": self.model_id}
+                "workers_expected": max(0, self.config.workers.count - drained), "model": self.model_id}
 
     def stats_snapshot(self) -> dict:
         s = dict(self.stats)
@@ -1208,6 +1211,9 @@ def main(config: ClusterConfig) -> int:
         coordinator = Coordinator(config)
     except PlanError as exc:  # impossible layout: refuse before any worker loads anything
         log.error("no plan fits: %s", exc)
+        return 2
+    except ModelError as exc:  # unknown model, unreadable file: one line, not a traceback
+        log.error("cannot serve the model: %s", exc)
         return 2
     try:
         return coordinator.serve_forever()

@@ -51,7 +51,9 @@ class GGUFTensorSource:
     def __init__(self, path: str):
         import gguf
 
-        self.reader = gguf.GGUFReader(path)
+        from shardline.model_file import open_gguf
+
+        self.reader = open_gguf(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self._block = gguf.constants.GGML_QUANT_SIZES  # type -> (elements per block, bytes per block)
 

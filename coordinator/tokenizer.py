@@ -129,9 +129,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_gguf_tokenizer(path: str | os.PathLike) -> dict[str, Any]:
-    from gguf import GGUFReader  # imported here: reading metadata is the only use
+    from shardline.model_file import open_gguf
 
-    reader = GGUFReader(str(path))
+    reader = open_gguf(path)
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.") or key == "general.architecture":

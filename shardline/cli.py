@@ -367,6 +367,7 @@ def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed
     curve = _curve_kwargs(server_key_file, key_file)
     try:
         with Client(address, timeout_s=timeout, **curve) as c:
+            _wait_for_cluster(c, timeout)
             if as_json:
                 r = c.generate(**kw, **params)
                 click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -378,6 +379,27 @@ def generate(prompt, address, max_tokens, temperature, top_p, top_k, min_p, seed
         raise click.BadParameter(str(exc)) from None
     except ShardlineError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+def _wait_for_cluster(c, timeout_s: float, probe_s: float = 5.0) -> None:
+    """First contact of a one-shot command: fail within `probe_s` seconds when nothing answers
+    (ZeroMQ connects lazily, so a missing cluster would otherwise look like a slow one), and wait
+    up to `timeout_s` while the cluster is still loading or recovering.
+
+    Raises:
+        click.ClickException: no answer (with the likely causes), or not serving in time.
+    """
+    from shardline.client import RequestTimeoutError
+
+    try:
+        h = c.health(timeout_s=min(timeout_s, probe_s))
+    except RequestTimeoutError:
+        raise click.ClickException(
+            f"no cluster answered at {c.address} within {min(timeout_s, probe_s):.0f} s: is one running "
+            "(`shardline launch`)? With security keys configured, pass --server-key and --key.") from None
+    if h.get("status") != "ok":
+        click.echo(f"waiting for the cluster ({h.get('status')}) ...", err=True)
+        c.wait_ready(timeout_s)
 
 
 # ---- batch ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ coordinator host.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -65,6 +66,23 @@ class ModelSpec:
         return cls(**d)
 
 
+def open_gguf(path: str | os.PathLike):
+    """A `gguf.GGUFReader` of `path` (read-only memmap), shared by everyone in this process who
+    reads the same unchanged file: parsing the metadata of SmolLM2's GGUF (a 49k-token
+    vocabulary) takes ~4 s, and the coordinator reads it for the spec, the planner's sizes, the
+    tokenizer and shard transfer. Raises what GGUFReader raises (ValueError and the like on a
+    file that is not GGUF; OSError)."""
+    st = os.stat(path)
+    return _open_gguf(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf(path: str, mtime_ns: int, size: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 def resolve_model_path(model: str) -> Path:
     """Return the model file for `model`: a packaged model name, a path to a `.gguf` file, or a
     Hugging Face checkpoint directory (config.json + *.safetensors).
@@ -88,7 +106,10 @@ def resolve_model_path(model: str) -> Path:
     path = Path(os.path.expanduser(model))
     if path.suffix != ".gguf" and not path.is_dir():
         known = ", ".join(sorted(PACKAGED_MODELS))
-        raise ModelError(f"unknown model {model!r}: give a packaged model name ({known}) or a path to a .gguf file")
+        hub = (" (models are not downloaded: a Hugging Face hub id needs its checkpoint directory on disk)"
+               if "/" in model and not path.exists() else "")
+        raise ModelError(f"unknown model {model!r}: give a packaged model name ({known}), a path to a .gguf file, "
+                         f"or a Hugging Face checkpoint directory (config.json + *.safetensors){hub}")
     if not path.exists():
         raise ModelError(f"model file not found: {path} (looked for model {model!r})")
     if path.is_dir():
@@ -121,10 +142,8 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
     """
     if is_safetensors_checkpoint(path):
         return read_hf_spec(path)
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = open_gguf(path)
     except Exception as exc:  # gguf raises ValueError/struct errors on a bad magic or truncation
         raise ModelError(f"{path}: not a readable GGUF file ({exc})") from exc
     arch = _field(reader, "general.architecture")
