@@ -575,6 +575,9 @@ class Coordinator:
 
     def _heartbeat(self, now: float) -> None:
         cfg = self.config.heartbeat
+        # Heartbeats queued while the loop was busy (a long request parse, a big step) are read
+        # before anyone is judged: a stalled coordinator must not declare its workers dead.
+        self._drain(self.worker_sock, self._on_worker_frame)
         for w in list(self.workers.values()):
             if not w.alive:
                 continue
@@ -1055,12 +1058,11 @@ class Coordinator:
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages):
                 raise ValueError("messages must be a list of {role: str, content: str}")
-            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            ids = self.tokenizer.encode(self._checked_text(
+                self.tokenizer.apply_chat_template(messages, add_generation_prompt=True), "messages"))
         else:
             prompt = P.require(body, "prompt", str, "GENERATE")
-            if len(prompt) > P.MAX_CLIENT_FRAME_BYTES:
-                raise ValueError("prompt too long")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(self._checked_text(prompt, "prompt"))
         # n choices = n sequences of one prompt; choice i samples with params.for_choice(i)
         seqs = [Sequence(self._next_seq_id + i, ids, params.for_choice(i), request_id=request_id)
                 for i in range(params.n)]
@@ -1092,6 +1094,18 @@ class Coordinator:
         self.stats["prompt_tokens_total"] += len(ids)
         self.metrics.on_request_accepted(len(ids))
         self._reply(self.client_sock, client, MsgType.ACCEPTED, {"request_id": request_id, "prompt_tokens": len(ids)})
+
+    def _checked_text(self, text: str, field: str) -> str:
+        """`text` if it can fit the context; else ValueError without tokenizing it. Tokenizing
+        runs on the event loop (~2 us a character, up to ~16 s for a 9 MB prompt of one
+        repeated digit), during which no heartbeat is read: a huge prompt must be refused by
+        its length alone (`Tokenizer.max_chars_for`)."""
+        limit = self.tokenizer.max_chars_for(self.max_model_len)
+        if len(text) > limit:
+            raise ValueError(f"{field}: {len(text)} characters cannot fit the maximum sequence length of "
+                             f"{self.max_model_len} tokens (no token covers more than "
+                             f"{self.tokenizer.max_token_chars} characters)")
+        return text
 
     # ---- introspection -------------------------------------------------------------------
     def health(self) -> dict:

@@ -179,6 +179,14 @@ class Tokenizer:
         # Byte-level BPE unless the caller gives them (SentencePiece-style vocabularies).
         self._token_bytes: list[bytes] = token_bytes if token_bytes is not None else [_spelled_bytes(t) for t in tokens]
         self._compiled_template = None
+        # No token stands for more characters than it has bytes (a character is >= 1 UTF-8 byte),
+        # so a text of more than n * max_token_chars characters encodes to more than n tokens:
+        # `max_chars_for` lets a caller refuse such a text without tokenizing it.
+        self.max_token_chars = max((len(b) for b in self._token_bytes), default=1) or 1
+
+    def max_chars_for(self, num_tokens: int) -> int:
+        """Characters beyond which any text encodes to more than `num_tokens` tokens."""
+        return num_tokens * self.max_token_chars
 
     # ---- construction -------------------------------------------------------------------------
 

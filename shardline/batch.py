@@ -95,7 +95,7 @@ def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLike, add
             kw = {k: v for k, v in rec.items() if k != "id"}
             r = client.generate(**kw)
             out.update(r.to_dict())
-        except (ValueError, ShardlineError) as exc:
+        except (ValueError, TypeError, OverflowError, ShardlineError) as exc:  # bad line or refused: recorded
             out["error"] = f"{type(exc).__name__}: {exc}"
         return out
 

@@ -30,6 +30,7 @@ Exceptions (all subclasses of `ShardlineError`):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -40,13 +41,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import msgpack
 import zmq
 import zmq.asyncio
 
 from shardline import protocol as P
 from shardline.config import DEFAULT_CLIENT_ADDRESS
 from shardline.protocol import ErrorCode, MsgType
-from shardline.sampling import SamplingParams, check_num_logprobs
+from shardline.sampling import MAX_TOKENS, SamplingParams, check_num_logprobs
 
 log = logging.getLogger("shardline.client")
 
@@ -209,18 +211,23 @@ def _generate_body(request_id: str, prompt, messages, prompt_token_ids, stream: 
     Raises:
         InvalidRequestError: a field out of range (named), or no prompt.
     """
+    unknown = sorted(set(params) - {f.name for f in dataclasses.fields(SamplingParams)})
+    if unknown:
+        raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(unknown)}", param=unknown[0])
     try:
         sp = SamplingParams(**params)
         num_logprobs = check_num_logprobs("logprobs", logprobs)
         num_prompt_logprobs = check_num_logprobs("prompt_logprobs", prompt_logprobs)
-    except TypeError as exc:  # an unknown keyword
-        raise InvalidRequestError(f"unknown sampling parameter: {exc}") from None
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
     body = {"request_id": request_id, "params": sp.to_dict(), "stream": stream, "logprobs": num_logprobs}
     if num_prompt_logprobs:
         body["prompt_logprobs"] = num_prompt_logprobs
     if prompt_token_ids is not None:
+        if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+                type(t) is int and 0 <= t <= MAX_TOKENS for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt_token_ids must be a list of integers in [0, {MAX_TOKENS}]",
+                                      param="prompt_token_ids")
         body["prompt_token_ids"] = P.pack_ids(prompt_token_ids)
     elif messages is not None:
         body["messages"] = list(messages)
@@ -228,6 +235,11 @@ def _generate_body(request_id: str, prompt, messages, prompt_token_ids, stream: 
         body["prompt"] = prompt
     else:
         raise InvalidRequestError("give a prompt (str), messages, or prompt_token_ids", param="prompt")
+    try:  # what msgpack cannot carry: lone surrogates in text, sets, objects
+        msgpack.packb(body)
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        field = "messages" if "messages" in body else "prompt" if "prompt" in body else "params"
+        raise InvalidRequestError(f"{field}: cannot be sent ({exc})", param=field) from None
     return body
 
 

@@ -46,6 +46,7 @@ from shardline.sampling import check_num_logprobs
 log = logging.getLogger("shardline.gateway")
 
 HEALTH_TIMEOUT_S = 5.0  # /health waits this long for the coordinator before answering 503
+DISCONNECT_POLL_S = 0.5  # a non-streaming request checks this often whether its HTTP client left
 
 
 class APIError(Exception):
@@ -328,7 +329,7 @@ def create_app(address: str, api_key: str | None = None, timeout_s: float = 300.
                                             for m in ms]}
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         await gw.check_model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
@@ -350,7 +351,7 @@ def create_app(address: str, api_key: str | None = None, timeout_s: float = 300.
             streams = await _start_streams(gw.client, calls, "prompt")
             return _sse_response(_completion_events(streams, rid, created, body.model, n, k, body.stream_options,
                                                     as_ids))
-        results = await _generate_all(gw.client, calls, "prompt")
+        results = await _generate_all(gw.client, calls, "prompt", request)
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for i, r in enumerate(results):
             usage["prompt_tokens"] += r.usage.get("prompt_tokens", 0)
@@ -368,7 +369,7 @@ def create_app(address: str, api_key: str | None = None, timeout_s: float = 300.
                 "choices": choices, "usage": usage}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat_completions(body: ChatBody):
+    async def chat_completions(body: ChatBody, request: Request):
         model = await gw.check_model(body.model)
         if body.tools:
             raise APIError(400, "tools are not supported", param="tools")
@@ -391,7 +392,7 @@ def create_app(address: str, api_key: str | None = None, timeout_s: float = 300.
             streams = await _start_streams(gw.client, [call], "messages")
             return _sse_response(_chat_events(streams[0], rid, created, body.model, n,
                                               k if body.logprobs else None, body.stream_options))
-        (r,) = await _generate_all(gw.client, [call], "messages")
+        (r,) = await _generate_all(gw.client, [call], "messages", request)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": _chat_logprobs(c.logprobs or [], c.token_ids, r.token_bytes, k) if body.logprobs
                     else None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in r.choices]
@@ -445,15 +446,27 @@ def _messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-async def _generate_all(client: AsyncClient, calls: list[dict], prompt_param: str) -> list[GenerationResult]:
+async def _generate_all(client: AsyncClient, calls: list[dict], prompt_param: str,
+                        request: Request | None = None) -> list[GenerationResult]:
+    """Every call's result (non-streaming). With `request`, the HTTP client's connection is
+    checked every DISCONNECT_POLL_S seconds: uvicorn does not cancel a handler whose client
+    left, so without this a timed-out client's request would run to max_tokens."""
     tasks = [asyncio.ensure_future(client.generate(**c)) for c in calls]
+    gathered = asyncio.gather(*tasks)
     try:
-        return list(await asyncio.gather(*tasks))
+        while request is not None:
+            done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                raise APIError(499, "the client disconnected", "client_closed_request")  # read by no one
+        return list(await gathered)
     except ShardlineError as exc:
         raise _from_shardline(exc, prompt_param) from None
     finally:
         for t in tasks:  # a failed sibling, or the HTTP client gone: cancel the rest
             t.cancel()
+        gathered.cancel()
 
 
 async def _start_streams(client: AsyncClient, calls: list[dict], prompt_param: str) -> list[DeltaStream]:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 MAX_N = 16  # most choices per request
 MAX_LOGPROBS = 20  # most top-k logprobs per token (logprobs, prompt_logprobs)
+MAX_TOKENS = 2**31 - 1  # bound of every token count and token id (they travel as int32)
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (vLLM: _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,12 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        else:
+        elif self.stop is None or isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop or ()))
+        else:
+            raise ValueError(f"stop={self.stop!r}: must be a string or a list of strings")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be a list of integers")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         self._check()
 
@@ -61,14 +67,14 @@ class SamplingParams:
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS:
+            bad("max_tokens", f"must be an integer in [1, {MAX_TOKENS}]")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             bad("min_tokens", "must be an integer in [0, max_tokens]")
         if not _is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             bad("temperature", "must be a number in [0, 100]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            bad("top_k", "must be an integer >= -1 (0 or -1 disables it)")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOKENS:
+            bad("top_k", f"must be an integer in [-1, {MAX_TOKENS}] (0 or -1 disables it)")
         if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be a number in (0, 1]")
         if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
@@ -77,8 +83,8 @@ class SamplingParams:
             bad("seed", "must be an integer in [0, 2**63)")
         if len(self.stop) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
             bad("stop", "must be at most 16 non-empty strings of at most 256 characters")
-        if len(self.stop_token_ids) > 64 or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be at most 64 non-negative integers")
+        if len(self.stop_token_ids) > 64 or not all(_is_int(t) and 0 <= t <= MAX_TOKENS for t in self.stop_token_ids):
+            bad("stop_token_ids", f"must be at most 64 integers in [0, {MAX_TOKENS}]")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "must be a boolean")
         if not isinstance(self.include_stop_str_in_output, bool):
@@ -94,7 +100,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature below GREEDY_TEMPERATURE (1e-5, vLLM's sampling epsilon) means greedy:
+        dividing the logits by a smaller one overflows float32."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_history(self) -> bool:

@@ -150,6 +150,7 @@ class Sampler:
             sorted_p, idx = probs.sort(descending=True)
             cum = sorted_p.cumsum(0)
             drop = (cum - sorted_p) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
+            drop[0] = False  # and always the most probable token (a top_p below float32's range is 0)
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
         gen = self._generator

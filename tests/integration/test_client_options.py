@@ -237,3 +237,21 @@ def test_coordinator_bodies_use_only_documented_fields(cluster):
             assert keys <= table[int(t)][1], f"{t.name} sends undocumented fields {sorted(keys - table[int(t)][1])}"
     finally:
         sock.close(linger=0)
+
+
+def test_a_prompt_too_long_to_fit_is_refused_by_its_length_alone(cluster):
+    """Tokenizing runs on the coordinator's event loop: a multi-megabyte prompt once stalled it
+    for 16 s, no heartbeat was read, both workers were declared lost and the cluster stayed
+    down. Such a prompt is now refused by its character count before tokenizing."""
+    from shardline.client import InvalidRequestError
+
+    c = cluster.client
+    before = c.stats()
+    with pytest.raises(InvalidRequestError, match="characters cannot fit the maximum sequence length"):
+        c.generate("1" * 4_000_000, max_tokens=1)
+    with pytest.raises(InvalidRequestError, match="characters cannot fit"):
+        c.generate(messages=[{"role": "user", "content": "x" * 4_000_000}], max_tokens=1)
+    after = c.stats()
+    assert [w["alive"] for w in after["workers"]] == [w["alive"] for w in before["workers"]]
+    assert after["plan"] == before["plan"]
+    assert c.generate("The capital of France is", max_tokens=4, ignore_eos=True).usage["completion_tokens"] == 4

@@ -282,6 +282,18 @@ def test_client_disconnect_cancels_the_request(gateway, cluster):
     assert stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
 
 
+def test_client_disconnect_cancels_a_non_streaming_request(gateway, cluster):
+    """uvicorn does not cancel a handler whose client left: the gateway watches the connection."""
+    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway}/v1/completions", json=body, timeout=2)
+    deadline = time.monotonic() + 15
+    while cluster.client.stats()["num_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # poll interval
+    stats = cluster.client.stats()
+    assert stats["num_requests_running"] == 0 and stats["num_free_blocks"] == stats["num_kv_blocks"]
+
+
 def test_launch_starts_the_gateway_and_health_reports_missing_workers(tmp_path):
     """`shardline launch` with gateway.enabled and no local workers: the gateway answers /health
     with 503 while the coordinator waits for its worker; SIGTERM stops every process."""

@@ -188,3 +188,24 @@ def test_sync_client_from_many_threads(coord):
         assert len(coord.cancelled) == 2
         c.health()  # late replies of the stream closed above are dropped, not kept
         assert not c._inbox
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(prompt_token_ids=[1099511627776]), "prompt_token_ids"), (dict(prompt_token_ids=[None]), "prompt_token_ids"),
+    (dict(prompt_token_ids=5), "prompt_token_ids"), (dict(prompt_token_ids=[1.7, 2]), "prompt_token_ids"),
+    (dict(prompt_token_ids=[True, False]), "prompt_token_ids"), (dict(prompt="\ud800"), "prompt"),
+    (dict(messages=[{"role": "user", "content": "\ud800"}]), "messages"), (dict(prompt="x", frobnicate=1), "frobnicate"),
+    (dict(prompt="x", max_tokens=2**64), "max_tokens"),
+])
+def test_inputs_the_wire_cannot_carry_are_refused_before_sending(kwargs, param):
+    """Found by adversarial testing: these raised OverflowError / TypeError / UnicodeEncodeError
+    out of the client (a plain-text 500 from the gateway), or were silently converted."""
+    coord = ScriptedCoordinator()
+    try:
+        with Client(coord.address, timeout_s=5) as c:
+            with pytest.raises(InvalidRequestError) as exc:
+                c.generate(**kwargs)
+            assert exc.value.param == param, exc.value
+            assert c.generate("ok", max_tokens=4).text == "ko"  # the client still works
+    finally:
+        coord.close()

@@ -133,3 +133,24 @@ def test_prompt_logprobs_entries_are_log_softmax_rows():
         order = np.argsort(-ref[r])[:3]
         assert [t for t, _ in top] == order.tolist()
         assert [v for _, v in top] == pytest.approx(ref[r, order].tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 2**64), ("top_k", 2**64), ("stop_token_ids", [2**64]), ("stop", 5), ("stop", {"a": 1}),
+    ("stop_token_ids", 5),
+])
+def test_values_the_wire_cannot_carry_are_refused_with_the_field_named(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_extreme_top_p_and_temperature_still_sample_a_real_token():
+    """top_p below float32's range and a denormal temperature once gave token 0 for every row
+    (every token dropped; logits / 5e-324 = inf -> NaN probabilities)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 500, generator=gen)
+    best = logits.argmax(dim=-1).tolist()
+    sampler = Sampler(eos_token_id=None)
+    params = [SamplingParams(temperature=1.0, top_p=1e-300, seed=1), SamplingParams(temperature=5e-324)]
+    assert params[1].greedy and not params[0].greedy
+    assert sampler(logits, params, [3, 3], [0, 0]).token_ids == best
