@@ -77,6 +77,7 @@ class WorkerInfo:
     comm: dict | None = None  # the worker's cumulative data-plane times (worker.comm.StageComm.stats)
     lost_at: float | None = None
     drained: bool = False  # left by an operator's drain (not a failure)
+    shutdown_sent_at: float = -math.inf  # when a lost worker that spoke again was last told to leave
 
 
 @dataclass
@@ -367,6 +368,11 @@ class Coordinator:
             P.validate(msg_type, body)
             w = self._sender(identity, msg_type, body)
             if w is None and msg_type is not MsgType.REGISTER:
+                if self._is_lost_worker(identity, body):
+                    # a worker declared lost (told SHUTDOWN by `_sender`): dropped without an
+                    # ERROR, which would make a worker that is re-registering think it was refused
+                    log.debug("dropped %s from %r (not a live registered worker)", msg_type.name, identity)
+                    return
                 raise ProtocolError(f"{msg_type.name} from {identity!r}, which is not a live registered worker")
             if w is not None:
                 w.last_heartbeat = time.monotonic()  # any message shows the worker is alive
@@ -408,7 +414,9 @@ class Coordinator:
         """The live worker a worker-plane message comes from, or None. Heartbeats come from each
         worker's heartbeat socket (routing id `<worker id>#hb`) and name the worker and its
         incarnation; everything else from the worker's main socket. A worker declared lost that
-        speaks again is told to SHUTDOWN (its place has been re-planned)."""
+        speaks again (it was frozen, cut off, or stalled) is sent SHUTDOWN {reason: lost}: it
+        drops its state and registers again as a new incarnation, so it can rejoin a plan (a
+        drained one gets {reason: drained} and exits)."""
         if msg_type is MsgType.HEARTBEAT and "worker_id" in body:
             w = self.workers.get(body["worker_id"])
             if w is None or identity not in (w.identity, w.identity + HEARTBEAT_ID_SUFFIX):
@@ -418,9 +426,20 @@ class Coordinator:
         else:
             w = self._by_identity.get(identity)
         if w is not None and not w.alive:
-            self._send_worker(w, MsgType.SHUTDOWN, {})
+            now = time.monotonic()
+            if now - w.shutdown_sent_at >= self.config.heartbeat.interval_s:  # not one per queued heartbeat
+                w.shutdown_sent_at = now
+                self._send_worker(w, MsgType.SHUTDOWN, {"reason": "drained" if w.drained else "lost"})
             return None
         return w
+
+    def _is_lost_worker(self, identity: bytes, body: dict) -> bool:
+        w = self._by_identity.get(identity)
+        if w is None and identity.endswith(HEARTBEAT_ID_SUFFIX) and isinstance(body.get("worker_id"), str):
+            w = self.workers.get(body["worker_id"])
+            if w is not None and identity != w.identity + HEARTBEAT_ID_SUFFIX:
+                w = None
+        return w is not None and not w.alive
 
     def _on_register(self, identity: bytes, body: dict) -> None:
         wid = P.require(body, "worker_id", str, "REGISTER")

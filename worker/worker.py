@@ -133,16 +133,7 @@ class Worker:
         self.sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
         self._configure_socket(self.sock)
         self.sock.connect(self.coordinator)
-        self._send(MsgType.REGISTER, {
-            "worker_id": self.worker_id, "incarnation": self.incarnation, "host": self.host,
-            "device": self.device, "memory_bytes": self.memory_bytes, "version": __version__,
-            "pid": os.getpid(), "threads": self.threads, "speed": self.speed,
-            "protocol": f"{P.PROTOCOL_MAJOR}.{P.PROTOCOL_MINOR}",
-            **({"model_digest": self._digest(self.model_path), "model_path": self.model_path}
-               if self.model_path and self.use_local_model else {}),
-            **({} if self.price_per_hour is None else {"price_per_hour": self.price_per_hour}),
-        })
-        log.info("worker %s registered with %s from %s", self.worker_id, self.coordinator, self.host)
+        self._register()
         self._hb_stop = threading.Event()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
@@ -175,6 +166,8 @@ class Worker:
                         except Exception as exc:  # e.g. a peer died during rendezvous (timeout)
                             log.exception("ASSIGN failed")
                             self._drop_data_plane(f"ASSIGN generation {body.get('generation')}: {exc}")
+                    elif msg_type is MsgType.SHUTDOWN and body.get("reason") == "lost":
+                        self._rejoin()
                     elif msg_type is MsgType.SHUTDOWN:
                         log.info("worker %s: shutdown requested", self.worker_id)
                         break
@@ -197,6 +190,37 @@ class Worker:
 
     def stop(self) -> None:
         self._stop = True
+
+    def _register(self) -> None:
+        self._send(MsgType.REGISTER, {
+            "worker_id": self.worker_id, "incarnation": self.incarnation, "host": self.host,
+            "device": self.device, "memory_bytes": self.memory_bytes, "version": __version__,
+            "pid": os.getpid(), "threads": self.threads, "speed": self.speed,
+            "protocol": f"{P.PROTOCOL_MAJOR}.{P.PROTOCOL_MINOR}",
+            **({"model_digest": self._digest(self.model_path), "model_path": self.model_path}
+               if self.model_path and self.use_local_model else {}),
+            **({} if self.price_per_hour is None else {"price_per_hour": self.price_per_hour}),
+        })
+        log.info("worker %s registered with %s from %s", self.worker_id, self.coordinator, self.host)
+
+    def _rejoin(self) -> None:
+        """SHUTDOWN {reason: lost}: the coordinator declared this worker lost (it was frozen, cut
+        off or too slow to heartbeat) and re-planned without it. Leave the data plane, drop the
+        shard and the KV cache, and register again as a new incarnation: the coordinator may
+        put it back into a plan (e.g. when the survivors alone cannot serve)."""
+        log.warning("worker %s: declared lost by the coordinator; dropping the shard and registering again",
+                    self.worker_id)
+        if self.comm is not None:
+            try:
+                self.comm.abort()
+            except Exception as exc:  # a half-broken group; it is dropped anyway
+                log.warning("leaving the old group: %s", exc)
+            self.comm = None
+        self.model = self.kv_cache = None
+        self.block_tables.clear()
+        self.params.clear()
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._register()
 
     def _heartbeat_loop(self) -> None:
         """Thread: a HEARTBEAT every `heartbeat_interval_s` from a socket of its own (routing id

@@ -197,6 +197,46 @@ def test_frozen_worker_ends_requests_then_replacement_restores_service(tmp_path)
     assert rc == 0
 
 
+def test_frozen_worker_that_resumes_rejoins_and_restores_service():
+    """A worker frozen long enough to be declared lost (a GC pause, swap, a stalled host) and
+    then resumed is told SHUTDOWN {reason: lost}: it drops its shard, registers again as a new
+    incarnation, and the coordinator, which had no plan without it, serves again with it.
+    (Before, the returning worker was shut down and the cluster stayed down.)"""
+    cfg = pp_config(2)
+    cfg["heartbeat"] = HEARTBEAT
+    cfg["coordinator"] = {"recovery_timeout_s": 120.0, "replan_on_fewer_workers": False}
+    cluster = LocalCluster(cfg).start()
+    client = cluster.client
+    pids = list(_worker_pids(client).values()) + [client.stats()["coordinator"]["pid"]]
+    victim = None
+    try:
+        reference = client.generate(PROMPTS[0], **GEN)
+        base = client.stats()["generation_tokens_total"]
+        results, errors, ended, threads = _run_all(cluster.address, PROMPTS[:1])
+        _wait_tokens(client, base, 16)
+        victim = _worker_pids(client)["local-1"]
+        t_stop = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)
+        detect_s = _wait_dead(client, "local-1", t_stop)
+        assert client.health()["status"].startswith("recovering"), client.health()
+        os.kill(victim, signal.SIGCONT)
+        t_cont = time.monotonic()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        assert_same_greedy(reference, results[0])  # the in-flight request finished, recomputed
+        restore_s = time.monotonic() - t_cont
+        assert client.health()["status"] == "ok" and client.health()["workers_up"] == 2
+        assert _worker_pids(client)["local-1"] == victim  # the same process, rejoined
+        assert_same_greedy(reference, client.generate(PROMPTS[0], **GEN))
+        print(f"\nSIGSTOP local-1: declared lost after {detect_s:.2f} s; after SIGCONT it rejoined and the "
+              f"in-flight request finished {restore_s:.1f} s later, equal to the undisturbed run")
+    finally:
+        if victim is not None and _alive(victim):
+            os.kill(victim, signal.SIGCONT)
+        _no_process_left(cluster, pids)
+
+
 def test_sigterm_drains_running_requests_then_exits():
     """SIGTERM to the coordinator: admission stops at once (new requests get UnavailableError),
     the running request still completes in full, then the coordinator shuts the workers down and
