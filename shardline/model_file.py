@@ -326,15 +326,7 @@ class SafetensorsCheckpoint:
         """
         import torch
 
-        if name not in self.files:
-            raise ModelError(f"{self.directory}: tensor {name!r} is missing")
-        sl = self._handles[self.files[name]].get_slice(name)
-        r = slice(*rows) if rows is not None else slice(None)
-        if len(self.shapes[name]) == 1:
-            t = sl[r]
-        else:
-            t = sl[r, slice(*cols) if cols is not None else slice(None)]
-        return t.to(torch.float32, copy=True).numpy()
+        return self.read_stored(name, rows, cols).to(torch.float32).numpy()  # read_stored copies
 
     def read_stored(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None):
         """Rows and columns of a tensor as `read` takes them, in the dtype stored in the file, as

@@ -72,3 +72,28 @@ def assert_same_greedy(a, b) -> None:
             assert gap < NEAR_TIE, f"outputs part at token {i} ({x} vs {y}) where the top-2 gap is {gap:.4f} nats"
             return
     assert len(ta) == len(tb)
+
+
+def generate_in_threads(address: str, prompts: list[str], gen: dict, timeout_s: float = 180.0):
+    """Generate each prompt (with `gen` parameters) in its own thread and Client. Returns
+    ({i: result}, {i: exception}, {i: seconds until the call returned}, the started threads)."""
+    import threading
+    import time
+
+    from shardline import Client
+
+    results, errors, ended = {}, {}, {}
+    t0 = time.monotonic()
+
+    def one(i: int, prompt: str) -> None:
+        with Client(address, timeout_s=timeout_s) as c:
+            try:
+                results[i] = c.generate(prompt, **gen)
+            except Exception as exc:  # recorded: what the client saw
+                errors[i] = exc
+            ended[i] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    return results, errors, ended, threads

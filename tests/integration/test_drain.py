@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from shardline.client import Client, InvalidRequestError, ShardlineError
 from shardline.local import LocalCluster
 from shardline.protocol import ErrorCode
-from tests.integration.conftest import assert_same_greedy, pp_config
+from tests.integration.conftest import assert_same_greedy, generate_in_threads, pp_config
 from tests.integration.test_faults import _alive, _no_process_left, _wait_tokens, _worker_pids
 
 PROMPTS = ["The history of the printing press", "Write a short poem about rivers", "List three uses of copper"]
@@ -34,23 +33,6 @@ SMALL_WORKERS_GB = 0.1  # each worker: half the model and a small KV pool, never
 def _cli(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shardline.cli", *args], capture_output=True, text=True,
                           timeout=timeout_s)
-
-
-def _generate_in_threads(address: str, prompts: list[str]) -> tuple[dict, dict, list[threading.Thread]]:
-    """Each prompt in its own thread and client. Returns ({i: result}, {i: exception}, threads)."""
-    results, errors = {}, {}
-
-    def one(i: int, prompt: str) -> None:
-        with Client(address, timeout_s=180) as c:
-            try:
-                results[i] = c.generate(prompt, **GEN)
-            except Exception as exc:  # recorded: what the client saw
-                errors[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts)]
-    for t in threads:
-        t.start()
-    return results, errors, threads
 
 
 def _wait_output(cluster: LocalCluster, line: str, bound_s: float = 60.0) -> None:
@@ -72,7 +54,7 @@ def test_drain_worker_mid_generation_moves_work_to_the_other_worker():
         assert client.stats()["plan"]["pp_size"] == 2
         reference = [client.generate(p, **GEN) for p in PROMPTS]  # undisturbed
         base = client.stats()["generation_tokens_total"]
-        results, errors, threads = _generate_in_threads(cluster.address, PROMPTS)
+        results, errors, _, threads = generate_in_threads(cluster.address, PROMPTS, GEN)
         _wait_tokens(client, base, 24)
         t0 = time.monotonic()
         done = _cli("drain", "--address", cluster.address, "--json", "local-1")
@@ -134,7 +116,7 @@ def test_drain_refused_when_no_plan_fits_without_the_worker():
         before = client.stats()
         reference = client.generate(PROMPTS[0], **GEN)
         base = client.stats()["generation_tokens_total"]
-        results, errors, threads = _generate_in_threads(cluster.address, PROMPTS[:1])
+        results, errors, _, threads = generate_in_threads(cluster.address, PROMPTS[:1], GEN)
         _wait_tokens(client, base, 8)
 
         with pytest.raises(InvalidRequestError, match="cannot drain worker local-1: no plan fits"):

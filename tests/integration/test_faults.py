@@ -18,14 +18,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from shardline.client import Client, UnavailableError
 from shardline.local import LocalCluster
-from tests.integration.conftest import assert_same_greedy, pp_config
+from tests.integration.conftest import assert_same_greedy, generate_in_threads, pp_config
 
 HEARTBEAT = {"interval_s": 0.5, "misses": 4, "data_plane_timeout_s": 10.0}  # death declared after 2 s of silence
 DETECTION_BOUND_S = 0.5 * 4 + 2.0  # heartbeat timeout + one check interval + scheduling slack on 2 busy cores
@@ -58,32 +57,27 @@ def _wait_dead(client: Client, worker_id: str, t0: float, bound_s: float = 30.0)
     raise AssertionError(f"worker {worker_id} not declared dead within {bound_s} s")
 
 
-def _run_all(address: str, prompts: list[str]) -> tuple[dict, dict, dict, list[threading.Thread]]:
-    """Generate each prompt in its own thread and client. Returns ({i: result}, {i: exception},
-    {i: seconds until the call returned}, the started threads)."""
-    results, errors, ended = {}, {}, {}
-    t0 = time.monotonic()
-
-    def one(i: int, prompt: str) -> None:
-        with Client(address, timeout_s=120) as c:
-            try:
-                results[i] = c.generate(prompt, **GEN)
-            except Exception as exc:  # recorded: what the client saw
-                errors[i] = exc
-            ended[i] = time.monotonic() - t0
-
-    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts)]
-    for t in threads:
-        t.start()
-    return results, errors, ended, threads
-
-
 def _wait_tokens(client: Client, base: int, n: int, bound_s: float = 60.0) -> None:
     """Until the cluster has generated `n` tokens beyond `base` (so the fault lands mid-generation)."""
     deadline = time.monotonic() + bound_s
     while client.stats()["generation_tokens_total"] < base + n:
         assert time.monotonic() < deadline, "generation did not start"
         time.sleep(0.02)  # poll interval
+
+
+def _freeze_local1_mid_generation(cluster: LocalCluster):
+    """Generate PROMPTS[0] alone (the reference), start it again in a thread, and SIGSTOP worker
+    local-1 once 16 tokens are out. Returns (reference, results, errors, threads, victim pid,
+    time of the SIGSTOP) with results/errors/threads as `generate_in_threads` gives them."""
+    client = cluster.client
+    reference = client.generate(PROMPTS[0], **GEN)
+    base = client.stats()["generation_tokens_total"]
+    results, errors, _, threads = generate_in_threads(cluster.address, PROMPTS[:1], GEN, timeout_s=120)
+    _wait_tokens(client, base, 16)
+    victim = _worker_pids(client)["local-1"]
+    t_stop = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    return reference, results, errors, threads, victim, t_stop
 
 
 def _no_process_left(cluster: LocalCluster, pids: list[int]) -> None:
@@ -105,7 +99,7 @@ def test_kill_worker_mid_generation_recomputes_on_survivor():
     try:
         reference = [client.generate(p, **GEN) for p in PROMPTS]  # undisturbed
         base = client.stats()["generation_tokens_total"]
-        results, errors, ended, threads = _run_all(cluster.address, PROMPTS)
+        results, errors, ended, threads = generate_in_threads(cluster.address, PROMPTS, GEN, timeout_s=120)
         _wait_tokens(client, base, 24)
         victim = _worker_pids(client)["local-1"]
         t_kill = time.monotonic()
@@ -142,13 +136,7 @@ def test_frozen_worker_ends_requests_then_replacement_restores_service(tmp_path)
     replacement = None
     victim = None
     try:
-        reference = client.generate(PROMPTS[0], **GEN)
-        base = client.stats()["generation_tokens_total"]
-        results, errors, ended, threads = _run_all(cluster.address, PROMPTS[:1])
-        _wait_tokens(client, base, 16)
-        victim = _worker_pids(client)["local-1"]
-        t_stop = time.monotonic()
-        os.kill(victim, signal.SIGSTOP)
+        reference, results, errors, threads, victim, t_stop = _freeze_local1_mid_generation(cluster)
         detect_s = _wait_dead(client, "local-1", t_stop)
         for t in threads:
             t.join(60)
@@ -210,13 +198,7 @@ def test_frozen_worker_that_resumes_rejoins_and_restores_service():
     pids = list(_worker_pids(client).values()) + [client.stats()["coordinator"]["pid"]]
     victim = None
     try:
-        reference = client.generate(PROMPTS[0], **GEN)
-        base = client.stats()["generation_tokens_total"]
-        results, errors, ended, threads = _run_all(cluster.address, PROMPTS[:1])
-        _wait_tokens(client, base, 16)
-        victim = _worker_pids(client)["local-1"]
-        t_stop = time.monotonic()
-        os.kill(victim, signal.SIGSTOP)
+        reference, results, errors, threads, victim, t_stop = _freeze_local1_mid_generation(cluster)
         detect_s = _wait_dead(client, "local-1", t_stop)
         assert client.health()["status"].startswith("recovering"), client.health()
         os.kill(victim, signal.SIGCONT)
@@ -249,7 +231,7 @@ def test_sigterm_drains_running_requests_then_exits():
     pids = list(_worker_pids(client).values()) + [coordinator]
     try:
         base = client.stats()["generation_tokens_total"]
-        results, errors, ended, threads = _run_all(cluster.address, PROMPTS[:1])
+        results, errors, ended, threads = generate_in_threads(cluster.address, PROMPTS[:1], GEN, timeout_s=120)
         _wait_tokens(client, base, 8)
         t_term = time.monotonic()
         os.kill(coordinator, signal.SIGTERM)
