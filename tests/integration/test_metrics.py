@@ -40,7 +40,8 @@ NUM_KV_BLOCKS = 24
 BLOCK_SIZE = 16
 LONG = ["Write a long story about a lighthouse keeper.", "List every prime number you know, one per line:"]
 SHORT = ["The capital of France is", "2 + 2 =", "A haiku about rain:", "def fibonacci(n):"]
-LONG_TOKENS = 200  # two of these (~215 tokens = 14 blocks each) cannot both fit 24 blocks: preemption
+LONG_TOKENS = 300  # ~315 tokens = 20 blocks each: if the two overlap at all (the second past 4 blocks) they
+# overflow the 24-block pool and one is preempted (at 200 tokens, 14 blocks each, a CI run saw none)
 SHORT_TOKENS = 16
 POLL_TIMEOUT_S = 60.0
 
