@@ -130,7 +130,8 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
         nonlocal stopping
         stopping = True
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
     rc = 0
     try:
         procs.append(subprocess.Popen(exe + ["coordinator", cfg_path], preexec_fn=_die_with_parent))
@@ -194,8 +195,9 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
     finally:
         _stop_all(procs, drain_timeout_s=cfg.coordinator.drain_timeout_s)
         os.unlink(cfg_path)
-        for s, h in old.items():
-            signal.signal(s, h)
+        # The handlers stay installed until the process ends: a SIGTERM that arrives while the
+        # launcher is already stopping (a supervisor, or LocalCluster.stop after the coordinator
+        # drained) must not turn a clean exit into death by signal (rc -15).
     sys.exit(rc)
 
 
