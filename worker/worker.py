@@ -54,6 +54,34 @@ def rss_bytes() -> int:
         return 0
 
 
+# glibc mallopt(3) parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # the largest value glibc accepts (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
+TRIM_THRESHOLD_BYTES = 256 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed step buffers instead of returning them to the kernel.
+
+    A prefill step allocates and frees activations of several MB per layer ([512, 3072] float32 is
+    6 MB). With glibc's defaults each one above the dynamic mmap threshold is a fresh mmap whose
+    pages fault in (zeroed) on first touch and are unmapped on free: a 512-token step of 15 layers
+    on one core measured 506 ms, 374 ms with allocations served from the heap (the same remedy as
+    the tcmalloc/jemalloc preload that CPU inference servers recommend, without the preload).
+    Allocations of 32 MiB and more (the KV pool, weights) are still mapped on their own; up to
+    256 MiB freed at the top of the heap stays with the process. Returns False where the C
+    library has no mallopt (not glibc)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                    and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 class LoadProgress:
     """A progress bar over the phases of loading a shard (rich), drawn on stderr only when it is a
     terminal, so the logs of launched or redirected workers stay clean."""
@@ -123,6 +151,7 @@ class Worker:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def run(self) -> int:
+        keep_freed_memory()
         torch.set_num_threads(self.threads)
         os.environ.setdefault("NUMBA_NUM_THREADS", str(self.threads))
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
