@@ -15,9 +15,10 @@ sequence's block table, so nothing is gathered or padded before the softmax.
 Grouped-query attention (Ainslie et al. 2023): query head j reads KV head j // (num_heads //
 num_kv_heads), as `torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)`.
 
-CPU: a Numba kernel, parallel over (sequence, KV head); for each it scores all the group's query
-heads against each key once (the key row is read once per group, not once per query head), takes
-an exact softmax in float32 and accumulates the values. The 64-float head_dim loops vectorize.
+CPU: a Numba kernel, parallel over sequences when there are at least two per thread (all heads
+of a sequence together, its blocks read in address order: `decode_sequence`), else over
+(sequence, KV head) (`decode_head_group`: each key row is read once per group of query heads);
+both take an exact softmax in float32 and accumulate the values. The head_dim loops vectorize.
 Other devices: `paged_decode_attention_torch`, which gathers the slots and calls SDPA (also the
 reference the tests check the kernel against).
 """
@@ -28,6 +29,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+import numba
 from numba import njit, prange
 
 
@@ -72,12 +74,69 @@ def decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_siz
         out[b, h0 + g] = acc[g]
 
 
+@njit(fastmath=True, cache=True)
+def decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, out):
+    """All query heads of sequence b against its paged context; writes out[b]. Walks the context
+    block by block and reads each slot's K (then V) row of all KV heads at once, so the pool is
+    streamed in address order (per KV head, the rows are 2-3 cache lines apart: 1.7x faster on 32
+    sequences x 192 tokens from DRAM than `decode_head_group` per head). Shapes as in the module
+    doc; serial."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // k_cache.shape[1]
+    length = context_lens[b]
+    num_blocks = (length + block_size - 1) // block_size
+    qs = np.empty((num_heads, head_dim), np.float32)
+    for hq in range(num_heads):
+        for d in range(head_dim):
+            qs[hq, d] = q[b, hq, d] * scale
+    scores = np.empty((num_heads, length), np.float32)
+    for j in range(num_blocks):
+        base = block_tables[b, j] * block_size
+        t0 = j * block_size
+        for i in range(min(block_size, length - t0)):
+            for hq in range(num_heads):
+                kh = hq // group
+                s = np.float32(0.0)
+                for d in range(head_dim):
+                    s += qs[hq, d] * k_cache[base + i, kh, d]
+                scores[hq, t0 + i] = s
+    for hq in range(num_heads):  # exact softmax per head
+        m = scores[hq, 0]
+        for t in range(1, length):
+            m = max(m, scores[hq, t])
+        total = np.float32(0.0)
+        for t in range(length):
+            p = np.exp(scores[hq, t] - m)
+            scores[hq, t] = p
+            total += p
+        inv = np.float32(1.0) / total
+        for t in range(length):
+            scores[hq, t] *= inv
+    acc = np.zeros((num_heads, head_dim), np.float32)
+    for j in range(num_blocks):
+        base = block_tables[b, j] * block_size
+        t0 = j * block_size
+        for i in range(min(block_size, length - t0)):
+            for hq in range(num_heads):
+                kh = hq // group
+                p = scores[hq, t0 + i]
+                for d in range(head_dim):
+                    acc[hq, d] += p * v_cache[base + i, kh, d]
+    for hq in range(num_heads):
+        for d in range(head_dim):
+            out[b, hq, d] = acc[hq, d]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, out):
-    num_kv_heads = k_cache.shape[1]
-    for w in prange(q.shape[0] * num_kv_heads):
-        decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
-                          w // num_kv_heads, w % num_kv_heads, out)
+def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, out, per_sequence):
+    num_seqs, num_kv_heads = q.shape[0], k_cache.shape[1]
+    if per_sequence:  # enough sequences for every thread: one per work item
+        for b in prange(num_seqs):
+            decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, out)
+    else:  # few sequences (one stream on several threads): split by KV head too
+        for w in prange(num_seqs * num_kv_heads):
+            decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
+                              w // num_kv_heads, w % num_kv_heads, out)
 
 
 class PagedDecodePlan:
@@ -118,8 +177,9 @@ class PagedDecodePlan:
                                                 self.block_size, scale)
         out = torch.empty(q.shape, dtype=torch.float32)
         tables, lens = self._np
+        per_sequence = q.shape[0] >= 2 * numba.get_num_threads()
         _paged_decode(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(), tables, lens,
-                      self.block_size, np.float32(scale), out.numpy())
+                      self.block_size, np.float32(scale), out.numpy(), per_sequence)
         return out
 
 

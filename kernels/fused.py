@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .attention import decode_head_group
+from .attention import decode_sequence
 from .cpu import _packed_parallel, _packed_serial
 
 
@@ -87,8 +87,7 @@ def decode_attention(x, norm_w, eps, qkv_f, qkv_q, qkv_d, qkv_m, o_f, o_q, o_d, 
             v_cache[slot, kh] = qkv[t, q_size + kv_size + kh * head_dim:q_size + kv_size + (kh + 1) * head_dim]
     attn = np.empty((n, num_heads, head_dim), np.float32)
     for t in range(n):
-        for kh in range(num_kv):
-            decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, t, kh, attn)
+        decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, t, attn)
     out = np.empty((n, hidden), np.float32)
     _linear(o_f, o_q, o_d, o_m, attn.reshape(n, q_size), out, nchunk)
     return out

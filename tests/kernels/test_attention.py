@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.attention import paged_decode_attention, paged_decode_attention_torch
+from kernels.attention import _paged_decode, paged_decode_attention, paged_decode_attention_torch
 
 
 def _numpy_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
@@ -49,6 +49,21 @@ def test_paged_decode_matches_numpy(seqs, heads, kv_heads, dim, block_size, max_
             torch.from_numpy(lens), block_size)
     np.testing.assert_allclose(paged_decode_attention(*args).numpy(), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(paged_decode_attention_torch(*args).numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_sequence", [True, False])
+@pytest.mark.parametrize("seqs,heads,kv_heads,dim,block_size,max_len", [
+    (6, 9, 3, 64, 16, 70),  # SmolLM2's heads
+    (2, 6, 2, 24, 5, 23),  # block size and head_dim not powers of two
+])
+def test_both_work_splits_match_numpy(per_sequence, seqs, heads, kv_heads, dim, block_size, max_len):
+    """The kernel's two work splits (one sequence per work item, all heads; or one (sequence, KV
+    head) per work item), whichever the thread count would pick."""
+    q, k, v, tables, lens = _case(seqs + 100, seqs, heads, kv_heads, dim, block_size, max_len)
+    scale = 1 / np.sqrt(dim)
+    out = np.full_like(q, np.nan)
+    _paged_decode(q, k, v, tables, lens, block_size, np.float32(scale), out, per_sequence)
+    np.testing.assert_allclose(out, _numpy_reference(q, k, v, tables, lens, block_size, scale), rtol=1e-4, atol=1e-5)
 
 
 def test_paged_decode_refuses_bad_shapes():
