@@ -63,7 +63,8 @@ def request_progress(label: str, total: int):
 
 
 def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_num_seqs: int | None = None,
-                      max_num_batched_tokens: int | None = None, gemm_weights: str = "packed") -> dict:
+                      max_num_batched_tokens: int | None = None, gemm_weights: str = "packed",
+                      kv_cache_gb: float | None = None) -> dict:
     """A LocalCluster override dict (cluster.yaml schema)."""
     over: dict = {"workers": {"count": workers, "threads": threads, "gemm_weights": gemm_weights},
                   "parallel": {"pipeline_parallel": pp, "tensor_parallel": tp}}
@@ -74,6 +75,8 @@ def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_
         sched["max_num_batched_tokens"] = max_num_batched_tokens
     if sched:
         over["scheduler"] = sched
+    if kv_cache_gb is not None:
+        over["workers"]["kv_cache_gb"] = kv_cache_gb
     return over
 
 

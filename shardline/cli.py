@@ -66,6 +66,28 @@ def _local_memory_bytes(cfg: ClusterConfig) -> int:
     return int(total * 0.8 / cfg.workers.count)
 
 
+# OpenMP threads spin this many iterations after a parallel region before they sleep (libgomp;
+# ~25 ms of one core on the development machine): the next region of a step starts at once.
+OMP_SPIN_COUNT = 1_000_000
+
+
+def _omp_wait_policy(threads: int) -> None:
+    """How the worker's OpenMP threads (torch's and Numba's, libgomp) wait between parallel regions;
+    read when the library loads, so set before torch is imported. With a core per thread they spin
+    a while (GOMP_SPINCOUNT) then sleep: a sleeping waiter takes tens of microseconds to wake, and a
+    decode step has ~150 regions (one worker, 2 threads, 30 layers, one sequence: 12.0 ms per token
+    sleeping, 7.4 ms spinning; 32 sequences: 93 -> 70 ms). With more threads than cores (several
+    workers on one host: `shardline launch` sets OMP_WAIT_POLICY=PASSIVE for them) spinning
+    threads steal the cores that others need, so they sleep at once. An OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT already in the environment wins."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    if threads > len(os.sched_getaffinity(0)):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
+
+
 def _curve_options(f):
     """--server-key / --key: CurveZMQ keys of a client or worker (cluster.yaml `security:`)."""
     f = click.option("--key", "key_file", envvar="SHARDLINE_KEY", type=click.Path(dir_okay=False),
@@ -137,11 +159,15 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
         procs.append(subprocess.Popen(exe + ["coordinator", cfg_path], preexec_fn=_die_with_parent))
         if cfg.workers.launch_local:
             mem_gb = _local_memory_bytes(cfg) / 2**30
+            env = None
+            if (cfg.workers.threads > 1 and cfg.workers.count * cfg.workers.threads > len(os.sched_getaffinity(0))
+                    and "OMP_WAIT_POLICY" not in os.environ):
+                env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # more threads than cores: no spinning
             for i in range(cfg.workers.count):
                 procs.append(subprocess.Popen(
                     exe + ["worker", "--coordinator", cfg.worker_address, "--device", cfg.workers.device,
                            "--threads", str(cfg.workers.threads), "--memory-gb", f"{mem_gb:.3f}",
-                           "--worker-id", f"local-{i}"] + worker_curve, preexec_fn=_die_with_parent))
+                           "--worker-id", f"local-{i}"] + worker_curve, preexec_fn=_die_with_parent, env=env))
                 worker_names[procs[-1]] = f"local-{i}"
         serve_gateway = cfg.gateway.enabled and prompt is None
         if serve_gateway:  # the OpenAI-compatible HTTP gateway, a child like the others
@@ -323,10 +349,7 @@ def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour,
     """Run one worker that joins a coordinator."""
     curve = _curve_kwargs(server_key_file, key_file)
     if threads > 1:
-        # torch and Numba each bring an OpenMP pool; with the default spin-waiting the two pools
-        # fight over the cores between regions (a 64-sequence step measured 287 ms best, 723 ms
-        # mean on 2 cores). Sleeping waiters remove that. Read when torch loads, so set it here.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _omp_wait_policy(threads)
     from worker.worker import main as run
 
     sys.exit(run(address, device, threads, int(memory_gb * 2**30) if memory_gb else None, worker_id, host,
