@@ -20,8 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# OpenMP threads wait between regions as a worker's do (shardline/cli.py _omp_wait_policy)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numba  # noqa: E402
@@ -46,11 +49,41 @@ def best_time(fn, min_time=0.2, max_reps=50) -> float:
     return best
 
 
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _parallel_sum(a2):
+    partial = np.zeros(a2.shape[0], np.float32)
+    for c in numba.prange(a2.shape[0]):
+        partial[c] = a2[c].sum()
+    return partial.sum()
+
+
 def read_bandwidth(gib: float) -> float:
-    """GB/s of numpy sum over a float32 array of `gib` GiB (touched once beforehand)."""
-    a = np.ones(int(gib * 2**30) // 4, np.float32)
-    t = best_time(lambda: a.sum(), min_time=0.5, max_reps=5)
+    """GB/s of a sum over a float32 array of `gib` GiB (touched once beforehand) on all of
+    Numba's threads, the threads the kernels get (numpy's own sum runs on one thread and reached
+    only 22-28 GB/s here, against ~35 GB/s with Numba on one or two threads)."""
+    a = np.ones(int(gib * 2**30) // 4, np.float32).reshape(16 * numba.get_num_threads(), -1)
+    t = best_time(lambda: _parallel_sum(a), min_time=0.5, max_reps=5)
     return a.nbytes / t / 1e9
+
+
+def streaming_gemv(rng, qtype: str, shapes: list[tuple[int, int]], total_bytes: float) -> dict:
+    """GB/s of the GEMV (one token) over distinct packed weights of `shapes`, repeated until they
+    hold `total_bytes` (several times the last-level cache, so every byte comes from DRAM, as in
+    a decode step), called one after another; the best of several sweeps."""
+    ws = []
+    while sum(w.nbytes for w in ws) < total_bytes:
+        for out, inf in shapes:
+            ws.append(quantize(rng.standard_normal((out, inf)).astype(np.float32), qtype))
+    xs = {inf: rng.standard_normal((1, inf)).astype(np.float32) for _, inf in shapes}
+
+    def sweep():
+        for w in ws:
+            cpu.gemv(xs[w.in_features], w)
+
+    t = best_time(sweep, min_time=1.0, max_reps=10)
+    nbytes = sum(w.nbytes for w in ws)
+    return {"qtype": qtype, "shapes": [list(s) for s in shapes], "weights": len(ws), "bytes": nbytes,
+            "ms": t * 1e3, "GBps": nbytes / t / 1e9}
 
 
 def torch_gflops(dtype, n=1024) -> float:
@@ -114,6 +147,17 @@ def main():
                     res["rows"].append(row)
                     print(f"{qtype:6} {out:>5}x{inf:<6} {n:>4} {path:6} {row['ms']:9.3f} "
                           f"{row['GBps']:7.1f} {row['GFLOPs']:8.1f}")
+    # decode reads every weight once per token from DRAM: GEMVs over weights 4x the L3 cache,
+    # square and in SmolLM2's layer shapes (qkv, o, gate_up, down)
+    res["streaming_gemv"] = []
+    for qtype in ("q4_1", "q8_0"):
+        for label, sh in (("4096x4096", [(4096, 4096)]),
+                          ("SmolLM2 layers", [(960, 576), (576, 576), (3072, 576), (576, 1536)])):
+            r = streaming_gemv(rng, qtype, sh, 128e6)
+            r["label"], r["fraction_of_read"] = label, r["GBps"] / res["read_GBps"]
+            res["streaming_gemv"].append(r)
+            print(f"{qtype} GEMV from DRAM, {label}: {r['bytes'] / 1e6:.0f} MB in {r['ms']:.2f} ms = "
+                  f"{r['GBps']:.1f} GB/s, {100 * r['fraction_of_read']:.0f}% of the measured read bandwidth")
     res["crossover_table"] = {q.value: n for q, n in dispatch.CPU_CROSSOVER.items()}
     if args.crossover:
         res["crossover_rows"] = crossover_rows(rng)
