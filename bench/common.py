@@ -64,7 +64,7 @@ def request_progress(label: str, total: int):
 
 def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_num_seqs: int | None = None,
                       max_num_batched_tokens: int | None = None, gemm_weights: str = "packed",
-                      kv_cache_gb: float | None = None) -> dict:
+                      kv_cache_gb: float | None = None, micro_batches: int | None = None) -> dict:
     """A LocalCluster override dict (cluster.yaml schema)."""
     over: dict = {"workers": {"count": workers, "threads": threads, "gemm_weights": gemm_weights},
                   "parallel": {"pipeline_parallel": pp, "tensor_parallel": tp}}
@@ -73,6 +73,8 @@ def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_
         sched["max_num_seqs"] = max_num_seqs
     if max_num_batched_tokens is not None:
         sched["max_num_batched_tokens"] = max_num_batched_tokens
+    if micro_batches is not None:
+        sched["pipeline_micro_batches"] = micro_batches
     if sched:
         over["scheduler"] = sched
     if kv_cache_gb is not None:
