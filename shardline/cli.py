@@ -71,6 +71,14 @@ def _local_memory_bytes(cfg: ClusterConfig) -> int:
 OMP_SPIN_COUNT = 1_000_000
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _omp_wait_policy(threads: int) -> None:
     """How the worker's OpenMP threads (torch's and Numba's, libgomp) wait between parallel regions;
     read when the library loads, so set before torch is imported. With a core per thread they spin
@@ -82,7 +90,7 @@ def _omp_wait_policy(threads: int) -> None:
     GOMP_SPINCOUNT already in the environment wins."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    if threads > len(os.sched_getaffinity(0)):
+    if threads > _usable_cpus():
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
         os.environ["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
@@ -160,7 +168,7 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
         if cfg.workers.launch_local:
             mem_gb = _local_memory_bytes(cfg) / 2**30
             env = None
-            if (cfg.workers.threads > 1 and cfg.workers.count * cfg.workers.threads > len(os.sched_getaffinity(0))
+            if (cfg.workers.threads > 1 and cfg.workers.count * cfg.workers.threads > _usable_cpus()
                     and "OMP_WAIT_POLICY" not in os.environ):
                 env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # more threads than cores: no spinning
             for i in range(cfg.workers.count):
