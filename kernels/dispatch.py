@@ -12,8 +12,9 @@ CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
   `set_crossover` pins one (qtype, shape); `calibrate(w)` still measures one on this machine and
   pins it for the process.
   With a bf16 copy (`QuantizedLinear.keep_bf16_copy`, cluster.yaml `workers.gemm_weights: bf16`)
-  n_tokens >= BF16_COPY_MIN_TOKENS multiply the copy directly (no per-step dequantization; the
-  copy costs 2 bytes per parameter on top of the packed weight).
+  n_tokens >= BF16_COPY_MIN_TOKENS (BF16_COPY_MIN_TOKENS_WIDE for vocabulary-sized matrices)
+  multiply the copy directly (no per-step dequantization; the copy costs 2 bytes per parameter on
+  top of the packed weight; kept in oneDNN's blocked layout).
 CUDA (cuda.py): n_tokens <= 8 GEMV kernel, <= CUDA_CROSSOVER tiled GEMM kernel, else dequantize
   to bf16 + torch GEMM. CUDA_CROSSOVER is a placeholder until bench/gpu_kernels.py runs on a GPU.
 f32/f16 weights: torch fp32 GEMM; bf16 weights: torch bf16 GEMM on the stored weight (float32 result).
@@ -46,6 +47,15 @@ CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, 
 # n = 8 on every SmolLM2 shape (1 thread, same machine and command as above, e.g. q4_1 3072x576
 # n=8 kernel 0.433 ms / bf16 copy 0.242 ms; q8_0 49152x576 n=8 10.2 / 8.5 ms).
 BF16_COPY_MIN_TOKENS = 8
+# Vocabulary-sized matrices (the lm_head) cross over sooner against the blocked bf16 copy: Q8_0
+# 49152x576, 1 thread, ms kernel / bf16 copy: n=2 5.8 / 4.5, n=4 5.2 / 3.3 (n=1 stays on the GEMV).
+WIDE_OUT_FEATURES = 16384
+BF16_COPY_MIN_TOKENS_WIDE = 2
+
+
+def bf16_copy_min_tokens(out_features: int) -> int:
+    """n_tokens from which a layer with a bf16 copy multiplies the copy instead of the packed weight."""
+    return BF16_COPY_MIN_TOKENS_WIDE if out_features >= WIDE_OUT_FEATURES else BF16_COPY_MIN_TOKENS
 TILE_BF16 = True  # the torch path for many tokens: bf16 GEMM (~3 significant digits) or fp32
 CUDA_GEMV_MAX_TOKENS = 8
 CUDA_CROSSOVER = 64  # not yet measured on a GPU (see bench/gpu_kernels.py)
@@ -134,6 +144,20 @@ def set_crossover(qtype, shape, n_tokens: int) -> None:
     _crossover[key] = int(n_tokens)
 
 
+ONEDNN_BATCH_HINT = 32  # tokens the blocked layout is chosen for; any n gives the same products
+
+
+def _onednn_blocked(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """bf16 [out, in] -> (the weight in oneDNN's blocked layout for torch.ops.mkldnn.
+    _linear_pointwise, True), or (w, False) where this torch has no oneDNN."""
+    if torch.backends.mkldnn.is_available():
+        try:
+            return torch.ops.mkldnn._reorder_linear_weight(w, ONEDNN_BATCH_HINT), True
+        except (RuntimeError, AttributeError):
+            pass
+    return w, False
+
+
 def quantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """y = x @ W.T.
 
@@ -175,21 +199,41 @@ class QuantizedLinear(torch.nn.Module):
         if bias is not None and tuple(bias.shape) != (weight.out_features,):
             raise ValueError(f"bias shape {tuple(bias.shape)} != ({weight.out_features},)")
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.weight_bf16: torch.Tensor | None = None
+        self.weight_bf16: torch.Tensor | None = None  # plain [out, in] bf16, or oneDNN-blocked
+        self._bf16_blocked = False
 
     def keep_bf16_copy(self) -> int:
         """Keep W dequantized to bfloat16 [out_features, in_features] next to the packed form, so
         calls with >= BF16_COPY_MIN_TOKENS tokens skip the per-call tile dequantization (CPU).
-        Built tile by tile (peak extra memory: one float32 tile). Returns the copy's bytes.
-        Float weights (f32/f16/bf16) get a copy too; Q4_K/Q6_K use the reference dequantizer."""
+        Built tile by tile (peak extra memory: one float32 tile, then the copy once more while
+        it is reordered). Where torch has oneDNN, the copy is kept in oneDNN's blocked layout
+        (`torch.ops.mkldnn._reorder_linear_weight`, as torch's own CPU weight prepacking does):
+        the same products bit for bit, without the layout change oneDNN otherwise makes of the
+        weight on every call (15 layers of SmolLM2 x 32 tokens from DRAM, one thread: 28.0 ->
+        21.0 ms; the lm_head 14.9 -> 10.2 ms). Returns the copy's bytes. Float weights
+        (f32/f16/bf16) get a copy too; Q4_K/Q6_K use the reference dequantizer."""
         w = self.qweight
         copy = torch.empty(w.shape, dtype=torch.bfloat16)
         rows = max(16, TILE_FLOATS // w.in_features)
         for r0 in range(0, w.out_features, rows):
             r1 = min(w.out_features, r0 + rows)
             copy[r0:r1] = dequantize(w.row_slice(r0, r1)).to(torch.bfloat16)
-        self.weight_bf16 = copy
-        return copy.numel() * 2
+        self.weight_bf16, self._bf16_blocked = _onednn_blocked(copy)
+        return w.out_features * w.in_features * 2
+
+    def bf16_copy(self) -> torch.Tensor | None:
+        """The bf16 copy as a plain [out_features, in_features] tensor (a dense copy when it is
+        kept blocked), or None without one."""
+        if self.weight_bf16 is None:
+            return None
+        return self.weight_bf16.to_dense() if self._bf16_blocked else self.weight_bf16
+
+    def _bf16_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 float32 [n, in] @ the bf16 copy -> float32 [n, out] (bf16 products, float32 sums)."""
+        xb = x2.bfloat16()
+        if self._bf16_blocked:
+            return torch.ops.mkldnn._linear_pointwise(xb, self.weight_bf16, None, "none", [], "").float()
+        return (xb @ self.weight_bf16.T).float()
 
     def packed_kernel_args(self, n_tokens: int):
         """(fmt, qs, d, m) of the row-interleaved CPU kernels (kernels.cpu._packed) when `forward`
@@ -198,7 +242,7 @@ class QuantizedLinear(torch.nn.Module):
         choice; else None."""
         w = self.qweight
         if (self.bias is not None or cpu.FMT.get(w.qtype) not in cpu.PACKED_FORMATS or w.in_features % 32
-                or (self.weight_bf16 is not None and n_tokens >= BF16_COPY_MIN_TOKENS)
+                or (self.weight_bf16 is not None and n_tokens >= bf16_copy_min_tokens(w.out_features))
                 or not (n_tokens <= GEMV_MAX_TOKENS or n_tokens < crossover(w))):
             return None
         return cpu._packed(w)
@@ -214,8 +258,9 @@ class QuantizedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.weight_bf16 is not None and x2.shape[0] >= BF16_COPY_MIN_TOKENS and not x2.is_cuda:
-            y = (x2.bfloat16() @ self.weight_bf16.T).float()
+        if (self.weight_bf16 is not None and x2.shape[0] >= bf16_copy_min_tokens(self.out_features)
+                and not x2.is_cuda):
+            y = self._bf16_matmul(x2.contiguous())
         else:
             y = quantized_matmul(x2, self.qweight)
         if self.bias is not None:

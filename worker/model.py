@@ -104,7 +104,7 @@ def linear_nbytes(layer: torch.nn.Module) -> int:
         packed = cpu._pack_cache.get(layer.qweight)
         copy = getattr(layer, "weight_bf16", None)
         return (layer.qweight.nbytes + (sum(a.nbytes for a in packed[1:]) if packed else 0)
-                + (copy.numel() * 2 if copy is not None else 0))
+                + (layer.out_features * layer.in_features * 2 if copy is not None else 0))
     return layer.nbytes
 
 

@@ -188,9 +188,18 @@ def test_bf16_copy_path(qtype, sym, monkeypatch):
     assert lin.keep_bf16_copy() == 100 * 128 * 2
     wdeq = dequantize_ref(w)
     # within one bf16 rounding (2^-8 relative) of the float32 reference dequantization
-    torch.testing.assert_close(lin.weight_bf16.float(), torch.from_numpy(wdeq), rtol=2.0**-8, atol=1e-7)
+    torch.testing.assert_close(lin.bf16_copy().float(), torch.from_numpy(wdeq), rtol=2.0**-8, atol=1e-7)
+    assert lin._bf16_blocked == torch.backends.mkldnn.is_available()  # oneDNN's layout where there is one
     for n in (1, dispatch.BF16_COPY_MIN_TOKENS - 1, dispatch.BF16_COPY_MIN_TOKENS, 40):
         x = rng.standard_normal((n, 128)).astype(np.float32)
         y = lin(torch.from_numpy(x)).numpy()
         check = assert_matmul_close_bf16 if n >= dispatch.BF16_COPY_MIN_TOKENS else assert_matmul_close
         check(y, x, wdeq, matmul_ref(x, w).astype(np.float64))
+        if n >= dispatch.BF16_COPY_MIN_TOKENS:  # the blocked copy gives torch's plain bf16 product bit for bit
+            plain = (torch.from_numpy(x).bfloat16() @ lin.bf16_copy().T).float().numpy()
+            np.testing.assert_array_equal(y, plain)
+    # a vocabulary-sized layer (here: 100 rows counted as wide) takes the copy from 2 tokens
+    monkeypatch.setattr(dispatch, "WIDE_OUT_FEATURES", 100)
+    x = torch.from_numpy(rng.standard_normal((2, 128)).astype(np.float32))
+    np.testing.assert_array_equal(lin(x).numpy(), (x.bfloat16() @ lin.bf16_copy().T).float().numpy())
+    assert lin.packed_kernel_args(2) is None and lin.packed_kernel_args(1) is not None or qtype == "int4"
