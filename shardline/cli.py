@@ -229,9 +229,13 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
     finally:
         _stop_all(procs, drain_timeout_s=cfg.coordinator.drain_timeout_s)
         os.unlink(cfg_path)
-        # The handlers stay installed until the process ends: a SIGTERM that arrives while the
-        # launcher is already stopping (a supervisor, or LocalCluster.stop after the coordinator
-        # drained) must not turn a clean exit into death by signal (rc -15).
+        # Everything is stopped: ignore SIGINT/SIGTERM until the process is gone, so that one
+        # arriving now (a supervisor, or LocalCluster.stop right after the coordinator drained)
+        # cannot turn a clean exit into death by signal (rc -15). Keeping on_signal is not
+        # enough: CPython's finalization resets Python-level handlers to SIG_DFL (not SIG_IGN)
+        # before the interpreter is gone, and that window was hit in CI.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
     sys.exit(rc)
 
 
