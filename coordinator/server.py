@@ -373,6 +373,11 @@ class Coordinator:
                     # ERROR, which would make a worker that is re-registering think it was refused
                     log.debug("dropped %s from %r (not a live registered worker)", msg_type.name, identity)
                     return
+                if self._is_early_heartbeat(identity, msg_type, body):
+                    # a worker that started before this coordinator bound its socket: its queued
+                    # heartbeats can be read before its REGISTER (ZeroMQ delivers per connection)
+                    log.debug("heartbeat from %r before its worker registered", identity)
+                    return
                 raise ProtocolError(f"{msg_type.name} from {identity!r}, which is not a live registered worker")
             if w is not None:
                 w.last_heartbeat = time.monotonic()  # any message shows the worker is alive
@@ -432,6 +437,14 @@ class Coordinator:
                 self._send_worker(w, MsgType.SHUTDOWN, {"reason": "drained" if w.drained else "lost"})
             return None
         return w
+
+    def _is_early_heartbeat(self, identity: bytes, msg_type: MsgType, body: dict) -> bool:
+        """A HEARTBEAT from the heartbeat socket of the worker it names (routing id `<worker
+        id>#hb`), which has not registered (yet). Nothing reads replies on that socket, so it is
+        dropped quietly; a heartbeat from any other identity still gets an ERROR."""
+        worker_id = body.get("worker_id")
+        return (msg_type is MsgType.HEARTBEAT and isinstance(worker_id, str) and worker_id not in self.workers
+                and identity == worker_id.encode() + HEARTBEAT_ID_SUFFIX)
 
     def _is_lost_worker(self, identity: bytes, body: dict) -> bool:
         w = self._by_identity.get(identity)

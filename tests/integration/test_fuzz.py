@@ -246,3 +246,28 @@ def test_fuzz_both_planes(cluster):
     print(f"\nfuzz: {N_FRAMES} client + {N_FRAMES} worker frames in {elapsed:.1f} s; client errors {codes}; "
           f"worker errors {w_codes}; RSS {base['rss_bytes'] / 2**20:.1f} -> {after['rss_bytes'] / 2**20:.1f} MiB; "
           f"fds {base['num_fds']} -> {after['num_fds']}")
+
+
+def test_heartbeat_before_register_is_dropped_quietly(cluster):
+    """A worker that started before the coordinator bound queues heartbeats on its heartbeat
+    socket (routing id `<worker id>#hb`) that can be read before its REGISTER: those are dropped
+    without an ERROR (nothing reads that socket; they were logged as bad frames at every
+    `shardline launch`). The same HEARTBEAT from any other identity is still answered."""
+    body = msgpack.packb({"worker_id": "early-worker", "incarnation": "x"}, use_bin_type=True)
+    ctx = zmq.Context.instance()
+    socks = {}
+    try:
+        for name in (b"early-worker#hb", b"someone-else"):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.ROUTING_ID, name)
+            s.connect(cluster.config.worker_address)
+            s.send(_hdr(MsgType.HEARTBEAT) + body)
+            socks[name] = s
+        assert socks[b"someone-else"].poll(5000), "the control HEARTBEAT got no ERROR"
+        assert P.decode(socks[b"someone-else"].recv())[0] is MsgType.ERROR
+        assert not socks[b"early-worker#hb"].poll(500), "an early heartbeat was answered"
+        assert cluster.client.health()["status"] == "ok"
+    finally:
+        for s in socks.values():
+            s.close(linger=0)
