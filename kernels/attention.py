@@ -34,6 +34,24 @@ from numba import njit, prange
 
 
 @njit(fastmath=True, cache=True)
+def _softmax_rows(scores):
+    """Exact softmax of each row of scores float32 [rows, length], in place (max subtracted)."""
+    rows, length = scores.shape
+    for r in range(rows):
+        m = scores[r, 0]
+        for t in range(1, length):
+            m = max(m, scores[r, t])
+        total = np.float32(0.0)
+        for t in range(length):
+            p = np.exp(scores[r, t] - m)
+            scores[r, t] = p
+            total += p
+        inv = np.float32(1.0) / total
+        for t in range(length):
+            scores[r, t] *= inv
+
+
+@njit(fastmath=True, cache=True)
 def decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, h, out):
     """Sequence b's query heads of KV head h (GQA group) against its paged context; writes
     out[b, group heads]. Shapes as in the module doc; serial (called per (sequence, KV head))."""
@@ -51,17 +69,8 @@ def decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_siz
             for d in range(head_dim):
                 s += qg[d] * k[d]
             scores[g, t] = s * scale
+    _softmax_rows(scores)
     acc = np.zeros((group, head_dim), np.float32)
-    for g in range(group):
-        m = scores[g, 0]
-        for t in range(1, length):
-            m = max(m, scores[g, t])
-        total = np.float32(0.0)
-        for t in range(length):
-            p = np.exp(scores[g, t] - m)
-            scores[g, t] = p
-            total += p
-        scores[g, :length] *= np.float32(1.0) / total
     for t in range(length):
         slot = block_tables[b, t // block_size] * block_size + t % block_size
         v = v_cache[slot, h]
@@ -100,18 +109,7 @@ def decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size,
                 for d in range(head_dim):
                     s += qs[hq, d] * k_cache[base + i, kh, d]
                 scores[hq, t0 + i] = s
-    for hq in range(num_heads):  # exact softmax per head
-        m = scores[hq, 0]
-        for t in range(1, length):
-            m = max(m, scores[hq, t])
-        total = np.float32(0.0)
-        for t in range(length):
-            p = np.exp(scores[hq, t] - m)
-            scores[hq, t] = p
-            total += p
-        inv = np.float32(1.0) / total
-        for t in range(length):
-            scores[hq, t] *= inv
+    _softmax_rows(scores)
     acc = np.zeros((num_heads, head_dim), np.float32)
     for j in range(num_blocks):
         base = block_tables[b, j] * block_size

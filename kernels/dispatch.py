@@ -52,10 +52,6 @@ BF16_COPY_MIN_TOKENS = 8
 WIDE_OUT_FEATURES = 16384
 BF16_COPY_MIN_TOKENS_WIDE = 2
 
-
-def bf16_copy_min_tokens(out_features: int) -> int:
-    """n_tokens from which a layer with a bf16 copy multiplies the copy instead of the packed weight."""
-    return BF16_COPY_MIN_TOKENS_WIDE if out_features >= WIDE_OUT_FEATURES else BF16_COPY_MIN_TOKENS
 TILE_BF16 = True  # the torch path for many tokens: bf16 GEMM (~3 significant digits) or fp32
 CUDA_GEMV_MAX_TOKENS = 8
 CUDA_CROSSOVER = 64  # not yet measured on a GPU (see bench/gpu_kernels.py)
@@ -63,6 +59,11 @@ TILE_FLOATS = 1 << 20  # dequantized tile size for the torch path: 4 MiB of floa
 CALIBRATION_TOKENS = (4, 8, 16, 32, 64, 128)
 
 _crossover: dict[tuple, int] = {}
+
+
+def bf16_copy_min_tokens(out_features: int) -> int:
+    """n_tokens from which a layer with a bf16 copy multiplies the copy instead of the packed weight."""
+    return BF16_COPY_MIN_TOKENS_WIDE if out_features >= WIDE_OUT_FEATURES else BF16_COPY_MIN_TOKENS
 
 
 def dequantize(w: QuantizedWeight) -> torch.Tensor:
@@ -204,7 +205,8 @@ class QuantizedLinear(torch.nn.Module):
 
     def keep_bf16_copy(self) -> int:
         """Keep W dequantized to bfloat16 [out_features, in_features] next to the packed form, so
-        calls with >= BF16_COPY_MIN_TOKENS tokens skip the per-call tile dequantization (CPU).
+        calls with >= bf16_copy_min_tokens(out_features) tokens skip the per-call tile
+        dequantization (CPU).
         Built tile by tile (peak extra memory: one float32 tile, then the copy once more while
         it is reordered). Where torch has oneDNN, the copy is kept in oneDNN's blocked layout
         (`torch.ops.mkldnn._reorder_linear_weight`, as torch's own CPU weight prepacking does):

@@ -287,10 +287,14 @@ def test_client_disconnect_cancels_a_non_streaming_request(gateway, cluster):
     body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gateway}/v1/completions", json=body, timeout=2)
+    # the request leaves the running set at once; its blocks come back when its step in flight
+    # returns, so wait for both
     deadline = time.monotonic() + 15
-    while cluster.client.stats()["num_requests_running"] and time.monotonic() < deadline:
-        time.sleep(0.1)  # poll interval
     stats = cluster.client.stats()
+    while ((stats["num_requests_running"] or stats["num_free_blocks"] != stats["num_kv_blocks"])
+           and time.monotonic() < deadline):
+        time.sleep(0.1)  # poll interval
+        stats = cluster.client.stats()
     assert stats["num_requests_running"] == 0 and stats["num_free_blocks"] == stats["num_kv_blocks"]
 
 

@@ -42,7 +42,7 @@ def _faults_per_step(mode: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="needs Linux with glibc (the setting under test is glibc's mallopt)")
 def test_prefill_step_reuses_freed_memory():
     """Four 128-token prompts through six layers and the lm_head, after two warm-up steps (two
     layers were too few: glibc's adaptive threshold sometimes caught up)."""
