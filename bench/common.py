@@ -64,7 +64,8 @@ def request_progress(label: str, total: int):
 
 def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_num_seqs: int | None = None,
                       max_num_batched_tokens: int | None = None, gemm_weights: str = "packed",
-                      kv_cache_gb: float | None = None, micro_batches: int | None = None) -> dict:
+                      kv_cache_gb: float | None = None, micro_batches: int | None = None,
+                      kv_cache_dtype: str | None = None) -> dict:
     """A LocalCluster override dict (cluster.yaml schema)."""
     over: dict = {"workers": {"count": workers, "threads": threads, "gemm_weights": gemm_weights},
                   "parallel": {"pipeline_parallel": pp, "tensor_parallel": tp}}
@@ -79,6 +80,8 @@ def cluster_overrides(workers: int, pp: int, tp: int = 1, threads: int = 1, max_
         over["scheduler"] = sched
     if kv_cache_gb is not None:
         over["workers"]["kv_cache_gb"] = kv_cache_gb
+    if kv_cache_dtype is not None:
+        over["workers"]["kv_cache_dtype"] = kv_cache_dtype
     return over
 
 

@@ -156,7 +156,12 @@ class ModelSizes:
         return cls.from_gguf(path, spec)
 
 
+KV_DTYPE_BYTES = {"float16": 2, "float32": 4}  # workers.kv_cache_dtype -> bytes per element
+
+
 def kv_bytes_per_block(spec: ModelSpec, num_layers: int, block_size: int, tp_size: int, dtype_bytes: int = 4) -> int:
+    """Bytes of one KV block (K and V of `block_size` tokens) on one rank holding `num_layers`
+    layers and 1/tp_size of the KV heads; dtype_bytes 2 for a float16 cache, 4 for float32."""
     return 2 * num_layers * block_size * (spec.num_kv_heads // tp_size) * spec.head_dim * dtype_bytes
 
 
@@ -287,7 +292,7 @@ def _gib(n: float) -> str:
 
 
 def check_total_memory(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp_size: int, tp_size: int,
-                       block_size: int, min_kv_blocks: int) -> None:
+                       block_size: int, min_kv_blocks: int, kv_dtype_bytes: int = 4) -> None:
     """Raises PlanError when all the workers together offer less than the model needs: every
     layer once, each TP rank's vocabulary slice of the embedding and the head (once in all, up to
     the padding of the last slice) with a copy of the final norm per rank, and `min_kv_blocks`
@@ -295,7 +300,7 @@ def check_total_memory(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerO
     embed = embed_share(spec, sizes, tp_size)
     per_rank = embed + head_share(spec, sizes, tp_size) - (embed if pp_size == 1 and spec.tie_word_embeddings else 0)
     weights = sum(sizes.layer_bytes) + tp_size * per_rank
-    kv = min_kv_blocks * kv_bytes_per_block(spec, spec.num_layers, block_size, 1)
+    kv = min_kv_blocks * kv_bytes_per_block(spec, spec.num_layers, block_size, 1, kv_dtype_bytes)
     offered = sum(w.memory_bytes for w in workers)
     if weights + kv > offered:
         copies = f" with the embedding and head split over {tp_size} TP ranks" if tp_size > 1 else ""
@@ -307,7 +312,8 @@ class _Stages:
     """Per (stage, layer range): weight bytes, estimated step time and the KV blocks that fit on
     each rank of the stage's TP group; memoized, for the split search."""
 
-    def __init__(self, spec, sizes, groups, tp_size, block_size, kv_cache_bytes, need_blocks, cost):
+    def __init__(self, spec, sizes, groups, tp_size, block_size, kv_cache_bytes, need_blocks, cost, kv_dtype_bytes=4):
+        self.kv_dtype_bytes = kv_dtype_bytes
         self.spec, self.sizes, self.groups, self.tp = spec, sizes, groups, tp_size
         self.block_size, self.kv_cache_bytes, self.need_blocks, self.cost = block_size, kv_cache_bytes, need_blocks, cost
         self.pp = len(groups)
@@ -317,7 +323,7 @@ class _Stages:
         return stage_weight_bytes(self.spec, self.sizes, s, self.pp, l0, l1, self.tp)
 
     def per_block(self, l0: int, l1: int) -> int:
-        return kv_bytes_per_block(self.spec, l1 - l0, self.block_size, self.tp)
+        return kv_bytes_per_block(self.spec, l1 - l0, self.block_size, self.tp, self.kv_dtype_bytes)
 
     def time_s(self, s: int, l0: int, l1: int) -> float:
         last = s == self.pp - 1
@@ -436,7 +442,7 @@ def parallel_layouts(spec: ModelSpec, num_workers: int, pp_size: int | None = No
 def make_plan(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp_size: int | None,
               tp_size: int | None, block_size: int, layer_split: str = "even", kv_cache_bytes: int | None = None,
               num_kv_blocks: int | None = None, min_kv_blocks: int = 16,
-              quant_group_size: int | None = None, cost: CostModel | None = None) -> Plan:
+              quant_group_size: int | None = None, cost: CostModel | None = None, kv_dtype_bytes: int = 4) -> Plan:
     """Assign workers to stages and layers, and size the KV pool.
 
     Workers are taken in the given order: stage-major, TP rank minor. `pp_size` / `tp_size` None:
@@ -446,7 +452,8 @@ def make_plan(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp
     (`balanced_split`). `min_kv_blocks`: KV blocks every worker must hold beside its weights (or
     `num_kv_blocks` when forced). `quant_group_size`: the int8/int4 group size when weights are
     quantized on load (checked by `check_quantization`). `cost`: default
-    `CostModel.for_device` of the first worker.
+    `CostModel.for_device` of the first worker. `kv_dtype_bytes`: bytes per cached K/V element
+    (2: float16, 4: float32).
 
     Raises:
         PlanError: the split is impossible ("tensor_parallel=2 does not divide num_kv_heads=3"),
@@ -463,7 +470,7 @@ def make_plan(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp
         for pp, tp in layouts:
             try:
                 plans.append(make_plan(spec, sizes, workers, pp, tp, block_size, layer_split, kv_cache_bytes,
-                                       num_kv_blocks, min_kv_blocks, quant_group_size, cost))
+                                       num_kv_blocks, min_kv_blocks, quant_group_size, cost, kv_dtype_bytes))
             except PlanError as exc:
                 why.append(f"pipeline_parallel={pp} x tensor_parallel={tp}: {exc}")
         if not plans:
@@ -475,9 +482,9 @@ def make_plan(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp
     if len(workers) != pp_size * tp_size:
         raise PlanError(f"pipeline_parallel={pp_size} x tensor_parallel={tp_size} needs {pp_size * tp_size} "
                         f"workers, {len(workers)} registered")
-    check_total_memory(spec, sizes, workers, pp_size, tp_size, block_size, min_kv_blocks)
+    check_total_memory(spec, sizes, workers, pp_size, tp_size, block_size, min_kv_blocks, kv_dtype_bytes)
     groups = [workers[s * tp_size:(s + 1) * tp_size] for s in range(pp_size)]
-    st = _Stages(spec, sizes, groups, tp_size, block_size, kv_cache_bytes, min_kv_blocks, cost)
+    st = _Stages(spec, sizes, groups, tp_size, block_size, kv_cache_bytes, min_kv_blocks, cost, kv_dtype_bytes)
     if layer_split == "balanced":
         ranges = balanced_split(st, spec.num_layers)
     elif layer_split == "memory":
@@ -529,4 +536,4 @@ def plan_for_config(config, spec: ModelSpec, sizes: ModelSizes, workers: list[Wo
     quant = config.quantization_group_size if config.quantization != "none" else None
     return make_plan(spec, sizes, workers, config.pipeline_parallel, config.tensor_parallel,
                      config.scheduler.block_size, config.parallel.layer_split, kv_cap, config.scheduler.num_kv_blocks,
-                     quant_group_size=quant)
+                     quant_group_size=quant, kv_dtype_bytes=KV_DTYPE_BYTES[config.workers.kv_cache_dtype])

@@ -570,7 +570,7 @@ class Coordinator:
                 "heartbeat_misses": cfg.heartbeat.misses, "quantization": cfg.quantization,
                 "quantization_group_size": cfg.quantization_group_size, "dtype": cfg.dtype,
                 "model": cfg.model, "model_digest": self.model_digest, "version": __version__,
-                "gemm_weights": cfg.workers.gemm_weights,
+                "gemm_weights": cfg.workers.gemm_weights, "kv_cache_dtype": cfg.workers.kv_cache_dtype,
             }):
                 unreachable.append(self.workers[a.worker_id])
         self.state = "loading"

@@ -21,7 +21,7 @@ Shapes (T = tokens of the step, one per sequence; H = hidden; D = head_dim; F = 
                  o [H, Hq*D], gate_up [2F, H], down [H, F]
     cos, sin     float32 [max_positions, D/2] rotary factors
     positions    int64 [T]; slots int64 [T] flat KV slot of each token
-    k_cache, v_cache float32 [num_slots, Hkv, D]
+    k_cache, v_cache float32 [num_slots, Hkv, D], or int16 (float16 bit patterns, kernels/attention.py)
     block_tables int32 [T, max_blocks]; context_lens int32 [T] (position + 1)
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .attention import decode_sequence
+from .attention import _paged_decode, store_as
 from .cpu import _packed_parallel, _packed_serial
 
 
@@ -56,6 +56,48 @@ def _linear(fmt, qs, dd, mm, x, y, nchunk):
 
 
 @njit(fastmath=True, cache=True)
+def rope_cache_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens,
+                         block_size, num_heads, scale, per_sequence):
+    """The middle of a decoder layer's attention for T single-token sequences, from the fused
+    QKV projection qkv float32 [T, Hq*D + 2*Hkv*D]: RoPE on Q and K, K and V written into the
+    caches at `slots` (in the caches' dtype), paged attention of each query over its context.
+    Returns float32 [T, Hq*D], the input of the output projection. `per_sequence`: the work
+    split of kernels.attention._paged_decode (parallel when Numba has several threads)."""
+    n = qkv.shape[0]
+    num_kv, head_dim = k_cache.shape[1], k_cache.shape[2]
+    half = head_dim // 2
+    q_size, kv_size = num_heads * head_dim, num_kv * head_dim
+    q = np.empty((n, num_heads, head_dim), np.float32)
+    for t in range(n):
+        c = cos[positions[t]]
+        s = sin[positions[t]]
+        slot = slots[t]
+        for hh in range(num_heads):  # RoPE: (a + ib) * (c + is) on adjacent pairs
+            src = qkv[t, hh * head_dim:(hh + 1) * head_dim]
+            dst = q[t, hh]
+            for i in range(half):
+                a = src[2 * i]
+                b = src[2 * i + 1]
+                dst[2 * i] = a * c[i] - b * s[i]
+                dst[2 * i + 1] = a * s[i] + b * c[i]
+        for kh in range(num_kv):  # K rotated likewise, then K and V stored in the cache's dtype
+            src = qkv[t, q_size + kh * head_dim:q_size + (kh + 1) * head_dim]
+            dst = k_cache[slot, kh]
+            for i in range(half):
+                a = src[2 * i]
+                b = src[2 * i + 1]
+                dst[2 * i] = store_as(a * c[i] - b * s[i], dst[0])
+                dst[2 * i + 1] = store_as(a * s[i] + b * c[i], dst[0])
+            src = qkv[t, q_size + kv_size + kh * head_dim:q_size + kv_size + (kh + 1) * head_dim]
+            dst = v_cache[slot, kh]
+            for i in range(head_dim):
+                dst[i] = store_as(src[i], dst[0])
+    attn = np.empty((n, num_heads, head_dim), np.float32)
+    _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, attn, per_sequence)
+    return attn.reshape(n, q_size)
+
+
+@njit(fastmath=True, cache=True)
 def decode_attention(x, norm_w, eps, qkv_f, qkv_q, qkv_d, qkv_m, o_f, o_q, o_d, o_m,
                      cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens,
                      block_size, num_heads, scale, nchunk):
@@ -64,32 +106,15 @@ def decode_attention(x, norm_w, eps, qkv_f, qkv_q, qkv_d, qkv_m, o_f, o_q, o_d, 
     writes each token's K and V into the caches at `slots`."""
     n, hidden = x.shape
     num_kv, head_dim = k_cache.shape[1], k_cache.shape[2]
-    half = head_dim // 2
     q_size, kv_size = num_heads * head_dim, num_kv * head_dim
     h = np.empty_like(x)
     _rms_norm(x, norm_w, eps, h)
     qkv = np.empty((n, q_size + 2 * kv_size), np.float32)
     _linear(qkv_f, qkv_q, qkv_d, qkv_m, h, qkv, nchunk)
-    q = np.empty((n, num_heads, head_dim), np.float32)
-    for t in range(n):
-        c = cos[positions[t]]
-        s = sin[positions[t]]
-        slot = slots[t]
-        for hh in range(num_heads + num_kv):  # RoPE: (a + ib) * (c + is) on adjacent pairs
-            src = qkv[t, hh * head_dim:(hh + 1) * head_dim]
-            dst = q[t, hh] if hh < num_heads else k_cache[slot, hh - num_heads]
-            for i in range(half):
-                a = src[2 * i]
-                b = src[2 * i + 1]
-                dst[2 * i] = a * c[i] - b * s[i]
-                dst[2 * i + 1] = a * s[i] + b * c[i]
-        for kh in range(num_kv):
-            v_cache[slot, kh] = qkv[t, q_size + kv_size + kh * head_dim:q_size + kv_size + (kh + 1) * head_dim]
-    attn = np.empty((n, num_heads, head_dim), np.float32)
-    for t in range(n):
-        decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, t, attn)
+    attn = rope_cache_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens,
+                                block_size, num_heads, scale, True)
     out = np.empty((n, hidden), np.float32)
-    _linear(o_f, o_q, o_d, o_m, attn.reshape(n, q_size), out, nchunk)
+    _linear(o_f, o_q, o_d, o_m, attn, out, nchunk)
     return out
 
 

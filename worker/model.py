@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import fused
-from kernels.attention import PagedDecodePlan
+from kernels.attention import PagedDecodePlan, cache_array
 from shardline.model_file import ModelSpec
 from worker.kv_cache import KVCache
 from worker.loader import GGUFShardLoader, ShardSpec
@@ -277,7 +277,7 @@ class DecoderLayer(torch.nn.Module):
         attn_norm, ffn_norm, (qf, qq, qd, qm), (of, oq, od, om), (gf, gq, gd, gm), (df, dq, dd, dm) = args
         xn = x.numpy()
         eps = np.float32(self.eps)
-        k_cache, v_cache = kv[0].numpy(), kv[1].numpy()
+        k_cache, v_cache = cache_array(kv[0]), cache_array(kv[1])
         positions, slots, tables, lens, block_size, cos, sin, nchunk = step
         scale = np.float32(1.0 / math.sqrt(self.head_dim))
         if self.tp_size == 1:
@@ -295,8 +295,12 @@ class DecoderLayer(torch.nn.Module):
     def attention(self, q, k, v, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
         # q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [num_blocks * block_size, Hkv, D] (flat view)
         k_cache, v_cache = kv
+        if k_cache.dtype != k.dtype:  # a float16 cache: attend to K/V as stored, rounded, like a decode does
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         k_cache[meta.slot_mapping] = k
         v_cache[meta.slot_mapping] = v
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         out = torch.empty_like(q)
         group = q.shape[1] // k.shape[1]
         for r0, r1, ctx in meta.prefills:
@@ -304,7 +308,7 @@ class DecoderLayer(torch.nn.Module):
             if n == L:  # the whole context is this step's: no gather, plain causal mask
                 kk, vv, mask = k[r0:r1], v[r0:r1], None
             else:  # causal with an offset: row i (position L-n+i) sees context positions <= L-n+i
-                kk, vv = k_cache[ctx], v_cache[ctx]
+                kk, vv = k_cache[ctx].to(q.dtype), v_cache[ctx].to(q.dtype)
                 mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=L - n)
             # [1, H, L, D] with the KV heads repeated per query group: 4-D inputs without
             # enable_gqa take torch's fused (flash) CPU kernel, 1.5x the math path here
@@ -320,14 +324,23 @@ class DecoderLayer(torch.nn.Module):
                 out[meta.decode_rows] = meta.decode_plan.run(q[meta.decode_rows], k_cache, v_cache)
         return out
 
-    def forward(self, x, meta: AttentionMetadata, kv, rot: torch.Tensor):
-        # x: [T, hidden]; rot: [T, 1, head_dim/2] complex64 rotary factors of the step
+    def forward(self, x, meta: AttentionMetadata, kv, rot: torch.Tensor | None, step: tuple | None = None):
+        # x: [T, hidden]; rot: [T, 1, head_dim/2] complex64 rotary factors of the step (None with `step`);
+        # step: StageModel._fused_step's arguments on a pure CPU decode step (RoPE, cache write and
+        # attention then run as one compiled call between the torch GEMMs)
         h = self.input_norm(x)
         qkv = self.qkv_proj(h)  # [T, q_size + 2 * kv_size]
-        qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim)), rot)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].unflatten(-1, (self.num_kv_heads, self.head_dim))
-        attn = self.attention(q, k, v, meta, kv).flatten(1)
+        if step is not None and qkv.dtype == torch.float32:
+            positions, slots, tables, lens, block_size, cos, sin, _ = step
+            attn = torch.from_numpy(fused.rope_cache_attention(
+                qkv.contiguous().numpy(), cos, sin, positions, slots, cache_array(kv[0]), cache_array(kv[1]),
+                tables, lens, block_size, self.num_heads, np.float32(1.0 / math.sqrt(self.head_dim)),
+                x.shape[0] >= 2 * numba.get_num_threads()))
+        else:
+            qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim)), rot)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :].unflatten(-1, (self.num_kv_heads, self.head_dim))
+            attn = self.attention(q, k, v, meta, kv).flatten(1)
         x = x + self.all_reduce(self.o_proj(attn))
         h = self.post_attention_norm(x)
         gate, up = self.gate_up_proj(h).split([self.ffn_local, self.ffn_local], dim=-1)
@@ -440,10 +453,8 @@ class StageModel(torch.nn.Module):
         for i, layer in enumerate(self.layers):
             kv = kv_cache.layer(i)
             y = None if step is None else layer.fused_decode(x, step, kv)
-            if y is None:
-                if rot is None:
-                    rot = self.rope.for_positions(meta.positions)
-                y = layer(x, meta, kv, rot)
+            if y is None:  # torch GEMMs (with the RoPE/cache/attention kernel on a decode step)
+                y = layer(x, meta, kv, rot, step)
             x = y
         if not self.shard.is_last:
             return x

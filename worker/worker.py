@@ -355,8 +355,9 @@ class Worker:
             self.model.keep_bf16_copies()
         bar.next()
         n_layers = self.shard.layer_end - self.shard.layer_start
+        kv_dtype = {"float16": torch.float16, "float32": torch.float32}[a.get("kv_cache_dtype", "float32")]
         self.kv_cache = KVCache(n_layers, a["num_kv_blocks"], self.block_size, spec.num_kv_heads // self.tp_size,
-                                spec.head_dim)
+                                spec.head_dim, dtype=kv_dtype)
         from worker.sampler import Sampler
 
         self.sampler = Sampler(spec.eos_token_id)

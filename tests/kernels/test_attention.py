@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.attention import _paged_decode, paged_decode_attention, paged_decode_attention_torch
+from numba import njit
+
+from kernels.attention import (_paged_decode, exp_nonpositive, load_float32, paged_decode_attention,
+                               paged_decode_attention_torch, store_as)
 
 
 def _numpy_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
@@ -35,14 +38,16 @@ def _case(seed, seqs, heads, kv_heads, dim, block_size, max_len, num_blocks=64):
     return q, k, v, perm, lens
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("seqs,heads,kv_heads,dim,block_size,max_len", [
     (1, 1, 1, 8, 4, 1),  # one token of context
     (5, 9, 3, 64, 16, 40),  # SmolLM2's heads, lengths across block edges
     (3, 4, 4, 32, 8, 37),  # no grouping
     (7, 8, 1, 16, 1, 9),  # multi-query, block size 1
 ])
-def test_paged_decode_matches_numpy(seqs, heads, kv_heads, dim, block_size, max_len):
+def test_paged_decode_matches_numpy(seqs, heads, kv_heads, dim, block_size, max_len, kv_dtype):
     q, k, v, tables, lens = _case(seqs, seqs, heads, kv_heads, dim, block_size, max_len)
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)  # float16: the reference widens the same values
     scale = 1 / np.sqrt(dim)
     want = _numpy_reference(q, k, v, tables, lens, block_size, scale)
     args = (torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(tables),
@@ -51,18 +56,22 @@ def test_paged_decode_matches_numpy(seqs, heads, kv_heads, dim, block_size, max_
     np.testing.assert_allclose(paged_decode_attention_torch(*args).numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("per_sequence", [True, False])
 @pytest.mark.parametrize("seqs,heads,kv_heads,dim,block_size,max_len", [
     (6, 9, 3, 64, 16, 70),  # SmolLM2's heads
     (2, 6, 2, 24, 5, 23),  # block size and head_dim not powers of two
 ])
-def test_both_work_splits_match_numpy(per_sequence, seqs, heads, kv_heads, dim, block_size, max_len):
+def test_both_work_splits_match_numpy(per_sequence, seqs, heads, kv_heads, dim, block_size, max_len, kv_dtype):
     """The kernel's two work splits (one sequence per work item, all heads; or one (sequence, KV
-    head) per work item), whichever the thread count would pick."""
+    head) per work item), whichever the thread count would pick; a float16 cache goes in as its
+    int16 bit patterns."""
     q, k, v, tables, lens = _case(seqs + 100, seqs, heads, kv_heads, dim, block_size, max_len)
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
     scale = 1 / np.sqrt(dim)
     out = np.full_like(q, np.nan)
-    _paged_decode(q, k, v, tables, lens, block_size, np.float32(scale), out, per_sequence)
+    bits = (lambda a: a.view(np.int16)) if kv_dtype == np.float16 else (lambda a: a)
+    _paged_decode(q, bits(k), bits(v), tables, lens, block_size, np.float32(scale), out, per_sequence)
     np.testing.assert_allclose(out, _numpy_reference(q, k, v, tables, lens, block_size, scale), rtol=1e-4, atol=1e-5)
 
 
@@ -73,3 +82,43 @@ def test_paged_decode_refuses_bad_shapes():
         paged_decode_attention(t[0][:, :4], t[1], t[2], t[3], t[4], 4)
     with pytest.raises(ValueError, match="context_lens"):
         paged_decode_attention(t[0], t[1], t[2], t[3], t[4] * 0, 4)
+
+
+@njit(cache=True)
+def _exp_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp_nonpositive(x[i])
+
+
+def test_exp_nonpositive_matches_numpy():
+    """The softmax's polynomial exp against NumPy's (float64) on [-87, 0] and at the ends."""
+    x = np.concatenate([-np.random.default_rng(0).random(100_000) * 87, [0.0, -1e-8, -0.5, -87.0]]).astype(np.float32)
+    got = np.empty_like(x)
+    _exp_all(x, got)
+    want = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
+    far = np.array([-88.0, -200.0, -1e30], np.float32)  # clamped at -87: tiny, never negative or NaN
+    _exp_all(far, got[:3])
+    assert np.all((got[:3] >= 0) & (got[:3] < 2e-38))
+
+
+@njit(cache=True)
+def _to_half_and_back(x, bits, back):
+    for i in range(x.shape[0]):
+        bits[i] = store_as(x[i], bits[0])
+        back[i] = load_float32(bits[i])
+
+
+def test_float16_store_and_load_match_numpy():
+    """store_as rounds float32 to binary16 as NumPy does (nearest even; overflow to inf;
+    subnormals), load_float32 widens exactly."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.standard_normal(10_000) * 10 ** rng.uniform(-8, 5, 10_000),
+                        [0.0, -0.0, 65504.0, 65520.0, -1e6, 6e-8, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11]]).astype(np.float32)
+    bits = np.zeros(x.shape, np.int16)
+    back = np.empty_like(x)
+    _to_half_and_back(x, bits, back)
+    with np.errstate(over="ignore"):  # 65520 and -1e6 overflow to inf, as intended
+        want = x.astype(np.float16)
+    np.testing.assert_array_equal(bits, want.view(np.int16))
+    np.testing.assert_array_equal(back, want.astype(np.float32))

@@ -1,7 +1,7 @@
 """The fused decode layer (kernels/fused.py) against the unfused DecoderLayer path of
 worker/model.py on the real SmolLM2 weights: same hidden states / logits (to float32 rounding)
-and the same K/V written into the cache, for one and several decode sequences, with and without
-a tensor-parallel split, and the fallback when a layer's linears would not take the packed
+and the same K/V written into the cache (float16 and float32), for one and several decode
+sequences, with and without a tensor-parallel split, and the fallback when a layer's linears would not take the packed
 kernels."""
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ SPEC = read_model_spec(PATH)
 BLOCK = 16
 
 
-def _run(shard: ShardSpec, fused: bool, prompt_lens: list[int], decode_steps: int, seed: int = 0):
+def _run(shard: ShardSpec, fused: bool, prompt_lens: list[int], decode_steps: int, seed: int = 0,
+         kv_dtype: torch.dtype = torch.float16):
     """Prefill each sequence (unfused: many tokens), then `decode_steps` pure decode steps of all
     sequences together; returns the decode outputs and the KV cache."""
     model = StageModel(SPEC, GGUFShardLoader(PATH, SPEC, shard), 256)
     model.fused_decode = fused
     n_layers = shard.layer_end - shard.layer_start
-    kv = KVCache(n_layers, 32, BLOCK, SPEC.num_kv_heads // shard.tp_size, SPEC.head_dim)
+    kv = KVCache(n_layers, 32, BLOCK, SPEC.num_kv_heads // shard.tp_size, SPEC.head_dim, dtype=kv_dtype)
     gen = torch.Generator().manual_seed(seed)
     tables = [list(range(i * 6, i * 6 + 6)) for i in range(len(prompt_lens))]  # 96 slots each
 
@@ -45,25 +46,30 @@ def _run(shard: ShardSpec, fused: bool, prompt_lens: list[int], decode_steps: in
     return outs, kv, model
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("shard,prompt_lens", [
     (ShardSpec(0, 3, True, False, 0, 1), [5]),            # first stage, one sequence
     (ShardSpec(27, 30, False, True, 0, 1), [3, 17, 9]),   # last stage (logits), three sequences
     (ShardSpec(10, 12, False, False, 1, 3), [7, 2]),      # TP rank 1 of 3: attention and MLP halves
 ])
-def test_fused_decode_matches_the_unfused_layers(shard, prompt_lens, monkeypatch):
-    ref, kv_ref, _ = _run(shard, False, prompt_lens, 4)
+def test_fused_decode_matches_the_unfused_layers(shard, prompt_lens, kv_dtype, monkeypatch):
+    ref, kv_ref, _ = _run(shard, False, prompt_lens, 4, kv_dtype=kv_dtype)
     calls = []
     name = "decode_layer" if shard.tp_size == 1 else "decode_attention"
     real = getattr(fused, name)
     monkeypatch.setattr(fused, name, lambda *a: calls.append(1) or real(*a))
-    got, kv_got, model = _run(shard, True, prompt_lens, 4)
+    got, kv_got, model = _run(shard, True, prompt_lens, 4, kv_dtype=kv_dtype)
     assert len(calls) == 4 * len(model.layers), "the fused kernel did not run every decode layer"
+    # float32 rounding differences of the two paths may move a float16 K/V element by one unit
+    # in the last place (2^-10 relative), which reaches the outputs attenuated
+    tol = 1e-4 if kv_dtype == torch.float32 else 2.0 ** -10
     for r, g in zip(ref, got):
         assert r.shape == g.shape
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * float(r.abs().max()))
     # later layers' K/V inherit the earlier layers' rounding differences
-    torch.testing.assert_close(kv_got.k, kv_ref.k, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(kv_got.v, kv_ref.v, rtol=1e-4, atol=1e-4)
+    assert kv_got.k.dtype == kv_ref.k.dtype == kv_dtype
+    torch.testing.assert_close(kv_got.k.float(), kv_ref.k.float(), rtol=tol, atol=1e-4)
+    torch.testing.assert_close(kv_got.v.float(), kv_ref.v.float(), rtol=tol, atol=1e-4)
 
 
 def test_fused_path_declines_when_a_linear_would_not_use_the_packed_kernels():
