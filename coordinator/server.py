@@ -144,6 +144,8 @@ class Coordinator:
         self.requests: dict[int, Request] = {}  # seq_id -> request
         self.by_client: dict[tuple[bytes, str], int] = {}  # (client, request_id) -> seq_id
         self.in_flight: dict[int, SchedulerOutput] = {}  # step_id -> step
+        # sequences with a new token, streamed to their clients after the next steps are dispatched
+        self._to_emit: list[Sequence] = []
         self.step_started: dict[int, float] = {}
         self._next_seq_id = 0
         self._stop = False
@@ -306,6 +308,10 @@ class Coordinator:
                     if out is None:
                         break
                     self._dispatch(out)
+                # 4. stream the new tokens: after the dispatch, so the first stage is not idle while
+                # 32-64 deltas are detokenized and sent (a stop string found here ends its sequence
+                # one step late at most; that step's token is dropped like a cancelled one's)
+                self._emit_pending()
                 # 5. liveness
                 now = time.monotonic()
                 if now - last_hb >= hb:
@@ -881,7 +887,11 @@ class Coordinator:
             if req is not None and req.prompt_logprobs is not None:
                 entries = entries[: max(0, len(req.prompt_logprobs) - first)]
                 req.prompt_logprobs[first:first + len(entries)] = entries
-        for seq in self.scheduler.update(out, sampled):
+        self._to_emit.extend(self.scheduler.update(out, sampled))
+
+    def _emit_pending(self) -> None:
+        pending, self._to_emit = self._to_emit, []
+        for seq in pending:
             self._emit(seq)
 
     # ---- outputs -------------------------------------------------------------------------
