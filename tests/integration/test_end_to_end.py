@@ -21,6 +21,7 @@ from shardline import Client, InvalidRequestError
 from shardline import protocol as P
 from shardline.local import free_port_block
 from tests.integration.conftest import NEAR_TIE, pp_config
+from tests.reference import LOGPROB_ATOL
 
 pytestmark = pytest.mark.integration
 
@@ -105,8 +106,9 @@ def test_cli_launch_generate_and_clean_shutdown(tmp_path):
 def test_logprobs_match_transformers(default_cluster, tokenizer):
     """Greedy tokens and their top-5 logprobs equal transformers' fp32 forward on the same GGUF.
 
-    Tolerance: 2e-3 absolute on logprobs. Both sides use the same dequantized weights in fp32;
-    only the order of floating-point operations differs (measured differences are ~1e-5).
+    Tolerance: LOGPROB_ATOL (tests/reference.py) absolute on logprobs. Both sides use the same
+    dequantized weights in fp32; the order of floating-point operations differs (~1e-5 with a
+    float32 KV cache) and the default float16 KV cache rounds K and V (up to 3.9e-3 seen).
     """
     from tests.reference import reference_logits
 
@@ -119,10 +121,10 @@ def test_logprobs_match_transformers(default_cluster, tokenizer):
     for i, (tok, (lp, top)) in enumerate(zip(r.token_ids, r.logprobs)):
         row = ref[len(prompt) - 1 + i]
         assert tok == int(row.argmax()), f"token {i}: {tok} vs reference argmax {int(row.argmax())}"
-        assert abs(lp - row[tok]) < 2e-3
+        assert abs(lp - row[tok]) < LOGPROB_ATOL
         ref_top = np.argsort(-row)[:5]
         assert [t for t, _ in top] == ref_top.tolist()
-        np.testing.assert_allclose([v for _, v in top], row[ref_top], atol=2e-3)
+        np.testing.assert_allclose([v for _, v in top], row[ref_top], atol=LOGPROB_ATOL)
 
 
 def test_greedy_identical_across_pipeline_sizes(clusters, tokenizer):

@@ -20,6 +20,7 @@ import yaml
 
 from shardline.local import free_port_block
 from tests.integration.conftest import NEAR_TIE, pp_config
+from tests.reference import LOGPROB_ATOL
 
 pytestmark = pytest.mark.integration
 
@@ -180,8 +181,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def test_logprobs_equal_transformers_log_softmax(oai):
-    """Generated tokens' logprobs and top-3 equal log_softmax of transformers' logits (2e-3 nats,
-    the tolerance of test_end_to_end's comparison of the same fp32 weights)."""
+    """Generated tokens' logprobs and top-3 equal log_softmax of transformers' logits (within
+    LOGPROB_ATOL nats, the tolerance of test_end_to_end's comparison of the same weights)."""
     from tests.reference import reference_logits
 
     prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
@@ -193,13 +194,13 @@ def test_logprobs_equal_transformers_log_softmax(oai):
     ref = log_softmax(reference_logits(prompt + gen))
     for i, t in enumerate(gen):
         row = ref[len(prompt) - 1 + i]
-        assert lp.token_logprobs[i] == pytest.approx(row[t], abs=2e-3)
+        assert lp.token_logprobs[i] == pytest.approx(row[t], abs=LOGPROB_ATOL)
         top = {int(k.removeprefix("token_id:")): v for k, v in lp.top_logprobs[i].items()}
         want = np.argsort(-row)[:3]
         for tok in set(top) ^ set(want.tolist()):  # the same top-3 but for near ties at the third
             assert abs(row[tok] - row[want[-1]]) < NEAR_TIE
         for tok, v in top.items():
-            assert v == pytest.approx(row[tok], abs=2e-3)
+            assert v == pytest.approx(row[tok], abs=LOGPROB_ATOL)
         assert t == int(want[0]) or row[want[0]] - row[t] < NEAR_TIE  # greedy
     text = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
                                   extra_body={"ignore_eos": True})

@@ -20,6 +20,7 @@ import torch
 
 from shardline.model_file import SafetensorsCheckpoint, hf_expected_tensors, read_model_spec, resolve_model_path
 from tests.integration.conftest import NEAR_TIE, assert_same_greedy, pp_config
+from tests.reference import LOGPROB_ATOL
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ def held_bytes(directory, quantization: str, group_size: int) -> int:
 def test_float_checkpoint_serves_the_gguf_weights(clusters, hf_checkpoint, tokenizer):
     """quantization none, 2 pipeline stages: the same greedy tokens as the GGUF cluster (same
     dequantized weights; kernels differ, so only a near tie of NEAR_TIE nats may part them) and as
-    transformers on the directory (teacher forcing), top-5 logprobs within 2e-3 of it (float32
+    transformers on the directory (teacher forcing), top-5 logprobs within LOGPROB_ATOL of it (float32
     both sides, only the summation order differs); the directory's tokenizer and chat template."""
     ours = clusters.get(hf_config(hf_checkpoint, 2)).client
     gguf = clusters.get(pp_config(2)).client
@@ -106,8 +107,8 @@ def test_float_checkpoint_serves_the_gguf_weights(clusters, hf_checkpoint, token
         for i, (tok, (tok_lp, top)) in enumerate(zip(a.token_ids, a.logprobs)):
             row = lp[len(ids) - 1 + i]
             assert row.max() - row[tok] < NEAR_TIE, f"{prompt!r} token {i}: not the reference's greedy choice"
-            assert abs(tok_lp - row[tok]) < 2e-3
-            np.testing.assert_allclose([v for _, v in top], row[[t for t, _ in top]], atol=2e-3)
+            assert abs(tok_lp - row[tok]) < LOGPROB_ATOL
+            np.testing.assert_allclose([v for _, v in top], row[[t for t, _ in top]], atol=LOGPROB_ATOL)
     chat = ours.generate(messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=48)
     assert chat.finish_reason == "stop" and chat.token_ids[-1] == 2
     assert "Paris" in chat.text and "<|im_end|>" not in chat.text
@@ -133,7 +134,7 @@ def test_quantized_on_load(clusters, hf_checkpoint, tokenizer, quantization, gro
     """One worker serving the checkpoint quantized on load.
 
     Against the dequantized reference (the values the worker holds): every greedy token is its
-    choice (up to a NEAR_TIE near tie) and the top-5 logprobs are within 2e-3: the prompts are
+    choice (up to a NEAR_TIE near tie) and the top-5 logprobs are within LOGPROB_ATOL: the prompts are
     shorter than the dispatcher's int8/int4 crossover, so every matmul runs in the float32 Numba
     kernels (no bf16 tiles).
 
@@ -160,12 +161,12 @@ def test_quantized_on_load(clusters, hf_checkpoint, tokenizer, quantization, gro
         for i, (tok, (tok_lp, top)) in enumerate(zip(r.token_ids, r.logprobs)):
             row = lp_deq[len(ids) - 1 + i]
             assert row.max() - row[tok] < NEAR_TIE, f"{prompt!r} token {i}: not the dequantized reference's choice"
-            np.testing.assert_allclose([v for _, v in top], row[[t for t, _ in top]], atol=2e-3)
+            np.testing.assert_allclose([v for _, v in top], row[[t for t, _ in top]], atol=LOGPROB_ATOL)
             row_ref = lp_ref[len(ids) - 1 + i]
             assert row_ref.max() - row_ref[tok] < gap_bound, f"{prompt!r} token {i}: far from the float reference"
         first = lp_ref[len(ids) - 1]
         top_ref = np.argsort(-first)[:5]
-        first_ours = lp_deq[len(ids) - 1]  # equal to the cluster's within 2e-3 (checked above)
+        first_ours = lp_deq[len(ids) - 1]  # equal to the cluster's within LOGPROB_ATOL (checked above)
         assert np.abs(first_ours[top_ref] - first[top_ref]).max() < first_step_bound
         assert np.abs(first_ours[top_ref] - first[top_ref]).max() > 1e-4  # the weights really were requantized
     (w,) = c.stats()["workers"]
@@ -178,7 +179,7 @@ def test_workers_without_the_checkpoint_receive_their_shard(clusters, hf_checkpo
     """Three TP workers that may not read the checkpoint (SHARDLINE_NO_LOCAL_MODEL=1) receive their
     slices from the coordinator in the stored float32 (each rank a third of every layer and of the
     embedding's vocabulary rows), quantize them to int8 on receipt, and generate the greedy tokens
-    of a one-worker cluster that read the directory itself, with logprobs within 2e-3 (only the TP
+    of a one-worker cluster that read the directory itself, with logprobs within LOGPROB_ATOL (only the TP
     summation order differs)."""
     from shardline.local import LocalCluster
 
@@ -195,7 +196,7 @@ def test_workers_without_the_checkpoint_receive_their_shard(clusters, hf_checkpo
             got = cluster.client.generate(prompt_token_ids=ids, max_tokens=6, ignore_eos=True, logprobs=5)
             assert_same_greedy(want, got)
             if got.token_ids == want.token_ids:
-                np.testing.assert_allclose([lp for lp, _ in got.logprobs], [lp for lp, _ in want.logprobs], atol=2e-3)
+                np.testing.assert_allclose([lp for lp, _ in got.logprobs], [lp for lp, _ in want.logprobs], atol=LOGPROB_ATOL)
         text = log.read_text(errors="replace")
         assert text.count("receiving stage 0 tp") == 3 and text.count("received ") >= 3, text[-3000:]
     finally:
