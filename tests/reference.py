@@ -23,9 +23,11 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # Logprobs of a cluster against transformers' float32 forward, absolute (nats). The arithmetic is
 # float32 (2e-3 held with a float32 KV cache); the default float16 KV cache rounds K and V to 11
-# significant bits, which moved single logprobs by up to 3.9e-3 (test_end_to_end). A misaligned
-# position or a wrong token would be off by far more than this.
-LOGPROB_ATOL = 6e-3
+# significant bits, which moved single logprobs by up to 6.4e-3 (a rank-4 alternative at -5.3
+# nats after several generated tokens, test_safetensors; 3.9e-3 in test_end_to_end). The bound
+# leaves twice that for other CPUs' GEMM kernels. A misaligned position or a wrong token would be
+# off by far more.
+LOGPROB_ATOL = 1.5e-2
 
 
 def _split(model: str) -> tuple[str, str]:

@@ -108,7 +108,7 @@ def test_logprobs_match_transformers(default_cluster, tokenizer):
 
     Tolerance: LOGPROB_ATOL (tests/reference.py) absolute on logprobs. Both sides use the same
     dequantized weights in fp32; the order of floating-point operations differs (~1e-5 with a
-    float32 KV cache) and the default float16 KV cache rounds K and V (up to 3.9e-3 seen).
+    float32 KV cache) and the default float16 KV cache rounds K and V (up to 6.4e-3 seen).
     """
     from tests.reference import reference_logits
 
