@@ -190,8 +190,17 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
             deadline = time.monotonic() + ready_timeout
             ready = False
             while not stopping and not ready:
-                if any(p.poll() is not None for p in procs):
+                exited = [p for p in procs if p.poll() is not None]
+                if any(p.returncode != 0 for p in exited):
                     raise click.ClickException("a cluster process exited during start-up (see its log above)")
+                if exited:  # rc 0: the coordinator was stopped (SIGTERM) and told its workers to shut down
+                    try:
+                        rc = procs[0].wait(cfg.coordinator.drain_timeout_s + 10)
+                    except subprocess.TimeoutExpired:
+                        raise click.ClickException("a worker exited during start-up (see its log above)") from None
+                    click.echo(f"shardline: coordinator exited during start-up (rc={rc}); stopping", err=True)
+                    stopping = True
+                    break
                 if time.monotonic() > deadline:
                     raise click.ClickException(f"cluster not ready after {ready_timeout} s")
                 try:

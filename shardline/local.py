@@ -76,7 +76,9 @@ class LocalCluster:
     def address(self) -> str:
         return self.config.client_address
 
-    def start(self) -> "LocalCluster":
+    def start(self, wait_ready: bool = True) -> "LocalCluster":
+        """Run `shardline launch` in a new session; with `wait_ready`, return once the cluster's
+        health is "ok" (RuntimeError after `ready_timeout_s`, or when the launcher exits first)."""
         fd, self._cfg_path = tempfile.mkstemp(suffix=".yaml", prefix="shardline-local-")
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(self.config.model_dump(mode="json"), f)
@@ -90,6 +92,8 @@ class LocalCluster:
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         self.client = Client(self.address, timeout_s=120.0, **self.client_keys())
+        if not wait_ready:
+            return self
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             if self.proc.poll() is not None:

@@ -255,6 +255,32 @@ def test_sigterm_drains_running_requests_then_exits():
     assert rc == 0
 
 
+def test_launcher_exits_cleanly_when_its_coordinator_is_stopped_during_start_up():
+    """The coordinator gets SIGTERM before the launcher has seen the cluster ready (workers still
+    loading): it exits 0, and so does the launcher, rather than reporting a start-up failure
+    (rc 1; this race failed the test below in CI, when the test's own readiness poll was ahead
+    of the launcher's)."""
+    cluster = LocalCluster(pp_config(1)).start(wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        coordinator = None
+        while coordinator is None:
+            assert cluster.proc.poll() is None, cluster.output()
+            assert time.monotonic() < deadline, "coordinator not answering"
+            try:
+                stats = cluster.client.stats(timeout_s=1.0)
+                coordinator = stats["coordinator"]["pid"]
+            except Exception:
+                time.sleep(0.05)  # poll interval
+        assert cluster.client.health(timeout_s=5.0)["status"] != "ok", "too late: the workers were ready"
+        os.kill(coordinator, signal.SIGTERM)
+        rc = cluster.proc.wait(60)
+        assert rc == 0, f"launcher rc {rc}; its output:\n{cluster.output()}"
+        assert "coordinator exited during start-up (rc=0)" in cluster.output()
+    finally:
+        cluster.stop()
+
+
 def test_launcher_exits_cleanly_under_sigterm_after_the_coordinator_left():
     """SIGTERMs at the launcher from the moment its coordinator exited (after a drain) until the
     launcher is gone: it still exits 0. CPython resets Python signal handlers to the default
@@ -281,6 +307,7 @@ def test_launcher_exits_cleanly_under_sigterm_after_the_coordinator_left():
                 pass
         cluster.proc.wait(30)
         assert sent > 0
-        assert cluster.proc.returncode == 0, f"launcher rc {cluster.proc.returncode} after {sent} SIGTERMs"
+        assert cluster.proc.returncode == 0, (f"launcher rc {cluster.proc.returncode} after {sent} SIGTERMs; "
+                                              f"its output:\n{cluster.output()}")
     finally:
         cluster.stop()
