@@ -41,6 +41,8 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
+from .simd import LANES, fold1, fold2, fold4, fold8, vfma, vload, vsplat, vstore, vzero
+
 
 @intrinsic
 def load_float32(typingctx, x):
@@ -188,10 +190,138 @@ def decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size,
             out[b, hq, d] = acc[hq, d]
 
 
+@njit(fastmath=True, inline="always", cache=True)
+def _dot16(qs, hq, k_cache, slot, kh):
+    """16 dot products as one float32x16: query row qs[hq] (float32 [num_heads, head_dim], C
+    order, head_dim a multiple of 16) with the K rows of KV head kh in slots slot .. slot + 15.
+    Each row is multiplied 16 lanes at a time into its own partial-sum vector; one fold tree then
+    sums all sixteen (15 shuffle-adds instead of 16 horizontal sums)."""
+    num_kv, head_dim = k_cache.shape[1], k_cache.shape[2]
+    row = num_kv * head_dim
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = vzero()
+    p8 = p9 = p10 = p11 = p12 = p13 = p14 = p15 = vzero()
+    for c in range(0, head_dim, LANES):
+        qv = vload(qs, hq * head_dim + c)
+        o = slot * row + kh * head_dim + c
+        p0 = vfma(qv, vload(k_cache, o), p0)
+        p1 = vfma(qv, vload(k_cache, o + row), p1)
+        p2 = vfma(qv, vload(k_cache, o + 2 * row), p2)
+        p3 = vfma(qv, vload(k_cache, o + 3 * row), p3)
+        p4 = vfma(qv, vload(k_cache, o + 4 * row), p4)
+        p5 = vfma(qv, vload(k_cache, o + 5 * row), p5)
+        p6 = vfma(qv, vload(k_cache, o + 6 * row), p6)
+        p7 = vfma(qv, vload(k_cache, o + 7 * row), p7)
+        p8 = vfma(qv, vload(k_cache, o + 8 * row), p8)
+        p9 = vfma(qv, vload(k_cache, o + 9 * row), p9)
+        p10 = vfma(qv, vload(k_cache, o + 10 * row), p10)
+        p11 = vfma(qv, vload(k_cache, o + 11 * row), p11)
+        p12 = vfma(qv, vload(k_cache, o + 12 * row), p12)
+        p13 = vfma(qv, vload(k_cache, o + 13 * row), p13)
+        p14 = vfma(qv, vload(k_cache, o + 14 * row), p14)
+        p15 = vfma(qv, vload(k_cache, o + 15 * row), p15)
+    lo = fold2(fold4(fold8(p0, p1), fold8(p2, p3)), fold4(fold8(p4, p5), fold8(p6, p7)))
+    hi = fold2(fold4(fold8(p8, p9), fold8(p10, p11)), fold4(fold8(p12, p13), fold8(p14, p15)))
+    return fold1(lo, hi)
+
+
+@njit(fastmath=True, cache=True)
+def _softmax_prefix(scores, h_lo, h_hi, length):
+    """Softmax of scores[h, :length] for rows h_lo .. h_hi - 1, in place (max subtracted);
+    each row is taken as a contiguous 1-D array so the loops vectorize."""
+    for h in range(h_lo, h_hi):
+        row = scores[h]
+        m = row[0]
+        for t in range(1, length):
+            m = max(m, row[t])
+        total = np.float32(0.0)
+        for t in range(length):
+            p = exp_nonpositive(row[t] - m)
+            row[t] = p
+            total += p
+        inv = np.float32(1.0) / total
+        for t in range(length):
+            row[t] *= inv
+
+
+@njit(fastmath=True, inline="always", cache=True)
+def _pv4(scores, v_cache, block_tables, b, length, block_size, kh, g0, g_end, out):
+    """out[b, g0:g_end] = softmax rows scores[g0:g_end, :length] times the V rows of KV head kh;
+    g_end - g0 <= 4 heads accumulate together in registers (a missing fourth repeats the last)."""
+    num_heads, head_dim = out.shape[1], out.shape[2]
+    row = v_cache.shape[1] * head_dim
+    ob = b * num_heads * head_dim
+    num_blocks = (length + block_size - 1) // block_size
+    h1, h2, h3 = min(g0 + 1, g_end - 1), min(g0 + 2, g_end - 1), min(g0 + 3, g_end - 1)
+    for c in range(0, head_dim, LANES):
+        a0 = a1 = a2 = a3 = vzero()
+        for j in range(num_blocks):
+            t0 = j * block_size
+            o = block_tables[b, j] * block_size * row + kh * head_dim + c
+            for t in range(t0, min(t0 + block_size, length)):
+                v = vload(v_cache, o)
+                a0 = vfma(vsplat(scores[g0, t]), v, a0)
+                a1 = vfma(vsplat(scores[h1, t]), v, a1)
+                a2 = vfma(vsplat(scores[h2, t]), v, a2)
+                a3 = vfma(vsplat(scores[h3, t]), v, a3)
+                o += row
+        vstore(out, ob + g0 * head_dim + c, a0)
+        if h1 > g0:
+            vstore(out, ob + h1 * head_dim + c, a1)
+        if h2 > h1:
+            vstore(out, ob + h2 * head_dim + c, a2)
+        if h3 > h2:
+            vstore(out, ob + h3 * head_dim + c, a3)
+
+
+@njit(fastmath=True, cache=True)
+def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, h_lo, h_hi, out):
+    """Query heads h_lo .. h_hi - 1 of sequence b against its paged context, with explicit
+    16-lane vectors (kernels/simd.py); writes out[b, h_lo:h_hi]. Needs head_dim and block_size
+    multiples of 16 (the K rows of a block are read 16 at a time; rows past the context are
+    read but their scores never used). Caches and out C-contiguous. Serial.
+
+    QK: per block, each query head's 16 scores from `_dot16`. Softmax per head row. PV: for each
+    16-lane slice of head_dim, four query heads of one KV group at a time accumulate in
+    registers over the whole context (each V slice loaded once for the four)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // k_cache.shape[1]
+    length = context_lens[b]
+    num_blocks = (length + block_size - 1) // block_size
+    stride = num_blocks * block_size
+    qs = np.empty((num_heads, head_dim), np.float32)
+    for hq in range(h_lo, h_hi):
+        for d in range(head_dim):
+            qs[hq, d] = q[b, hq, d] * scale
+    scores = np.empty((num_heads, stride), np.float32)
+    for j in range(num_blocks):
+        base = block_tables[b, j] * block_size
+        t0 = j * block_size
+        for sub in range(0, min(block_size, length - t0), LANES):
+            for hq in range(h_lo, h_hi):
+                vstore(scores, hq * stride + t0 + sub, _dot16(qs, hq, k_cache, base + sub, hq // group))
+    _softmax_prefix(scores, h_lo, h_hi, length)
+    for kh in range(h_lo // group, (h_hi - 1) // group + 1):
+        for g0 in range(max(h_lo, kh * group), min(h_hi, (kh + 1) * group), 4):  # four heads of a group
+            g_end = min(h_hi, (kh + 1) * group, g0 + 4)
+            _pv4(scores, v_cache, block_tables, b, length, block_size, kh, g0, g_end, out)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, out, per_sequence):
-    num_seqs, num_kv_heads = q.shape[0], k_cache.shape[1]
-    if per_sequence:  # enough sequences for every thread: one per work item
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    if block_size % LANES == 0 and head_dim % LANES == 0:  # the vector kernel (SmolLM2: 16, 64)
+        if per_sequence:
+            for b in prange(num_seqs):
+                decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
+                                  b, 0, num_heads, out)
+        else:
+            for w in prange(num_seqs * num_kv_heads):
+                h = w % num_kv_heads
+                decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
+                                  w // num_kv_heads, h * group, (h + 1) * group, out)
+    elif per_sequence:  # enough sequences for every thread: one per work item
         for b in prange(num_seqs):
             decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, out)
     else:  # few sequences (one stream on several threads): split by KV head too

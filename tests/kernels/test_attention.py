@@ -60,7 +60,10 @@ def test_paged_decode_matches_numpy(seqs, heads, kv_heads, dim, block_size, max_
 @pytest.mark.parametrize("per_sequence", [True, False])
 @pytest.mark.parametrize("seqs,heads,kv_heads,dim,block_size,max_len", [
     (6, 9, 3, 64, 16, 70),  # SmolLM2's heads
-    (2, 6, 2, 24, 5, 23),  # block size and head_dim not powers of two
+    (2, 6, 2, 24, 5, 23),  # block size and head_dim not powers of two (the scalar kernel)
+    (4, 16, 2, 32, 32, 100),  # groups of 8 (two passes of four heads), 32-token blocks
+    (3, 10, 2, 48, 16, 50),  # groups of 5 (four heads, then one)
+    (3, 4, 4, 128, 16, 33),  # no grouping, head_dim 128
 ])
 def test_both_work_splits_match_numpy(per_sequence, seqs, heads, kv_heads, dim, block_size, max_len, kv_dtype):
     """The kernel's two work splits (one sequence per work item, all heads; or one (sequence, KV
@@ -122,3 +125,22 @@ def test_float16_store_and_load_match_numpy():
         want = x.astype(np.float16)
     np.testing.assert_array_equal(bits, want.view(np.int16))
     np.testing.assert_array_equal(back, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+def test_slots_past_the_context_are_never_used(kv_dtype):
+    """The vector kernel reads K 16 rows at a time, past a sequence's last token within its last
+    block: those slots hold NaN here (freed blocks hold stale values), and the output is still
+    exact and finite."""
+    q, k, v, tables, lens = _case(7, 5, 9, 3, 64, 16, 45)
+    used = np.zeros(k.shape[0], bool)
+    for b in range(len(lens)):
+        pos = np.arange(lens[b])
+        used[tables[b][pos // 16] * 16 + pos % 16] = True
+    k[~used], v[~used] = np.nan, np.nan
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
+    bits = (lambda a: a.view(np.int16)) if kv_dtype == np.float16 else (lambda a: a)
+    for per_sequence in (True, False):
+        out = np.full_like(q, np.nan)
+        _paged_decode(q, bits(k), bits(v), tables, lens, 16, np.float32(0.125), out, per_sequence)
+        np.testing.assert_allclose(out, _numpy_reference(q, k, v, tables, lens, 16, 0.125), rtol=1e-4, atol=1e-5)
