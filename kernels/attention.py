@@ -244,33 +244,52 @@ def _softmax_prefix(scores, h_lo, h_hi, length):
 
 
 @njit(fastmath=True, inline="always", cache=True)
-def _pv4(scores, v_cache, block_tables, b, length, block_size, kh, g0, g_end, out):
-    """out[b, g0:g_end] = softmax rows scores[g0:g_end, :length] times the V rows of KV head kh;
-    g_end - g0 <= 4 heads accumulate together in registers (a missing fourth repeats the last)."""
-    num_heads, head_dim = out.shape[1], out.shape[2]
+def _pv4_block(scores, v_cache, slot, t0, n, kh, g0, g_end, acc):
+    """acc[g0:g_end] += scores[g0:g_end, t0:t0 + n] times V rows slot .. slot + n - 1 of KV head
+    kh; g_end - g0 <= 4 heads accumulate together in registers over the block (a missing fourth
+    repeats the last and is not stored)."""
+    head_dim = v_cache.shape[2]
     row = v_cache.shape[1] * head_dim
-    ob = b * num_heads * head_dim
-    num_blocks = (length + block_size - 1) // block_size
     h1, h2, h3 = min(g0 + 1, g_end - 1), min(g0 + 2, g_end - 1), min(g0 + 3, g_end - 1)
     for c in range(0, head_dim, LANES):
-        a0 = a1 = a2 = a3 = vzero()
-        for j in range(num_blocks):
-            t0 = j * block_size
-            o = block_tables[b, j] * block_size * row + kh * head_dim + c
-            for t in range(t0, min(t0 + block_size, length)):
-                v = vload(v_cache, o)
-                a0 = vfma(vsplat(scores[g0, t]), v, a0)
-                a1 = vfma(vsplat(scores[h1, t]), v, a1)
-                a2 = vfma(vsplat(scores[h2, t]), v, a2)
-                a3 = vfma(vsplat(scores[h3, t]), v, a3)
-                o += row
-        vstore(out, ob + g0 * head_dim + c, a0)
+        a0 = vload(acc, g0 * head_dim + c)
+        a1 = vload(acc, h1 * head_dim + c)
+        a2 = vload(acc, h2 * head_dim + c)
+        a3 = vload(acc, h3 * head_dim + c)
+        o = slot * row + kh * head_dim + c
+        for t in range(t0, t0 + n):
+            v = vload(v_cache, o)
+            a0 = vfma(vsplat(scores[g0, t]), v, a0)
+            a1 = vfma(vsplat(scores[h1, t]), v, a1)
+            a2 = vfma(vsplat(scores[h2, t]), v, a2)
+            a3 = vfma(vsplat(scores[h3, t]), v, a3)
+            o += row
+        vstore(acc, g0 * head_dim + c, a0)
         if h1 > g0:
-            vstore(out, ob + h1 * head_dim + c, a1)
+            vstore(acc, h1 * head_dim + c, a1)
         if h2 > h1:
-            vstore(out, ob + h2 * head_dim + c, a2)
+            vstore(acc, h2 * head_dim + c, a2)
         if h3 > h2:
-            vstore(out, ob + h3 * head_dim + c, a3)
+            vstore(acc, h3 * head_dim + c, a3)
+
+
+@njit(fastmath=True, inline="always", cache=True)
+def _stream_blocks(cache, block_tables, b, num_blocks, block_size, sink):
+    """Read sequence b's blocks of `cache` once, in address order, one load per 64-byte line,
+    before the kernel computes on them (the values feed a dummy sum stored to `sink`, so the
+    loads are kept). A plain sequential stream keeps many misses in flight and the block lands
+    in L1/L2; the dot-product loops then read it from there. Without it the same loops, which
+    walk a block 16 rows at a time per head, left most of the DRAM latency exposed: 17 layers x
+    32 sequences x 193 tokens from a pool larger than the caches took 14.1 ms with a float16
+    cache and 21.5 ms with float32, and 10.0 / 13.9 ms with it (the scalar kernel: 12.8 / 16.9)."""
+    row = cache.shape[1] * cache.shape[2]
+    line = 64 // cache.itemsize
+    acc = vzero()
+    for j in range(num_blocks):
+        o = block_tables[b, j] * block_size * row
+        for e in range(0, block_size * row, line):
+            acc = vfma(acc, acc, vload(cache, o + e))
+    vstore(sink, 0, acc)
 
 
 @njit(fastmath=True, cache=True)
@@ -280,9 +299,10 @@ def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_siz
     multiples of 16 (the K rows of a block are read 16 at a time; rows past the context are
     read but their scores never used). Caches and out C-contiguous. Serial.
 
-    QK: per block, each query head's 16 scores from `_dot16`. Softmax per head row. PV: for each
-    16-lane slice of head_dim, four query heads of one KV group at a time accumulate in
-    registers over the whole context (each V slice loaded once for the four)."""
+    K is first streamed into the caches (`_stream_blocks`); QK: per block, each query head's 16
+    scores from `_dot16`. Softmax per head row. V streamed likewise; PV: per block, four query
+    heads of a KV group at a time accumulate each 16-lane slice of head_dim in registers over
+    the block's rows (each V slice loaded once for the four), kept between blocks in `acc`."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // k_cache.shape[1]
     length = context_lens[b]
@@ -293,6 +313,9 @@ def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_siz
         for d in range(head_dim):
             qs[hq, d] = q[b, hq, d] * scale
     scores = np.empty((num_heads, stride), np.float32)
+    kv_lo, kv_hi = h_lo // group, (h_hi - 1) // group + 1
+    sink = np.empty(LANES, np.float32)
+    _stream_blocks(k_cache, block_tables, b, num_blocks, block_size, sink)
     for j in range(num_blocks):
         base = block_tables[b, j] * block_size
         t0 = j * block_size
@@ -300,10 +323,18 @@ def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_siz
             for hq in range(h_lo, h_hi):
                 vstore(scores, hq * stride + t0 + sub, _dot16(qs, hq, k_cache, base + sub, hq // group))
     _softmax_prefix(scores, h_lo, h_hi, length)
-    for kh in range(h_lo // group, (h_hi - 1) // group + 1):
-        for g0 in range(max(h_lo, kh * group), min(h_hi, (kh + 1) * group), 4):  # four heads of a group
-            g_end = min(h_hi, (kh + 1) * group, g0 + 4)
-            _pv4(scores, v_cache, block_tables, b, length, block_size, kh, g0, g_end, out)
+    acc = np.zeros((num_heads, head_dim), np.float32)
+    _stream_blocks(v_cache, block_tables, b, num_blocks, block_size, sink)
+    for j in range(num_blocks):
+        base = block_tables[b, j] * block_size
+        t0 = j * block_size
+        n = min(block_size, length - t0)
+        for kh in range(kv_lo, kv_hi):
+            for g0 in range(max(h_lo, kh * group), min(h_hi, (kh + 1) * group), 4):  # four heads of a group
+                _pv4_block(scores, v_cache, base, t0, n, kh, g0, min(h_hi, (kh + 1) * group, g0 + 4), acc)
+    for hq in range(h_lo, h_hi):
+        for d in range(head_dim):
+            out[b, hq, d] = acc[hq, d]
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -164,3 +164,4 @@ fold2 = _fold(4)
 fold2.__doc__ = "Two vectors of four 4-lane segments -> eight segments of 2 lanes (x's, then y's)."
 fold1 = _fold(2)
 fold1.__doc__ = "Two vectors of eight 2-lane segments -> sixteen lanes, each one full sum (x's, then y's)."
+
