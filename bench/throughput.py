@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-gb", type=float, default=None,
                     help="workers.kv_cache_gb (default cluster.yaml's; one worker holding every layer needs ~1 for 64 x 256 tokens)")
     ap.add_argument("--kv-cache-dtype", choices=("float16", "float32"), default=None,
-                    help="workers.kv_cache_dtype (default cluster.yaml's: float32)")
+                    help="workers.kv_cache_dtype (default cluster.yaml's: float16)")
     ap.add_argument("--micro-batches", type=int, default=None,
                     help="scheduler.pipeline_micro_batches: step plans in flight (default: the pipeline stages)")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="scheduler max_num_seqs of the continuous cluster")
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
               "cluster": {"name": name, "workers": args.workers, "pipeline_parallel": pp, "tensor_parallel": args.tp,
                           "threads": args.threads, "max_num_batched_tokens": args.max_num_batched_tokens,
                           "gemm_weights": args.gemm_weights, "kv_cache_gb": args.kv_cache_gb,
-                          "kv_cache_dtype": args.kv_cache_dtype or "float32",
+                          "kv_cache_dtype": args.kv_cache_dtype or "float16",
                           "pipeline_micro_batches": args.micro_batches},
               "params": {"concurrency": levels, "requests_per_slot": args.requests_per_slot,
                          "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "vary_output": args.vary_output,

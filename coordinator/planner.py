@@ -159,7 +159,7 @@ class ModelSizes:
 KV_DTYPE_BYTES = {"float16": 2, "float32": 4}  # workers.kv_cache_dtype -> bytes per element
 
 
-def kv_bytes_per_block(spec: ModelSpec, num_layers: int, block_size: int, tp_size: int, dtype_bytes: int = 4) -> int:
+def kv_bytes_per_block(spec: ModelSpec, num_layers: int, block_size: int, tp_size: int, dtype_bytes: int = 2) -> int:
     """Bytes of one KV block (K and V of `block_size` tokens) on one rank holding `num_layers`
     layers and 1/tp_size of the KV heads; dtype_bytes 2 for a float16 cache, 4 for float32."""
     return 2 * num_layers * block_size * (spec.num_kv_heads // tp_size) * spec.head_dim * dtype_bytes
@@ -292,7 +292,7 @@ def _gib(n: float) -> str:
 
 
 def check_total_memory(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp_size: int, tp_size: int,
-                       block_size: int, min_kv_blocks: int, kv_dtype_bytes: int = 4) -> None:
+                       block_size: int, min_kv_blocks: int, kv_dtype_bytes: int = 2) -> None:
     """Raises PlanError when all the workers together offer less than the model needs: every
     layer once, each TP rank's vocabulary slice of the embedding and the head (once in all, up to
     the padding of the last slice) with a copy of the final norm per rank, and `min_kv_blocks`
@@ -312,7 +312,7 @@ class _Stages:
     """Per (stage, layer range): weight bytes, estimated step time and the KV blocks that fit on
     each rank of the stage's TP group; memoized, for the split search."""
 
-    def __init__(self, spec, sizes, groups, tp_size, block_size, kv_cache_bytes, need_blocks, cost, kv_dtype_bytes=4):
+    def __init__(self, spec, sizes, groups, tp_size, block_size, kv_cache_bytes, need_blocks, cost, kv_dtype_bytes=2):
         self.kv_dtype_bytes = kv_dtype_bytes
         self.spec, self.sizes, self.groups, self.tp = spec, sizes, groups, tp_size
         self.block_size, self.kv_cache_bytes, self.need_blocks, self.cost = block_size, kv_cache_bytes, need_blocks, cost
@@ -442,7 +442,7 @@ def parallel_layouts(spec: ModelSpec, num_workers: int, pp_size: int | None = No
 def make_plan(spec: ModelSpec, sizes: ModelSizes, workers: list[WorkerOffer], pp_size: int | None,
               tp_size: int | None, block_size: int, layer_split: str = "even", kv_cache_bytes: int | None = None,
               num_kv_blocks: int | None = None, min_kv_blocks: int = 16,
-              quant_group_size: int | None = None, cost: CostModel | None = None, kv_dtype_bytes: int = 4) -> Plan:
+              quant_group_size: int | None = None, cost: CostModel | None = None, kv_dtype_bytes: int = 2) -> Plan:
     """Assign workers to stages and layers, and size the KV pool.
 
     Workers are taken in the given order: stage-major, TP rank minor. `pp_size` / `tp_size` None:

@@ -21,7 +21,7 @@ of a sequence together, its blocks read in address order: `decode_sequence`), el
 (sequence, KV head) (`decode_head_group`: each key row is read once per group of query heads);
 both take the softmax in float32 (max subtracted; exp by a vectorizable polynomial, `exp_nonpositive`)
 and accumulate the values in float32. The head_dim loops vectorize. A float16 cache
-(`workers.kv_cache_dtype: float16`, as llama.cpp's default f16 KV cache) is read as IEEE binary16
+(the default `workers.kv_cache_dtype`, as llama.cpp's default f16 KV cache) is read as IEEE binary16
 bit patterns (int16 arrays: Numba has no float16 type) and widened to float32 on load (`load_float32`, F16C's vcvtph2ps): half the
 bytes of float32, which is what a decode step's attention mostly waits for (a 32-sequence,
 192-token step of 17 layers read its KV from DRAM at ~11 GB/s on one core).

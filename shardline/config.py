@@ -58,9 +58,9 @@ class WorkersConfig(_Frozen):
         0.5, gt=0, description="Most memory per worker for its KV cache pool (GiB); None: all memory left after weights."
     )
     kv_cache_dtype: Literal["float16", "float32"] = Field(
-        "float32", description="Element type of the KV cache: float32, or float16 (llama.cpp's default f16 cache): "
-                               "twice the tokens per GiB and half the bytes each decode step reads, K and V rounded "
-                               "to 11 significant bits. Attention computes in float32 either way.")
+        "float16", description="Element type of the KV cache: float16 (llama.cpp's default f16 cache; twice the "
+                               "tokens per GiB of float32 and half the bytes each decode step reads; K and V rounded "
+                               "to 11 significant bits) or float32. Attention computes in float32 either way.")
     launch_local: bool = Field(True, description="`shardline launch` starts `count` workers on this host.")
     gemm_weights: Literal["packed", "bf16"] = Field(
         "packed", description="Weights of the many-token path (prefill, large decode batches) on CPU workers: "

@@ -8,9 +8,9 @@
 The coordinator's block manager owns the block ids; the worker only writes K/V at the slots a
 step's slot mapping names and reads the slots of each sequence's block table.
 
-dtype float16 (`workers.kv_cache_dtype: float16`; llama.cpp's default f16 cache) holds twice the
-tokens of float32 (the default) in the same memory and halves the bytes a decode step's
-attention reads; K and V are rounded to it when written and computed with in float32.
+dtype float16 (the default, `workers.kv_cache_dtype`; llama.cpp's default f16 cache) holds twice
+the tokens of float32 in the same memory and halves the bytes a decode step's attention reads;
+K and V are rounded to it when written and computed with in float32.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 dtype: torch.dtype = torch.float16, device: str = "cpu"):
         if dtype not in (torch.float16, torch.float32):
             raise ValueError(f"KV cache dtype {dtype}: expected torch.float16 or torch.float32")
         self.num_blocks = num_blocks
@@ -41,5 +41,5 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 4) -> int:
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes

@@ -252,7 +252,7 @@ def test_prometheus_sees_every_dashboard_metric_move(prometheus, cluster):
     # every computed token is in some step (recomputation after preemption adds more)
     assert delta("shardline:iteration_tokens_sum") >= prompt_tokens + gen_tokens - n
     # per-worker facts: the KV pool is 2 (K, V) x layers x blocks x block_size x kv heads x head dim x fp32
-    assert prom.value("shardline:worker_kv_cache_bytes") == 2 * 30 * NUM_KV_BLOCKS * BLOCK_SIZE * 3 * 64 * 4
+    assert prom.value("shardline:worker_kv_cache_bytes") == 2 * 30 * NUM_KV_BLOCKS * BLOCK_SIZE * 3 * 64 * 2  # float16
     assert prom.value("shardline:worker_price_per_hour") == PRICE == prom.value("shardline:price_per_hour")
     assert prom.value("shardline:workers_up") == 1
     busy_s = delta("shardline:worker_busy_seconds_total")

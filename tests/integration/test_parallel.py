@@ -2,7 +2,7 @@
 or 3): TP=3, TP=3 x PP=2 and PP=3 give the greedy tokens of TP=1, and their log-probabilities
 match transformers' fp32 forward on the same GGUF.
 
-Tolerances: greedy tokens may part only at a near tie (`assert_same_greedy`, NEAR_TIE nats:
+Tolerances: greedy tokens may part only at a near tie (`assert_same_greedy`, PATH_NEAR_TIE nats:
 a TP rank sums its 1/3 of each row-parallel matmul and the all-reduce adds the three partial
 sums, a different floating-point order than TP=1); logprobs within LOGPROB_ATOL (tests/reference.py) of the
 reference (measured differences are ~1e-5, as for pipeline layouts in test_end_to_end.py).

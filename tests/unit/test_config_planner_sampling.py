@@ -128,9 +128,9 @@ def offers(*gib: float) -> list[WorkerOffer]:
 
 def test_kv_bytes_per_block():
     # K and V, per layer, per slot: num_kv_heads / tp heads of head_dim float32
-    assert kv_bytes_per_block(SMOL, 15, BS, 1) == 2 * 15 * BS * 3 * 64 * 4  # float32 (the default)
-    assert kv_bytes_per_block(SMOL, 30, BS, 3) == 2 * 30 * BS * 1 * 64 * 4
-    assert kv_bytes_per_block(SMOL, 15, BS, 1, dtype_bytes=2) == 2 * 15 * BS * 3 * 64 * 2  # float16
+    assert kv_bytes_per_block(SMOL, 15, BS, 1) == 2 * 15 * BS * 3 * 64 * 2  # float16 (the default)
+    assert kv_bytes_per_block(SMOL, 30, BS, 3) == 2 * 30 * BS * 1 * 64 * 2
+    assert kv_bytes_per_block(SMOL, 15, BS, 1, dtype_bytes=4) == 2 * 15 * BS * 3 * 64 * 4  # float32
 
 
 def test_even_pipeline_plan():

@@ -87,7 +87,7 @@ def brute_force(spec, sizes, workers, pp, tp, min_kv=16, kv_cap=None, cost=CPU):
             w = sum(sizes.layer_bytes[l0:l1]) // tp + (embed if s == 0 else 0)
             if s == pp - 1:  # lm_head + final norm; with one stage a tied lm_head is the embedding
                 w += head_rank_bytes(sizes, spec, tp) - (embed if s == 0 and spec.tie_word_embeddings else 0)
-            per = 2 * (l1 - l0) * BS * (spec.num_kv_heads // tp) * spec.head_dim * 4
+            per = 2 * (l1 - l0) * BS * (spec.num_kv_heads // tp) * spec.head_dim * 2  # float16 K and V (the default cache)
             for g in groups[s]:
                 room = g.memory_bytes - w
                 if room < min_kv * per:
