@@ -17,10 +17,13 @@ Grouped-query attention (Ainslie et al. 2023): query head j reads KV head j // (
 num_kv_heads), as `torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)`.
 
 CPU: a Numba kernel, parallel over sequences when there are at least two per thread (all heads
-of a sequence together, its blocks read in address order: `decode_sequence`), else over
-(sequence, KV head) (`decode_head_group`: each key row is read once per group of query heads);
-both take the softmax in float32 (max subtracted; exp by a vectorizable polynomial, `exp_nonpositive`)
-and accumulate the values in float32. The head_dim loops vectorize. A float16 cache
+of a sequence together), else over (sequence, KV head). With head_dim and block_size multiples
+of 16 it is `decode_heads_simd`, written with explicit 16-lane vectors (kernels/simd.py): each
+sequence's K blocks are first streamed once in address order (`_stream_blocks`), QK takes 16 keys
+per fold tree (`_dot16`), PV accumulates four heads of a GQA group in registers over a block
+(`_pv4_block`). Other shapes use the scalar `decode_sequence` / `decode_head_group`. All take
+the softmax in float32 (max subtracted; exp by a vectorizable polynomial, `exp_nonpositive`)
+and accumulate the values in float32. A float16 cache
 (the default `workers.kv_cache_dtype`, as llama.cpp's default f16 KV cache) is read as IEEE binary16
 bit patterns (int16 arrays: Numba has no float16 type) and widened to float32 on load (`load_float32`, F16C's vcvtph2ps): half the
 bytes of float32, which is what a decode step's attention mostly waits for (a 32-sequence,
