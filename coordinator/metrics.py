@@ -230,11 +230,12 @@ class CoordinatorMetrics:
         """A heartbeat's step report: cumulative busy seconds and the forward-pass durations since
         the previous heartbeat (seconds)."""
         seen = self._busy_seen.get(worker_id, 0.0)
+        busy = self.worker_busy_seconds.labels(self.model, worker_id)  # exported at 0 before any step
         if busy_s > seen:
-            self.worker_busy_seconds.labels(self.model, worker_id).inc(busy_s - seen)
+            busy.inc(busy_s - seen)
         self._busy_seen[worker_id] = busy_s
-        if stage is not None and step_times_s:
-            h = self.step_duration.labels(self.model, worker_id, str(stage))
+        if stage is not None:
+            h = self.step_duration.labels(self.model, worker_id, str(stage))  # likewise
             for t in step_times_s:
                 h.observe(t)
 

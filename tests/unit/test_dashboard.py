@@ -181,6 +181,19 @@ def test_exposition_counts_events_with_vllm_buckets():
     assert not any(name.endswith("_created") for fam in f.values() for name, _ in fam)
 
 
+def test_worker_series_exist_at_zero_from_the_first_heartbeat():
+    """A worker's busy-seconds counter and step-duration histogram are exported at 0 from its first
+    heartbeat, before any step, so a scrape of an idle new cluster already has their baselines
+    (the Prometheus integration test took one and found no series when it ran first)."""
+    m = CoordinatorMetrics("tiny", 100)
+    m.on_worker_steps("w0", 1, busy_s=0.0, step_times_s=[])
+    f = _families(m)
+    w = (("model", "tiny"), ("stage", "1"), ("worker", "w0"))
+    assert f["shardline:worker_busy_seconds"][("shardline:worker_busy_seconds_total", (("model", "tiny"), ("worker", "w0")))] == 0
+    assert f["shardline:step_duration_seconds"][("shardline:step_duration_seconds_count", w)] == 0
+    assert f["shardline:step_duration_seconds"][("shardline:step_duration_seconds_sum", w)] == 0
+
+
 def test_gauges_follow_the_stats_snapshot():
     m = CoordinatorMetrics("tiny", 100)
     snap = {"num_requests_running": 3, "num_requests_waiting": 5, "kv_cache_usage": 0.25,
