@@ -102,21 +102,22 @@ def exp_nonpositive(x):
 
 
 @njit(fastmath=True, cache=True)
-def _softmax_rows(scores):
-    """Softmax of each row of scores float32 [rows, length], in place (max subtracted)."""
-    rows, length = scores.shape
-    for r in range(rows):
-        m = scores[r, 0]
+def _softmax_prefix(scores, h_lo, h_hi, length):
+    """Softmax of scores[h, :length] for rows h_lo .. h_hi - 1, in place (max subtracted);
+    each row is taken as a contiguous 1-D array so the loops vectorize."""
+    for h in range(h_lo, h_hi):
+        row = scores[h]
+        m = row[0]
         for t in range(1, length):
-            m = max(m, scores[r, t])
+            m = max(m, row[t])
         total = np.float32(0.0)
         for t in range(length):
-            p = exp_nonpositive(scores[r, t] - m)
-            scores[r, t] = p
+            p = exp_nonpositive(row[t] - m)
+            row[t] = p
             total += p
         inv = np.float32(1.0) / total
         for t in range(length):
-            scores[r, t] *= inv
+            row[t] *= inv
 
 
 @njit(fastmath=True, cache=True)
@@ -137,7 +138,7 @@ def decode_head_group(q, k_cache, v_cache, block_tables, context_lens, block_siz
             for d in range(head_dim):
                 s += qg[d] * load_float32(k[d])
             scores[g, t] = s * scale
-    _softmax_rows(scores)
+    _softmax_prefix(scores, 0, scores.shape[0], scores.shape[1])
     acc = np.zeros((group, head_dim), np.float32)
     for t in range(length):
         slot = block_tables[b, t // block_size] * block_size + t % block_size
@@ -177,7 +178,7 @@ def decode_sequence(q, k_cache, v_cache, block_tables, context_lens, block_size,
                 for d in range(head_dim):
                     s += qs[hq, d] * load_float32(k_cache[base + i, kh, d])
                 scores[hq, t0 + i] = s
-    _softmax_rows(scores)
+    _softmax_prefix(scores, 0, scores.shape[0], scores.shape[1])
     acc = np.zeros((num_heads, head_dim), np.float32)
     for j in range(num_blocks):
         base = block_tables[b, j] * block_size
@@ -225,25 +226,6 @@ def _dot16(qs, hq, k_cache, slot, kh):
     lo = fold2(fold4(fold8(p0, p1), fold8(p2, p3)), fold4(fold8(p4, p5), fold8(p6, p7)))
     hi = fold2(fold4(fold8(p8, p9), fold8(p10, p11)), fold4(fold8(p12, p13), fold8(p14, p15)))
     return fold1(lo, hi)
-
-
-@njit(fastmath=True, cache=True)
-def _softmax_prefix(scores, h_lo, h_hi, length):
-    """Softmax of scores[h, :length] for rows h_lo .. h_hi - 1, in place (max subtracted);
-    each row is taken as a contiguous 1-D array so the loops vectorize."""
-    for h in range(h_lo, h_hi):
-        row = scores[h]
-        m = row[0]
-        for t in range(1, length):
-            m = max(m, row[t])
-        total = np.float32(0.0)
-        for t in range(length):
-            p = exp_nonpositive(row[t] - m)
-            row[t] = p
-            total += p
-        inv = np.float32(1.0) / total
-        for t in range(length):
-            row[t] *= inv
 
 
 @njit(fastmath=True, inline="always", cache=True)

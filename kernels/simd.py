@@ -119,14 +119,6 @@ def vfma(typingctx, a, b, c):
     return float32x16(a, b, c), codegen
 
 
-@intrinsic
-def vmul(typingctx, a, b):
-    """a * b per lane."""
-    if not (a == b == float32x16):
-        return None
-    return float32x16(a, b), lambda context, builder, sig, args: builder.fmul(args[0], args[1])
-
-
 def _fold(width):
     """The shuffle-add step that halves the segments: x and y each hold 16 // width segments of
     `width` lanes (segment s: partial sums of dot product s); the result holds 2 * 16 // width
@@ -164,4 +156,3 @@ fold2 = _fold(4)
 fold2.__doc__ = "Two vectors of four 4-lane segments -> eight segments of 2 lanes (x's, then y's)."
 fold1 = _fold(2)
 fold1.__doc__ = "Two vectors of eight 2-lane segments -> sixteen lanes, each one full sum (x's, then y's)."
-

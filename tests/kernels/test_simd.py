@@ -4,7 +4,7 @@ products."""
 import numpy as np
 from numba import njit
 
-from kernels.simd import fold1, fold2, fold4, fold8, vfma, vload, vmul, vsplat, vstore, vzero
+from kernels.simd import fold1, fold2, fold4, fold8, vfma, vload, vsplat, vstore, vzero
 
 
 @njit(cache=True)
@@ -76,7 +76,7 @@ def _apply_folds(x, y, out):
 def _load_splat_mul(bits, x, s, out):
     vstore(out, 0, vload(bits, 0))
     vstore(out, 16, vload(x, 16))
-    vstore(out, 32, vmul(vsplat(s), vload(x, 0)))
+    vstore(out, 32, vfma(vsplat(s), vload(x, 0), vzero()))
 
 
 def test_loads_widen_float16_and_store_float32():
