@@ -200,8 +200,11 @@ class QuantizedLinear(torch.nn.Module):
         if bias is not None and tuple(bias.shape) != (weight.out_features,):
             raise ValueError(f"bias shape {tuple(bias.shape)} != ({weight.out_features},)")
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.weight_bf16: torch.Tensor | None = None  # plain [out, in] bf16, or oneDNN-blocked
+        # the bf16 copy: row blocks of [out, in] (one, or `row_parts` equal ones), each plain or
+        # oneDNN-blocked; None without a copy
+        self.weight_bf16: tuple[torch.Tensor, ...] | None = None
         self._bf16_blocked = False
+        self.row_parts = 1  # set before keep_bf16_copy: 2 for a fused gate+up (see `swiglu`)
 
     def keep_bf16_copy(self) -> int:
         """Keep W dequantized to bfloat16 [out_features, in_features] next to the packed form, so
@@ -212,15 +215,24 @@ class QuantizedLinear(torch.nn.Module):
         (`torch.ops.mkldnn._reorder_linear_weight`, as torch's own CPU weight prepacking does):
         the same products bit for bit, without the layout change oneDNN otherwise makes of the
         weight on every call (15 layers of SmolLM2 x 32 tokens from DRAM, one thread: 28.0 ->
-        21.0 ms; the lm_head 14.9 -> 10.2 ms). Returns the copy's bytes. Float weights
-        (f32/f16/bf16) get a copy too; Q4_K/Q6_K use the reference dequantizer."""
+        21.0 ms; the lm_head 14.9 -> 10.2 ms). With `row_parts` > 1 the copy is kept as that many
+        equal row blocks (a fused gate+up: `swiglu` multiplies them with oneDNN's SiLU and
+        multiply post-ops). Returns the copy's bytes. Float weights (f32/f16/bf16) get a copy
+        too; Q4_K/Q6_K use the reference dequantizer. Raises ValueError when the rows do not
+        split into `row_parts` equal blocks."""
         w = self.qweight
+        if w.out_features % self.row_parts:
+            raise ValueError(f"{w.out_features} rows do not split into {self.row_parts} equal parts")
         copy = torch.empty(w.shape, dtype=torch.bfloat16)
         rows = max(16, TILE_FLOATS // w.in_features)
         for r0 in range(0, w.out_features, rows):
             r1 = min(w.out_features, r0 + rows)
             copy[r0:r1] = dequantize(w.row_slice(r0, r1)).to(torch.bfloat16)
-        self.weight_bf16, self._bf16_blocked = _onednn_blocked(copy)
+        parts = []
+        for part in copy.chunk(self.row_parts, 0):
+            part, self._bf16_blocked = _onednn_blocked(part.contiguous())
+            parts.append(part)
+        self.weight_bf16 = tuple(parts)
         return w.out_features * w.in_features * 2
 
     def bf16_copy(self) -> torch.Tensor | None:
@@ -228,14 +240,45 @@ class QuantizedLinear(torch.nn.Module):
         kept blocked), or None without one."""
         if self.weight_bf16 is None:
             return None
-        return self.weight_bf16.to_dense() if self._bf16_blocked else self.weight_bf16
+        parts = [p.to_dense() if self._bf16_blocked else p for p in self.weight_bf16]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    def _part_matmul(self, xb: torch.Tensor, i: int) -> torch.Tensor:
+        """xb bfloat16 [n, in] @ row block i of the copy -> bfloat16 [n, out / row_parts]."""
+        if self._bf16_blocked:
+            return torch.ops.mkldnn._linear_pointwise(xb, self.weight_bf16[i], None, "none", [], "")
+        return xb @ self.weight_bf16[i].T
 
     def _bf16_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 float32 [n, in] @ the bf16 copy -> float32 [n, out] (bf16 products, float32 sums)."""
-        xb = x2.bfloat16()
+        """x2 float32 or bfloat16 [n, in] @ the bf16 copy -> float32 [n, out] (bf16 products,
+        float32 sums rounded to bf16)."""
+        xb = x2 if x2.dtype == torch.bfloat16 else x2.bfloat16()
+        if len(self.weight_bf16) == 1:
+            return self._part_matmul(xb, 0).float()
+        return torch.cat([self._part_matmul(xb, i) for i in range(len(self.weight_bf16))], -1).float()
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SiLU(x @ W_gate.T) * (x @ W_up.T) for a fused gate+up layer (W = [W_gate; W_up], kept
+        as two row blocks: `row_parts` = 2), as bfloat16 [n, out / 2], ready for the down
+        projection's bf16 GEMM; None where this call would not take the bf16 copy (no copy, not
+        two parts, too few tokens, CUDA), and the caller runs `forward` and the activation itself.
+
+        x: float32 [n, in]. On oneDNN the SiLU and the product are post-ops of the two GEMMs
+        (`_linear_pointwise` "swish", then its binary "mul" with the SiLU output): no float32
+        [n, out] intermediate, no separate elementwise passes (512 tokens, SmolLM2 gate+up+down,
+        one thread: 10.9 -> 9.6 ms). Each GEMM sums in float32 and applies its post-op before
+        rounding to bf16, as the unfused path rounds its GEMM output (SwiGLU: Shazeer 2020,
+        "GLU Variants Improve Transformer")."""
+        if (self.weight_bf16 is None or len(self.weight_bf16) != 2 or x.is_cuda
+                or x.shape[0] < bf16_copy_min_tokens(self.out_features) or self.bias is not None):
+            return None
+        xb = x.reshape(-1, x.shape[-1]).bfloat16()
         if self._bf16_blocked:
-            return torch.ops.mkldnn._linear_pointwise(xb, self.weight_bf16, None, "none", [], "").float()
-        return (xb @ self.weight_bf16.T).float()
+            linear = torch.ops.mkldnn._linear_pointwise
+            gate = linear(xb, self.weight_bf16[0], None, "swish", [], "")
+            return linear.binary(xb, gate, self.weight_bf16[1], None, "mul")
+        gate, up = self._part_matmul(xb, 0).float(), self._part_matmul(xb, 1).float()
+        return (torch.nn.functional.silu(gate.bfloat16().float()) * up.bfloat16().float()).bfloat16()
 
     def packed_kernel_args(self, n_tokens: int):
         """(fmt, qs, d, m) of the row-interleaved CPU kernels (kernels.cpu._packed) when `forward`
@@ -258,13 +301,14 @@ class QuantizedLinear(torch.nn.Module):
         return self.qweight.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [..., in_features] (or bfloat16, as `swiglu` returns) -> float32 [..., out_features]."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if (self.weight_bf16 is not None and x2.shape[0] >= bf16_copy_min_tokens(self.out_features)
                 and not x2.is_cuda):
             y = self._bf16_matmul(x2.contiguous())
         else:
-            y = quantized_matmul(x2, self.qweight)
+            y = quantized_matmul(x2.float(), self.qweight)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

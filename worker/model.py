@@ -248,6 +248,8 @@ class DecoderLayer(torch.nn.Module):
         self.o_proj = make_linear(loader, [p + "attn_output.weight"], cols=q_rows)
         f = loader.ffn_range()
         self.gate_up_proj = make_linear(loader, [p + "ffn_gate.weight", p + "ffn_up.weight"], rows=[f, f])
+        if hasattr(self.gate_up_proj, "row_parts"):
+            self.gate_up_proj.row_parts = 2  # its bf16 copy as gate and up blocks, for `swiglu`
         self.down_proj = make_linear(loader, [p + "ffn_down.weight"], cols=f)
         self.ffn_local = f[1] - f[0]
         self.tp_size = tp
@@ -343,8 +345,11 @@ class DecoderLayer(torch.nn.Module):
             attn = self.attention(q, k, v, meta, kv).flatten(1)
         x = x + self.all_reduce(self.o_proj(attn))
         h = self.post_attention_norm(x)
-        gate, up = self.gate_up_proj(h).split([self.ffn_local, self.ffn_local], dim=-1)
-        return x + self.all_reduce(self.down_proj(F.silu(gate) * up))
+        act = self.gate_up_proj.swiglu(h) if hasattr(self.gate_up_proj, "swiglu") else None
+        if act is None:
+            gate, up = self.gate_up_proj(h).split([self.ffn_local, self.ffn_local], dim=-1)
+            act = F.silu(gate) * up
+        return x + self.all_reduce(self.down_proj(act))
 
 
 class StageModel(torch.nn.Module):

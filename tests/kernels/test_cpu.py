@@ -203,3 +203,51 @@ def test_bf16_copy_path(qtype, sym, monkeypatch):
     x = torch.from_numpy(rng.standard_normal((2, 128)).astype(np.float32))
     np.testing.assert_array_equal(lin(x).numpy(), (x.bfloat16() @ lin.bf16_copy().T).float().numpy())
     assert lin.packed_kernel_args(2) is None and lin.packed_kernel_args(1) is not None or qtype == "int4"
+
+
+def test_swiglu_on_a_split_bf16_copy(monkeypatch):
+    """A fused gate+up layer keeps its bf16 copy as two row blocks (`row_parts` = 2): `forward`
+    still gives the plain bf16 product of the whole weight bit for bit, and `swiglu` gives
+    SiLU(x Wg^T) * (x Wu^T) as bfloat16 within the bf16 roundings of a float64 reference (two
+    GEMMs with bf16 inputs and outputs, SiLU and the product each rounded once more)."""
+    rng = np.random.default_rng(12)
+    w = random_weight("q8_0", True, 2 * 64, 128, rng)
+    monkeypatch.setattr(dispatch, "TILE_FLOATS", 128 * 16)
+    lin = dispatch.QuantizedLinear(w)
+    lin.row_parts = 2
+    assert lin.keep_bf16_copy() == 128 * 128 * 2
+    assert len(lin.weight_bf16) == 2
+    wdeq = dequantize_ref(w).astype(np.float64)
+    torch.testing.assert_close(lin.bf16_copy().float(), torch.from_numpy(wdeq).float(), rtol=2.0**-8, atol=1e-7)
+    n = dispatch.BF16_COPY_MIN_TOKENS + 9
+    x = rng.standard_normal((n, 128)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    np.testing.assert_array_equal(lin(xt).numpy(), (xt.bfloat16() @ lin.bf16_copy().T).float().numpy())
+
+    act = lin.swiglu(xt)
+    assert act.dtype == torch.bfloat16 and tuple(act.shape) == (n, 64)
+    g, u = x.astype(np.float64) @ wdeq[:64].T, x.astype(np.float64) @ wdeq[64:].T
+    ref = g / (1 + np.exp(-g)) * u
+    c = 2.0**-6  # each GEMM output: inputs and output rounded to bf16 (2^-8 each), float32 sums
+    ag, au = np.abs(x) @ np.abs(wdeq[:64]).T, np.abs(x) @ np.abs(wdeq[64:]).T
+    eg, eu = c * ag, c * au  # |GEMM output - exact|
+    gmax, umax = np.abs(g) + eg, np.abs(u) + eu
+    bound = (1.1 * eg + 2.0**-8 * gmax) * umax + gmax * eu + 2.0**-8 * gmax * umax + 1e-6  # |SiLU'| <= 1.1
+    err = np.abs(act.float().numpy().astype(np.float64) - ref)
+    assert np.all(err <= bound), f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+    # gate and up swapped would be far outside the bound
+    swapped = u / (1 + np.exp(-u)) * g
+    assert np.any(np.abs(swapped - ref) > bound)
+    # the down projection takes the bf16 activation as it is
+    down = dispatch.QuantizedLinear(random_weight("q8_0", True, 48, 64, rng))
+    down.keep_bf16_copy()
+    np.testing.assert_array_equal(down(act).numpy(), (act @ down.bf16_copy().T).float().numpy())
+
+    assert lin.swiglu(xt[: dispatch.BF16_COPY_MIN_TOKENS - 1]) is None  # few tokens: the packed kernels
+    plain = dispatch.QuantizedLinear(w)
+    plain.keep_bf16_copy()
+    assert plain.swiglu(xt) is None  # one block: not a split gate+up
+    odd = dispatch.QuantizedLinear(random_weight("q8_0", True, 3, 128, rng))
+    odd.row_parts = 2
+    with pytest.raises(ValueError, match="equal parts"):
+        odd.keep_bf16_copy()
