@@ -21,7 +21,8 @@ of a sequence together), else over (sequence, KV head). With head_dim and block_
 of 16 it is `decode_heads_simd`, written with explicit 16-lane vectors (kernels/simd.py): each
 sequence's K blocks are first streamed once in address order (`_stream_blocks`), QK takes 16 keys
 per fold tree (`_dot16`), PV accumulates four heads of a GQA group in registers over a block
-(`_pv4_block`). Other shapes use the scalar `decode_sequence` / `decode_head_group`. All take
+(`_pv4_block`); while it computes, the next sequence's K (during QK) and V (during PV) blocks are
+prefetched into L2 (`_prefetch_block`), so that sequence's stream reads from L2, not DRAM. Other shapes use the scalar `decode_sequence` / `decode_head_group`. All take
 the softmax in float32 (max subtracted; exp by a vectorizable polynomial, `exp_nonpositive`)
 and accumulate the values in float32. A float16 cache
 (the default `workers.kv_cache_dtype`, as llama.cpp's default f16 KV cache) is read as IEEE binary16
@@ -44,7 +45,7 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from .simd import LANES, fold1, fold2, fold4, fold8, vfma, vload, vsplat, vstore, vzero
+from .simd import LANES, fold1, fold2, fold4, fold8, prefetch, vfma, vload, vsplat, vstore, vzero
 
 
 @intrinsic
@@ -277,8 +278,18 @@ def _stream_blocks(cache, block_tables, b, num_blocks, block_size, sink):
     vstore(sink, 0, acc)
 
 
+@njit(fastmath=True, inline="always", cache=True)
+def _prefetch_block(cache, block_tables, b, j, block_size):
+    """Prefetch block j of sequence b (every 64-byte line) into L2."""
+    row = cache.shape[1] * cache.shape[2]
+    o = block_tables[b, j] * block_size * row
+    for e in range(0, block_size * row, 64 // cache.itemsize):
+        prefetch(cache, o + e)
+
+
 @njit(fastmath=True, cache=True)
-def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, h_lo, h_hi, out):
+def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, h_lo, h_hi, out,
+                      b_next=-1):
     """Query heads h_lo .. h_hi - 1 of sequence b against its paged context, with explicit
     16-lane vectors (kernels/simd.py); writes out[b, h_lo:h_hi]. Needs head_dim and block_size
     multiples of 16 (the K rows of a block are read 16 at a time; rows past the context are
@@ -287,7 +298,9 @@ def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_siz
     K is first streamed into the caches (`_stream_blocks`); QK: per block, each query head's 16
     scores from `_dot16`. Softmax per head row. V streamed likewise; PV: per block, four query
     heads of a KV group at a time accumulate each 16-lane slice of head_dim in registers over
-    the block's rows (each V slice loaded once for the four), kept between blocks in `acc`."""
+    the block's rows (each V slice loaded once for the four), kept between blocks in `acc`.
+    b_next: the sequence this thread computes next (its blocks are prefetched block by block
+    alongside this one's), or -1."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // k_cache.shape[1]
     length = context_lens[b]
@@ -301,7 +314,10 @@ def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_siz
     kv_lo, kv_hi = h_lo // group, (h_hi - 1) // group + 1
     sink = np.empty(LANES, np.float32)
     _stream_blocks(k_cache, block_tables, b, num_blocks, block_size, sink)
+    nb_next = 0 if b_next < 0 else (context_lens[b_next] + block_size - 1) // block_size
     for j in range(num_blocks):
+        if j < nb_next:
+            _prefetch_block(k_cache, block_tables, b_next, j, block_size)
         base = block_tables[b, j] * block_size
         t0 = j * block_size
         for sub in range(0, min(block_size, length - t0), LANES):
@@ -311,6 +327,8 @@ def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_siz
     acc = np.zeros((num_heads, head_dim), np.float32)
     _stream_blocks(v_cache, block_tables, b, num_blocks, block_size, sink)
     for j in range(num_blocks):
+        if j < nb_next:
+            _prefetch_block(v_cache, block_tables, b_next, j, block_size)
         base = block_tables[b, j] * block_size
         t0 = j * block_size
         n = min(block_size, length - t0)
@@ -331,7 +349,7 @@ def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, s
         if per_sequence:
             for b in prange(num_seqs):
                 decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_size, scale,
-                                  b, 0, num_heads, out)
+                                  b, 0, num_heads, out, b + 1 if b + 1 < num_seqs else -1)
         else:
             for w in prange(num_seqs * num_kv_heads):
                 h = w % num_kv_heads

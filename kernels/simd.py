@@ -23,6 +23,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
+PREFETCH_LOCALITY = 2
 
 
 class Float32x16(types.Type):
@@ -84,6 +85,26 @@ def vstore(typingctx, arr, index, value):
         return context.get_dummy_value()
 
     return types.none(arr, index, value), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """Hint that arr[index] (flat, C order; any dtype) will be read soon: LLVM's `llvm.prefetch`
+    (read, locality 2: x86 prefetcht1, into L2). Does not fault and returns nothing."""
+    if not isinstance(arr, types.Array) or arr.layout != "C" or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = context.cast(builder, args[1], sig.args[1], types.intp)
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [idx]), ir.PointerType(ir.IntType(8)))
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, PREFETCH_LOCALITY), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, index), codegen
 
 
 @intrinsic

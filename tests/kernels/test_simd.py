@@ -1,10 +1,10 @@
 """The 16-lane vector intrinsics (kernels.simd) against NumPy: loads (float32 and float16 bit
-patterns), stores, splat, fma, and the fold tree that turns 16 partial-sum vectors into 16 dot
+patterns), stores, splat, fma, prefetch, and the fold tree that turns 16 partial-sum vectors into 16 dot
 products."""
 import numpy as np
 from numba import njit
 
-from kernels.simd import fold1, fold2, fold4, fold8, vfma, vload, vsplat, vstore, vzero
+from kernels.simd import fold1, fold2, fold4, fold8, prefetch, vfma, vload, vsplat, vstore, vzero
 
 
 @njit(cache=True)
@@ -88,3 +88,25 @@ def test_loads_widen_float16_and_store_float32():
     np.testing.assert_array_equal(out[:16], half.astype(np.float32))
     np.testing.assert_array_equal(out[16:32], x[16:])
     np.testing.assert_allclose(out[32:], np.float32(1.5) * x[:16], rtol=1e-7)
+
+
+@njit
+def _sum_with_prefetch(a, ahead):
+    flat = a.ravel()
+    total = np.float32(0)
+    for i in range(flat.size):
+        if i + ahead < flat.size:
+            prefetch(a, i + ahead)
+        total += flat[i]
+    return total
+
+
+def test_prefetch_is_a_hint_that_changes_nothing():
+    """prefetch emits LLVM's llvm.prefetch and leaves results alone, up to the last element."""
+    a = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    for ahead in (0, 1, 64, 999):
+        assert _sum_with_prefetch(a, ahead) == np.float32(a.sum())
+    h = np.zeros(48, np.int16)  # any dtype: the float16 KV cache is int16 bits
+    assert _sum_with_prefetch(h, 16) == 0
+    ir = "".join(_sum_with_prefetch.inspect_llvm().values())
+    assert "llvm.prefetch" in ir
