@@ -139,6 +139,7 @@ class Coordinator:
         self._by_identity: dict[bytes, WorkerInfo] = {}
         self.order: list[str] = []  # worker ids in registration order
         self.plan: Plan | None = None
+        self.abandoned_members: set[str] = set()  # workers of the last abandoned plan (see _worker_lost)
         self.state = "waiting_for_workers"
         self.scheduler: Scheduler | None = None
         self.requests: dict[int, Request] = {}  # seq_id -> request
@@ -686,6 +687,10 @@ class Coordinator:
         log.error("worker %s lost: %s", w.worker_id, why)
         if self.plan is not None and any(a.worker_id == w.worker_id for a in self.plan.assignments):
             self._plan_broken(f"worker {w.worker_id} lost: {why}")
+        elif self.plan is None and w.worker_id in self.abandoned_members:
+            # its plan broke first (a peer reported the data-plane failure before the heartbeats
+            # ran out): it stays listed as lost, as when liveness finds it first
+            pass
         else:  # a spare, or one that never got a place: forget it
             self.workers.pop(w.worker_id, None)
             self._by_identity.pop(w.identity, None)
@@ -721,6 +726,8 @@ class Coordinator:
         log.log(logging.INFO if fewer else logging.ERROR, "plan generation %d abandoned: %s", self.generation, why)
         self.in_flight.clear()
         self.step_started.clear()
+        if self.plan is not None:
+            self.abandoned_members = {a.worker_id for a in self.plan.assignments}
         self.plan = None
         for w in self.workers.values():
             w.ready = False

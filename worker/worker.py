@@ -469,8 +469,11 @@ class Worker:
             x = self.comm.recv_hidden((meta.num_tokens, self.spec.hidden_size), torch.float32)
         t_input = time.perf_counter()  # busy time starts when the input is here (not while waiting for it)
         out = self.model(x, meta, self.kv_cache)
+        send_wait_s = 0.0
         if not self.shard.is_last:
+            t_send = time.perf_counter()
             self.comm.send_hidden(out)
+            send_wait_s = time.perf_counter() - t_send  # a blocking send (gloo) waits for the next stage
         elif self.tp_rank == 0:
             sampled = [s for s in seqs if s["sample"]]
             states = [self.params[s["seq_id"]] for s in sampled]
@@ -486,8 +489,8 @@ class Worker:
             self._send(MsgType.STEP_RESULT, body)
         t_end = time.perf_counter()
         self.step_time_s = t_end - t0
-        self.busy_s += t_end - t_input
-        self.step_times.append(t_end - t_input)
+        self.busy_s += t_end - t_input - send_wait_s
+        self.step_times.append(t_end - t_input - send_wait_s)
         self.num_steps += 1
 
     def _note_tokens(self, st: SequenceSampling, s: dict) -> None:
