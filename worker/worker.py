@@ -12,6 +12,7 @@ order sent. Loop:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -323,6 +324,7 @@ class Worker:
         from worker.loader import ShardSpec, open_shard_loader
         from worker.model import StageModel
 
+        gc.unfreeze()  # a previous plan's model (frozen below) can be collected once dropped
         t0 = time.monotonic()
         spec = ModelSpec.from_dict(a["spec"])
         self.spec = spec
@@ -365,6 +367,11 @@ class Worker:
         self.model.warm_up(self.kv_cache, self.block_size)
         bar.next()
         bar.close()
+        # torch, Numba and the model make a heap that every full collection walks (100-290 ms a
+        # pass measured in a worker after loading; a stall of the whole pipeline when it comes
+        # during serving); frozen, collections look only at what serving allocates
+        gc.collect()
+        gc.freeze()
         load_s = time.monotonic() - t0
         log.info("worker %s: stage %d layers [%d, %d) tp %d/%d loaded in %.1f s (%.0f MB weights, %.0f MB KV)",
                  self.worker_id, self.stage, self.shard.layer_start, self.shard.layer_end, self.tp_rank,
