@@ -22,12 +22,13 @@ of 16 it is `decode_heads_simd`, written with explicit 16-lane vectors (kernels/
 sequence's K blocks are first streamed once in address order (`_stream_blocks`), QK takes 16 keys
 per fold tree (`_dot16`), PV accumulates four heads of a GQA group in registers over a block
 (`_pv4_block`); while it computes, the next sequence's K (during QK) and V (during PV) blocks are
-prefetched into L2 (`_prefetch_block`), so that sequence's stream reads from L2, not DRAM. Other shapes use the scalar `decode_sequence` / `decode_head_group`. All take
-the softmax in float32 (max subtracted; exp by a vectorizable polynomial, `exp_nonpositive`)
-and accumulate the values in float32. A float16 cache
-(the default `workers.kv_cache_dtype`, as llama.cpp's default f16 KV cache) is read as IEEE binary16
-bit patterns (int16 arrays: Numba has no float16 type) and widened to float32 on load (`load_float32`, F16C's vcvtph2ps): half the
-bytes of float32, which is what a decode step's attention mostly waits for (a 32-sequence,
+prefetched into L2 (`_prefetch_block`), so that sequence's stream reads from L2, not DRAM. Other
+shapes use the scalar `decode_sequence` / `decode_head_group`. All take the softmax in float32
+(max subtracted; exp by a vectorizable polynomial, `exp_nonpositive`) and accumulate the values
+in float32. A float16 cache (the default `workers.kv_cache_dtype`, as llama.cpp's default f16 KV
+cache) is read as IEEE binary16 bit patterns (int16 arrays: Numba has no float16 type) and
+widened to float32 on load (`load_float32`, F16C's vcvtph2ps): half the bytes of float32, which
+is what a decode step's attention mostly waits for (a 32-sequence,
 192-token step of 17 layers read its KV from DRAM at ~11 GB/s on one core).
 Other devices: `paged_decode_attention_torch`, which gathers the slots and calls SDPA (also the
 reference the tests check the kernel against).

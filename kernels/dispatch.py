@@ -277,8 +277,8 @@ class QuantizedLinear(torch.nn.Module):
             linear = torch.ops.mkldnn._linear_pointwise
             gate = linear(xb, self.weight_bf16[0], None, "swish", [], "")
             return linear.binary(xb, gate, self.weight_bf16[1], None, "mul")
-        gate, up = self._part_matmul(xb, 0).float(), self._part_matmul(xb, 1).float()
-        return (torch.nn.functional.silu(gate.bfloat16().float()) * up.bfloat16().float()).bfloat16()
+        gate, up = self._part_matmul(xb, 0).float(), self._part_matmul(xb, 1).float()  # bf16-rounded
+        return (torch.nn.functional.silu(gate) * up).bfloat16()
 
     def packed_kernel_args(self, n_tokens: int):
         """(fmt, qs, d, m) of the row-interleaved CPU kernels (kernels.cpu._packed) when `forward`

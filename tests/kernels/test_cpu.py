@@ -205,18 +205,24 @@ def test_bf16_copy_path(qtype, sym, monkeypatch):
     assert lin.packed_kernel_args(2) is None and lin.packed_kernel_args(1) is not None or qtype == "int4"
 
 
-def test_swiglu_on_a_split_bf16_copy(monkeypatch):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_swiglu_on_a_split_bf16_copy(onednn, monkeypatch):
     """A fused gate+up layer keeps its bf16 copy as two row blocks (`row_parts` = 2): `forward`
     still gives the plain bf16 product of the whole weight bit for bit, and `swiglu` gives
     SiLU(x Wg^T) * (x Wu^T) as bfloat16 within the bf16 roundings of a float64 reference (two
-    GEMMs with bf16 inputs and outputs, SiLU and the product each rounded once more)."""
+    GEMMs with bf16 inputs and outputs, SiLU and the product each rounded once more); both with
+    oneDNN's post-ops and on the plain-layout path of a torch without oneDNN."""
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    if not onednn:
+        monkeypatch.setattr(dispatch, "_onednn_blocked", lambda w: (w, False))
     rng = np.random.default_rng(12)
     w = random_weight("q8_0", True, 2 * 64, 128, rng)
     monkeypatch.setattr(dispatch, "TILE_FLOATS", 128 * 16)
     lin = dispatch.QuantizedLinear(w)
     lin.row_parts = 2
     assert lin.keep_bf16_copy() == 128 * 128 * 2
-    assert len(lin.weight_bf16) == 2
+    assert len(lin.weight_bf16) == 2 and lin._bf16_blocked == onednn
     wdeq = dequantize_ref(w).astype(np.float64)
     torch.testing.assert_close(lin.bf16_copy().float(), torch.from_numpy(wdeq).float(), rtol=2.0**-8, atol=1e-7)
     n = dispatch.BF16_COPY_MIN_TOKENS + 9

@@ -1,6 +1,6 @@
 """The 16-lane vector intrinsics (kernels.simd) against NumPy: loads (float32 and float16 bit
-patterns), stores, splat, fma, prefetch, and the fold tree that turns 16 partial-sum vectors into 16 dot
-products."""
+patterns), stores, splat, fma, prefetch, and the fold tree that turns 16 partial-sum vectors
+into 16 dot products."""
 import numpy as np
 from numba import njit
 
