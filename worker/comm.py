@@ -1,9 +1,11 @@
-"""Data plane: torch.distributed between the workers (gloo on CPU, NCCL on CUDA).
+"""Data plane between the workers: torch.distributed (gloo on CPU, NCCL on CUDA), and on CPU a
+TCP stream per pipeline hand-off.
 
 Ranks are laid out stage-major: rank = stage * tp_size + tp_rank. Pipeline parallelism sends
-the hidden states `[num_tokens, hidden]` from (stage s, tp_rank r) to (stage s+1, tp_rank r);
-tensor parallelism all-reduces over the stage's TP subgroup after each row-parallel linear and
-after the vocabulary-parallel embedding, and all-gathers the vocabulary-parallel logits.
+the hidden states `[num_tokens, hidden]` from (stage s, tp_rank r) to (stage s+1, tp_rank r):
+over NCCL on CUDA, over a plain TCP stream on CPU (see `StageComm`); tensor parallelism
+all-reduces over the stage's TP subgroup after each row-parallel linear and after the
+vocabulary-parallel embedding, and all-gathers the vocabulary-parallel logits.
 The coordinator hosts the rendezvous `TCPStore`; control never rides on this plane.
 """
 
@@ -35,20 +37,53 @@ def interface_for_address(ip: str) -> str | None:
     return None
 
 
+STREAM_MAGIC = b"shardline-pp-stream/1 "
+
+
+def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes | None:
+    """Read exactly n bytes from a stream socket: into the writable buffer `into` (a NumPy
+    uint8 array of n bytes; returns None), or as bytes. Raises ConnectionError when the peer
+    closes first, TimeoutError (an OSError) after the socket's timeout."""
+    if into is None:
+        chunks, got = [], 0
+        while got < n:
+            chunk = sock.recv(n - got)
+            if not chunk:
+                raise ConnectionError(f"peer closed the stream after {got} of {n} bytes")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    view, got = memoryview(into).cast("B"), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionError(f"peer closed the stream after {got} of {n} bytes")
+        got += k
+    return None
+
+
 class StageComm:
     """Sends and receives one stage's activations and all-reduces inside its TP group.
 
-    Sends on NCCL are asynchronous (`isend`): a stage moves on to its next micro-batch while the
-    previous one's hidden states are in transit; `wait_sends` is called before a buffer is reused
-    and at shutdown. On gloo (CPU) a send blocks until the next stage has taken the tensor
-    (`blocking_sends`): with asynchronous sends the transfer waited for gloo's I/O thread to be
-    scheduled while the sending stage computed its next micro-batch, and the next stage, the
-    pipeline's slower one, waited a median 3 ms (p90 6.6 ms) per 50 ms decode step for input that
-    had been sent already. Blocking, the sender sleeps in the send and its core is free for the
-    transfer: 64 concurrent requests on the 2-core VM, PP=2, four interleaved pairs, 358 / 333 /
-    338 / 343 -> 387 / 362 / 365 / 366 generated tokens/s. The sender was idle at that point
-    anyway, waiting for its next step plan, which needs the last stage's tokens. A dead or frozen
-    peer blocks a send for at most `timeout_s`, as it blocked a receive before.
+    CPU (gloo): the pipeline hand-off rides a TCP stream per stage pair, opened at rendezvous
+    (the receiver listens on the worker's address and publishes it in the store). A send is
+    a length header and the tensor's bytes; it returns once the kernel has them, and the next
+    stage finds them in its socket when it asks. gloo's send/recv is a rendezvous instead: the
+    receiver posts its recv, the sender's gloo I/O thread is woken to write, and the receiver's
+    to read. On the 2-core VM (PP=2, 64 concurrent requests) the last stage, the pipeline's
+    slower one, waited a median 2.6 ms per ~53 ms decode step for hidden states the first stage
+    had finished ~5 ms earlier; with the stream, 0.3 ms. Three interleaved pairs of
+    `bench/throughput.py --concurrency 64`: gloo 352 / 353 / 387, stream 367 / 371 / 387
+    generated tokens/s. A frozen peer fails a receive after `timeout_s` (TimeoutError), a dead
+    one at once (ConnectionError).
+    SHARDLINE_PP_TRANSPORT=gloo sends over gloo instead (blocking `dist.send`: with `isend` the
+    transfer also waited for the sender's I/O thread to get a core while it computed its next
+    micro-batch: 358 / 333 / 338 / 343 -> 387 / 362 / 365 / 366 tokens/s blocking).
+    The process group stays: it is the rendezvous, and it carries the TP collectives.
+
+    CUDA (NCCL): sends are asynchronous (`isend`): a stage moves on to its next micro-batch
+    while the previous one's hidden states are in transit; `wait_sends` is called before a
+    buffer is reused and at shutdown.
     """
 
     def __init__(self, rank: int, world_size: int, stage: int, pp_size: int, tp_rank: int, tp_size: int,
@@ -86,6 +121,13 @@ class StageComm:
                     self.tp_group = g
         self._pending = []
         self.blocking_sends = backend == "gloo"
+        # pipeline hand-off on CPU: a TCP stream per (stage s, tp_rank r) -> (s + 1, r) pair
+        self.timeout_s = timeout_s
+        self._send_sock: socket.socket | None = None
+        self._recv_sock: socket.socket | None = None
+        if (backend == "gloo" and pp_size > 1 and local_ip
+                and os.environ.get("SHARDLINE_PP_TRANSPORT", "socket") == "socket"):
+            self._connect_stream(local_ip, prefix)
 
     @property
     def prev_rank(self) -> int:
@@ -95,9 +137,55 @@ class StageComm:
     def next_rank(self) -> int:
         return (self.stage + 1) * self.tp_size + self.tp_rank
 
+    def _connect_stream(self, local_ip: str, prefix: str) -> None:
+        """Open the stream to the next stage and accept the one from the previous stage. Every
+        receiving rank first listens on `local_ip` and publishes host:port in the store; then each
+        sender connects (the listen backlog takes the connection before the accept), then each
+        receiver accepts. A connection that does not open with this group's HELLO is refused."""
+        hello = STREAM_MAGIC + prefix.encode()
+        listener = None
+        if self.stage > 0:
+            listener = socket.create_server((local_ip, 0))
+            listener.settimeout(self.timeout_s)
+            self.store.set(f"pp_stream/{self.rank}", f"{local_ip}:{listener.getsockname()[1]}")
+        try:
+            if self.stage < self.pp_size - 1:
+                host, port = self.store.get(f"pp_stream/{self.next_rank}").decode().rsplit(":", 1)
+                sock = socket.create_connection((host, int(port)), timeout=self.timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(struct.pack("<I", len(hello)) + hello + struct.pack("<q", self.rank))
+                self._send_sock = sock
+            if listener is not None:
+                deadline = time.monotonic() + self.timeout_s
+                while self._recv_sock is None:
+                    listener.settimeout(max(0.001, deadline - time.monotonic()))
+                    sock, _ = listener.accept()  # socket.timeout (an OSError) after timeout_s
+                    sock.settimeout(self.timeout_s)
+                    try:
+                        n = struct.unpack("<I", _recv_exact(sock, 4))[0]
+                        ok = n == len(hello) and _recv_exact(sock, n) == hello
+                        ok = ok and struct.unpack("<q", _recv_exact(sock, 8))[0] == self.prev_rank
+                    except (OSError, ConnectionError, struct.error):
+                        ok = False
+                    if ok:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        self._recv_sock = sock
+                    else:
+                        sock.close()
+        finally:
+            if listener is not None:
+                listener.close()
+
     def send_hidden(self, x: torch.Tensor) -> None:
         t0 = time.perf_counter()
         x = x.contiguous()
+        if self._send_sock is not None:
+            data = x.view(torch.uint8).numpy() if x.numel() else b""
+            self._send_sock.sendall(struct.pack("<Q", x.numel() * x.element_size()))
+            self._send_sock.sendall(data)
+            self.send_s += time.perf_counter() - t0
+            self.num_send += 1
+            return
         if self.blocking_sends:
             dist.send(x, self.next_rank)
             self.send_s += time.perf_counter() - t0
@@ -112,7 +200,15 @@ class StageComm:
     def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         t0 = time.perf_counter()
         buf = torch.empty(shape, dtype=dtype)
-        dist.recv(buf, self.prev_rank)
+        if self._recv_sock is not None:
+            nbytes = struct.unpack("<Q", _recv_exact(self._recv_sock, 8))[0]
+            if nbytes != buf.numel() * buf.element_size():
+                raise ConnectionError(f"pipeline stream out of step: {nbytes} bytes sent, "
+                                      f"{buf.numel() * buf.element_size()} expected for {list(shape)} {dtype}")
+            if nbytes:
+                _recv_exact(self._recv_sock, nbytes, buf.view(torch.uint8).numpy())
+        else:
+            dist.recv(buf, self.prev_rank)
         self.recv_s += time.perf_counter() - t0
         self.num_recv += 1
         return buf
@@ -191,12 +287,24 @@ class StageComm:
         sends; the next plan joins a new group under a new store prefix. Every operation of the
         old group has `timeout_s`, so nothing waits on a dead peer for longer than that."""
         self._pending.clear()
+        self._close_streams()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def _close_streams(self) -> None:
+        for sock in (self._send_sock, self._recv_sock):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+        self._send_sock = self._recv_sock = None
 
     def close(self) -> None:
         try:
             self.wait_sends()
         finally:
+            self._close_streams()
             if dist.is_initialized():
                 dist.destroy_process_group()

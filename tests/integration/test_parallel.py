@@ -138,3 +138,76 @@ def test_tp_all_reduce_sums_over_the_group(impl):
         if impl == "p2p":
             assert all(np.array_equal(got[0][2][i], g[2][i]) for g in got)
     del store
+
+
+def _stage_main(stage: int, pp: int, port: int, shapes, q) -> None:
+    """One pipeline stage of a TP=1 group: stage 0 sends seeded tensors, a middle stage adds 1
+    and passes each on, the last one puts what it received on q; then the last stage receives
+    with a wrong shape (the stream must say it is out of step, not mis-read)."""
+    import torch
+
+    from worker.comm import StageComm
+
+    torch.set_num_threads(1)
+    comm = StageComm(stage, pp, stage, pp, 0, 1, "127.0.0.1", port, "pp/", "gloo", "127.0.0.1", timeout_s=30)
+    try:
+        assert (comm._send_sock is not None) == (stage < pp - 1)
+        assert (comm._recv_sock is not None) == (stage > 0)
+        got = []
+        for i, shape in enumerate(shapes):
+            if stage == 0:
+                comm.send_hidden(torch.randn(*shape, generator=torch.Generator().manual_seed(i)))
+            elif stage < pp - 1:
+                comm.send_hidden(comm.recv_hidden(shape, torch.float32) + 1)
+            else:
+                got.append(comm.recv_hidden(shape, torch.float32).numpy())
+        if stage == pp - 2:
+            comm.send_hidden(torch.zeros(3, 4))
+        if stage == pp - 1:
+            try:
+                comm.recv_hidden((4, 4), torch.float32)
+                got.append("no error")
+            except ConnectionError as exc:
+                got.append(str(exc))
+            q.put(got)
+        if stage == pp - 2:  # the last stage's error first, then this side closes
+            comm.store.wait(["done"])
+    finally:
+        if stage == pp - 1:
+            comm.store.set("done", "1")
+        comm.close()
+
+
+def test_pipeline_stream_moves_hidden_states_in_order():
+    """The CPU pipeline hand-off (a TCP stream per stage pair): three stages; decode- and
+    prefill-sized tensors, an empty one, and one larger than the socket buffers arrive bit for
+    bit and in order (the middle stage adds 1), and a receive of the wrong size fails with a
+    clear error instead of reading part of the next tensor."""
+    import datetime
+    import multiprocessing as mp
+
+    import torch
+    import torch.distributed as dist
+
+    from shardline.local import free_port_block
+
+    shapes = [(1, 576), (0, 576), (512, 576), (4096, 576), (32, 576)]
+    port = free_port_block(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_stage_main, args=(s, 3, port, shapes, q)) for s in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        got = q.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    for i, shape in enumerate(shapes):
+        want = torch.randn(*shape, generator=torch.Generator().manual_seed(i)).numpy() + 1
+        assert got[i].shape == shape and np.array_equal(got[i], want)
+    assert "out of step" in got[-1] and "48 bytes sent, 64 expected" in got[-1]
+    del store
