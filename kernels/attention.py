@@ -1,4 +1,5 @@
-"""Paged decode attention: one new query token per sequence against its KV blocks.
+"""Attention kernels: paged decode attention (one new query token per sequence against its KV
+blocks), and causal attention for a prefill chunk (`causal_attention`, at the end).
 
 The decode half of PagedAttention (Kwon et al. 2023, "Efficient Memory Management for Large
 Language Model Serving with PagedAttention", and vLLM's `paged_attention_v1` kernel): each
@@ -103,23 +104,28 @@ def exp_nonpositive(x):
     return p * _float32_from_bits(np.int32((np.int32(n) + 127) << 23))
 
 
+@njit(fastmath=True, inline="always", cache=True)
+def _softmax_row(row, length):
+    """Softmax of row[:length] in place (max subtracted); row a contiguous 1-D float32 array,
+    so the loops vectorize."""
+    m = row[0]
+    for t in range(1, length):
+        m = max(m, row[t])
+    total = np.float32(0.0)
+    for t in range(length):
+        p = exp_nonpositive(row[t] - m)
+        row[t] = p
+        total += p
+    inv = np.float32(1.0) / total
+    for t in range(length):
+        row[t] *= inv
+
+
 @njit(fastmath=True, cache=True)
 def _softmax_prefix(scores, h_lo, h_hi, length):
-    """Softmax of scores[h, :length] for rows h_lo .. h_hi - 1, in place (max subtracted);
-    each row is taken as a contiguous 1-D array so the loops vectorize."""
+    """Softmax of scores[h, :length] for rows h_lo .. h_hi - 1, in place."""
     for h in range(h_lo, h_hi):
-        row = scores[h]
-        m = row[0]
-        for t in range(1, length):
-            m = max(m, row[t])
-        total = np.float32(0.0)
-        for t in range(length):
-            p = exp_nonpositive(row[t] - m)
-            row[t] = p
-            total += p
-        inv = np.float32(1.0) / total
-        for t in range(length):
-            row[t] *= inv
+        _softmax_row(scores[h], length)
 
 
 @njit(fastmath=True, cache=True)
@@ -450,3 +456,128 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens
     o = F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask[:, None, None, :],
                                        scale=scale, enable_gqa=True)
     return o.squeeze(2)
+
+
+# ---- prefill: a chunk of new tokens against its context ------------------------------------
+@njit(fastmath=True, cache=True)
+def _causal_head(q, k, v, scale, hq, out, kt, vh, scores, qs):
+    """Query head hq of one sequence's chunk: rows i of q (positions L - n + i) against keys
+    0 .. L - n + i; writes out[:, hq]. kt [head_dim, Lp] / vh [Lp, head_dim]: scratch for the
+    transposed K and the V of hq's KV head; scores [4, Lp], qs [4, head_dim] scratch."""
+    n, num_heads, head_dim = q.shape
+    L = k.shape[0]
+    kh = hq // (num_heads // k.shape[1])
+    lp = kt.shape[1]
+    off = L - n
+    for t in range(L):
+        for d in range(head_dim):
+            kt[d, t] = k[t, kh, d]
+            vh[t, d] = v[t, kh, d]
+    for t in range(L, lp):  # the last 16-key block reads zeros past L (their scores are masked)
+        for d in range(head_dim):
+            kt[d, t] = 0.0
+            vh[t, d] = 0.0
+    for i0 in range(0, n, 4):
+        for r in range(4):
+            ri = min(i0 + r, n - 1)  # a block past the last row repeats it (not stored)
+            for d in range(head_dim):
+                qs[r, d] = q[ri, hq, d] * scale
+        kmax = off + min(i0 + 3, n - 1) + 1  # keys the block's last row sees
+        for t0 in range(0, kmax, LANES):  # QK: four rows x 16 keys in registers
+            a0 = a1 = a2 = a3 = vzero()
+            for d in range(head_dim):
+                kv = vload(kt, d * lp + t0)
+                a0 = vfma(vsplat(qs[0, d]), kv, a0)
+                a1 = vfma(vsplat(qs[1, d]), kv, a1)
+                a2 = vfma(vsplat(qs[2, d]), kv, a2)
+                a3 = vfma(vsplat(qs[3, d]), kv, a3)
+            vstore(scores, t0, a0)
+            vstore(scores, lp + t0, a1)
+            vstore(scores, 2 * lp + t0, a2)
+            vstore(scores, 3 * lp + t0, a3)
+        for r in range(4):  # causal softmax of each row; probabilities past its last key are 0
+            row = scores[r]
+            length = min(off + i0 + r + 1, kmax)
+            _softmax_row(row, length)
+            for t in range(length, kmax):
+                row[t] = 0.0
+        for c in range(0, head_dim, LANES):  # PV: four rows x 16 columns in registers
+            a0 = a1 = a2 = a3 = vzero()
+            for t in range(kmax):
+                vv = vload(vh, t * head_dim + c)
+                a0 = vfma(vsplat(scores[0, t]), vv, a0)
+                a1 = vfma(vsplat(scores[1, t]), vv, a1)
+                a2 = vfma(vsplat(scores[2, t]), vv, a2)
+                a3 = vfma(vsplat(scores[3, t]), vv, a3)
+            vstore(qs, c, a0)  # qs is free again: rows' outputs, then copied out
+            vstore(qs, head_dim + c, a1)
+            vstore(qs, 2 * head_dim + c, a2)
+            vstore(qs, 3 * head_dim + c, a3)
+        for r in range(min(4, n - i0)):
+            for d in range(head_dim):
+                out[i0 + r, hq, d] = qs[r, d]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _causal_attention(q, k, v, scale, out):
+    n, num_heads, head_dim = q.shape
+    lp = (k.shape[0] + LANES - 1) // LANES * LANES
+    for hq in prange(num_heads):
+        kt = np.empty((head_dim, lp), np.float32)
+        vh = np.empty((lp, head_dim), np.float32)
+        scores = np.empty((4, lp), np.float32)
+        qs = np.empty((4, head_dim), np.float32)
+        _causal_head(q, k, v, scale, hq, out, kt, vh, scores, qs)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for one sequence's chunk of new tokens.
+
+    q: float32 [n, num_heads, head_dim], the chunk's queries at positions L - n .. L - 1;
+    k, v: float32 [L, num_kv_heads, head_dim], the whole context (earlier tokens, then the chunk's);
+    row i attends to keys 0 .. L - n + i (grouped-query: query head j reads KV head
+    j // (num_heads // num_kv_heads)). Returns float32 [n, num_heads, head_dim]. scale defaults to
+    1/sqrt(head_dim). Raises ValueError on inconsistent shapes.
+
+    CPU with head_dim a multiple of 16: a Numba kernel in explicit 16-lane vectors, parallel
+    over query heads. Per head, K is transposed once ([head_dim, L]), then four query rows at a
+    time take 16 scores per register pass (each K vector loaded once for the four), the causal
+    softmax per row in float32 (max subtracted, `exp_nonpositive`), and PV accumulates four rows
+    x 16 columns in registers. Keys past a row's causal bound are never weighted; a row block
+    skips the key blocks no row of it sees. Four 128-token prompts of SmolLM2 (9 query heads,
+    3 KV heads, head_dim 64), one core: 1.49 ms a layer against 2.51 ms for torch's flash
+    scaled_dot_product_attention with the KV heads repeated per group; a 17-layer 512-token
+    prefill step's attention (cache write included) 62 -> 42 ms. Otherwise (CUDA, other dtypes
+    or head sizes) `causal_attention_torch`, which the tests also check.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"q must be [n, heads, dim] and k, v [L, kv_heads, dim]; got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    n, num_heads, head_dim = q.shape
+    L = k.shape[0]
+    if k.shape[2] != head_dim or num_heads % k.shape[1] or n > L:
+        raise ValueError(f"{n} queries x {num_heads} heads of dim {head_dim} against {L} keys x "
+                         f"{k.shape[1]} heads of dim {k.shape[2]}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if (q.is_cuda or head_dim % LANES or q.dtype != torch.float32 or k.dtype != torch.float32
+            or v.dtype != torch.float32):
+        return causal_attention_torch(q, k, v, scale)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    if n:
+        _causal_attention(q.contiguous().numpy(), k.contiguous().numpy(), v.contiguous().numpy(),
+                          np.float32(scale), out.numpy())
+    return out
+
+
+def causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """`causal_attention` by torch's scaled_dot_product_attention (any device, q's dtype)."""
+    n, num_heads, _ = q.shape
+    L = k.shape[0]
+    group = num_heads // k.shape[1]
+    kk = k.transpose(0, 1).repeat_interleave(group, 0)[None].to(q.dtype)  # [1, H, L, D]
+    vv = v.transpose(0, 1).repeat_interleave(group, 0)[None].to(q.dtype)
+    mask = None if n == L else torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=L - n)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, attn_mask=mask,
+                                       is_causal=mask is None, scale=scale)
+    return o[0].transpose(0, 1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import fused
-from kernels.attention import PagedDecodePlan, cache_array
+from kernels.attention import PagedDecodePlan, cache_array, causal_attention
 from shardline.model_file import ModelSpec
 from worker.kv_cache import KVCache
 from worker.loader import GGUFShardLoader, ShardSpec
@@ -304,21 +304,12 @@ class DecoderLayer(torch.nn.Module):
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         out = torch.empty_like(q)
-        group = q.shape[1] // k.shape[1]
         for r0, r1, ctx in meta.prefills:
-            n, L = r1 - r0, ctx.shape[0]
-            if n == L:  # the whole context is this step's: no gather, plain causal mask
-                kk, vv, mask = k[r0:r1], v[r0:r1], None
-            else:  # causal with an offset: row i (position L-n+i) sees context positions <= L-n+i
+            if r1 - r0 == ctx.shape[0]:  # the whole context is this step's: no gather
+                kk, vv = k[r0:r1], v[r0:r1]
+            else:  # row i (position L-n+i) sees context positions <= L-n+i, some from the cache
                 kk, vv = k_cache[ctx].to(q.dtype), v_cache[ctx].to(q.dtype)
-                mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=L - n)
-            # [1, H, L, D] with the KV heads repeated per query group: 4-D inputs without
-            # enable_gqa take torch's fused (flash) CPU kernel, 1.5x the math path here
-            kk = kk.transpose(0, 1).repeat_interleave(group, 0)[None]
-            vv = vv.transpose(0, 1).repeat_interleave(group, 0)[None]
-            qq = q[r0:r1].transpose(0, 1)[None]  # [1, Hq, n, D]
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None)
-            out[r0:r1] = o[0].transpose(0, 1)
+            out[r0:r1] = causal_attention(q[r0:r1], kk, vv)
         if meta.decode_rows is not None:
             if meta.decode_rows_all:  # a pure decode step: rows 0..T-1 in order
                 out = meta.decode_plan.run(q, k_cache, v_cache)

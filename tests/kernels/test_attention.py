@@ -1,13 +1,14 @@
 """Paged decode attention (kernels.attention) against an independent NumPy softmax(qk^T)v over
-each sequence's context gathered from its block table, and against the torch SDPA path."""
+each sequence's context gathered from its block table, and against the torch SDPA path; the
+prefill (causal) kernel against NumPy with a causal mask."""
 import numpy as np
 import pytest
 import torch
 
 from numba import njit
 
-from kernels.attention import (_paged_decode, exp_nonpositive, load_float32, paged_decode_attention,
-                               paged_decode_attention_torch, store_as)
+from kernels.attention import (_paged_decode, causal_attention, causal_attention_torch, exp_nonpositive,
+                               load_float32, paged_decode_attention, paged_decode_attention_torch, store_as)
 
 
 def _numpy_reference(q, k_cache, v_cache, tables, lens, block_size, scale):
@@ -144,3 +145,60 @@ def test_slots_past_the_context_are_never_used(kv_dtype):
         out = np.full_like(q, np.nan)
         _paged_decode(q, bits(k), bits(v), tables, lens, 16, np.float32(0.125), out, per_sequence)
         np.testing.assert_allclose(out, _numpy_reference(q, k, v, tables, lens, 16, 0.125), rtol=1e-4, atol=1e-5)
+
+
+def _causal_numpy(q, k, v, scale):
+    """float64 softmax(q k^T * scale) v; row i (position L - n + i) sees keys 0 .. L - n + i."""
+    n, heads, _ = q.shape
+    L, kv_heads, _ = k.shape
+    out = np.zeros(q.shape, np.float64)
+    for j in range(heads):
+        kk, vv = k[:, j // (heads // kv_heads)].astype(np.float64), v[:, j // (heads // kv_heads)].astype(np.float64)
+        for i in range(n):
+            s = kk[: L - n + i + 1] @ q[i, j].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            out[i, j] = (p / p.sum()) @ vv[: L - n + i + 1]
+    return out
+
+
+@pytest.mark.parametrize("n,L,heads,kv_heads,dim", [
+    (128, 128, 9, 3, 64),  # SmolLM2's prompt chunk: the whole context is this step's
+    (7, 40, 9, 3, 64),     # a chunk after 33 cached tokens
+    (1, 1, 4, 2, 32),
+    (5, 5, 4, 4, 16),      # fewer rows than a row block
+    (33, 97, 6, 2, 16),    # key count not a multiple of 16
+    (3, 20, 4, 1, 24),     # head_dim not a multiple of 16: the torch path
+])
+def test_causal_attention_matches_numpy(n, L, heads, kv_heads, dim):
+    rng = np.random.default_rng(n * 1000 + L)
+    q = rng.standard_normal((n, heads, dim)).astype(np.float32) * 2
+    k = rng.standard_normal((L, kv_heads, dim)).astype(np.float32) * 2
+    v = rng.standard_normal((L, kv_heads, dim)).astype(np.float32)
+    scale = 1 / np.sqrt(dim)
+    want = _causal_numpy(q, k, v, scale)
+    got = causal_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    sdpa = causal_attention_torch(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)).numpy()
+    np.testing.assert_allclose(sdpa, want, rtol=0, atol=2e-5)
+
+
+def test_causal_attention_ignores_keys_past_each_row():
+    """Changing the keys and values after position p must not change rows at positions <= p."""
+    rng = np.random.default_rng(5)
+    q, k, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((40, 9, 64), (50, 3, 64), (50, 3, 64)))
+    a = causal_attention(q, k, v)
+    k2, v2 = k.clone(), v.clone()
+    k2[30:], v2[30:] = 1e3, -1e3  # positions 30.. ; row i sits at position 10 + i
+    b = causal_attention(q, k2, v2)
+    assert torch.equal(a[:20], b[:20])
+    assert not torch.allclose(a[20:], b[20:])
+
+
+def test_causal_attention_refuses_bad_shapes():
+    q = torch.zeros(4, 9, 64)
+    with pytest.raises(ValueError):
+        causal_attention(q, torch.zeros(3, 3, 64), torch.zeros(3, 3, 64))  # more queries than keys
+    with pytest.raises(ValueError):
+        causal_attention(q, torch.zeros(8, 2, 64), torch.zeros(8, 2, 64))  # 9 heads over 2 KV heads
+    with pytest.raises(ValueError):
+        causal_attention(q, torch.zeros(8, 3, 64), torch.zeros(8, 3, 32))
