@@ -286,6 +286,20 @@ def test_greedy_is_argmax_in_a_mixed_batch():
     assert [t for t, p in zip(tokens, params) if p.greedy] == argmax[0::2]
 
 
+def test_greedy_rows_match_torch_argmax_with_ties_and_nan():
+    """The greedy fast path (NumPy's argmax over the rows) against torch's argmax: random rows of
+    a vocabulary-sized batch, a tie (the first index wins), a NaN (taken as the largest), and a
+    non-contiguous view of the logits."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(32, 49152, generator=g)
+    logits[3, 10] = logits[3, 20] = 100.0
+    logits[5, 7] = float("nan")
+    params = [SamplingParams()] * 32
+    assert sample(logits, params) == logits.argmax(-1).tolist()
+    assert sample(logits[:, 100:], params) == logits[:, 100:].argmax(-1).tolist()
+    assert sample(logits, params)[3] == 10 and sample(logits, params)[5] == 7
+
+
 def test_top_k_1_is_argmax():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(32, 50, generator=g)
