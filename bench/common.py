@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shardline.client import Client
+from shardline.client import AsyncClient, Client
 from shardline.local import LocalCluster
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -137,6 +137,26 @@ class RequestRecord:
         return d
 
 
+def _record_delta(rec: RequestRecord, d, t0: float, prev: float | None, now: float) -> float | None:
+    """Account one Delta received at `now` (perf_counter) into rec; returns the new time of the
+    previous token arrival."""
+    k = len(d.token_ids)
+    if k:
+        if prev is None:
+            rec.ttft_s = now - t0
+            rec.t_first_s = now - t0  # tokens arriving with the first one give no ITL
+        else:
+            rec.itl_s.extend([(now - prev) / k] * k)
+        prev = now
+        rec.t_last_s = now - t0
+        rec.n_tokens += k
+    if d.finish_reason is not None:
+        rec.finish_reason = d.finish_reason
+        rec.usage = d.usage
+        rec.server_timings = d.timings
+    return prev
+
+
 def timed_stream(client: Client, index: int, prompt_ids: list[int], max_tokens: int, deadline: float | None = None,
                  phase_t0: float | None = None, **params) -> RequestRecord:
     """Stream one greedy request with ignore_eos and time it. Stops (cancelling the request) at
@@ -153,25 +173,39 @@ def timed_stream(client: Client, index: int, prompt_ids: list[int], max_tokens: 
         try:
             for d in it:
                 now = time.perf_counter()
-                k = len(d.token_ids)
-                if k:
-                    if prev is None:
-                        rec.ttft_s = now - t0
-                        rec.t_first_s = now - t0  # tokens arriving with the first one give no ITL
-                    else:
-                        rec.itl_s.extend([(now - prev) / k] * k)
-                    prev = now
-                    rec.t_last_s = now - t0
-                    rec.n_tokens += k
-                if d.finish_reason is not None:
-                    rec.finish_reason = d.finish_reason
-                    rec.usage = d.usage
-                    rec.server_timings = d.timings
+                prev = _record_delta(rec, d, t0, prev, now)
                 if deadline is not None and now > deadline and d.finish_reason is None:
                     rec.error = "stopped at the deadline"
                     break
         finally:
             it.close()  # cancels the request if it is still running
+    except Exception as exc:  # noqa: BLE001 - a benchmark records failures and goes on
+        rec.error = f"{type(exc).__name__}: {exc}"
+    rec.e2e_s = time.perf_counter() - t0
+    return rec
+
+
+async def timed_stream_async(client: AsyncClient, index: int, prompt_ids: list[int], max_tokens: int,
+                             deadline: float | None = None, phase_t0: float | None = None,
+                             **params) -> RequestRecord:
+    """`timed_stream` on an `AsyncClient` (one event loop serves every request of a level)."""
+    rec = RequestRecord(index, len(prompt_ids), max_tokens)
+    t0 = time.perf_counter()
+    if phase_t0 is not None:
+        rec.start_s = t0 - phase_t0
+    prev = None
+    params.setdefault("temperature", 0.0)
+    params.setdefault("ignore_eos", True)
+    try:
+        it = client.stream(prompt_token_ids=prompt_ids, max_tokens=max_tokens, **params)
+        try:
+            async for d in it:
+                prev = _record_delta(rec, d, t0, prev, time.perf_counter())
+                if deadline is not None and rec.finish_reason is None and time.perf_counter() > deadline:
+                    rec.error = "stopped at the deadline"
+                    break
+        finally:
+            await it.aclose()  # cancels the request if it is still running
     except Exception as exc:  # noqa: BLE001 - a benchmark records failures and goes on
         rec.error = f"{type(exc).__name__}: {exc}"
     rec.e2e_s = time.perf_counter() - t0
