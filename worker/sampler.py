@@ -11,9 +11,10 @@ Per row, in vLLM's order (vllm/v1/sample/sampler.py):
         v
     greedy: argmax   |   random: / temperature -> min-p -> top-k -> top-p -> draw
 
-A seeded request draws from a generator keyed by (seed, position), so its tokens are the same
-alone or in any batch; penalties read only the row's own token history, so they do not depend on
-the batch either.
+The random rows of a step are processed together (`Sampler._sample_rows`) and each draws its
+token by inverse CDF with one uniform number. A seeded request draws it from a generator keyed
+by (seed, position), so its tokens are the same alone or in any batch; penalties read only the
+row's own token history, so they do not depend on the batch either.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class Sampler:
         prompt length (for min_tokens) and the token history (for penalties); without it those
         options are not applied. Returns one token per row."""
         tokens = _argmax_rows(logits)
+        drawn: list[int] = []  # rows sampled at random, drawn together below
+        drawn_rows: list[torch.Tensor] = []
         for i, p in enumerate(params):
             seq = seqs[i] if seqs is not None else None
             row = self._process_row(logits[i], p, positions[i], seq)
@@ -113,7 +116,13 @@ class Sampler:
                 if row is not None:
                     tokens[i] = int(row.argmax())
             else:
-                tokens[i] = self._sample_row(logits[i] if row is None else row, p, positions[i])
+                drawn.append(i)
+                drawn_rows.append(logits[i] if row is None else row)
+        if drawn:
+            picks = self._sample_rows(torch.stack(drawn_rows), [params[i] for i in drawn],
+                                      [positions[i] for i in drawn])
+            for i, t in zip(drawn, picks):
+                tokens[i] = t
         lps: list = [None] * len(params)
         if any(num_logprobs):
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -147,28 +156,68 @@ class Sampler:
             changed = True
         return x if changed else None
 
-    def _sample_row(self, logits: torch.Tensor, p: SamplingParams, position: int) -> int:
-        x = logits.float() / p.temperature
-        if p.min_p > 0.0:  # drop tokens below min_p x the top probability
+    def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+        """Random sampling of every row of logits [rows, vocab] at once: / temperature -> min-p ->
+        top-k -> top-p, then one draw per row by inverse CDF (the first token whose cumulative
+        probability, summed in float64 in token order, exceeds u x the row's total, u uniform in
+        [0, 1) from the row's generator: (seed, position) for a seeded row, so its token depends on
+        nothing else in the batch). top-p takes the 64 most probable tokens of each row first and
+        sorts the whole row only when their mass is below top_p (`_top_p`). 32 rows of SmolLM2's
+        49152 tokens (random logits, scale 3), one thread, against the row-by-row version this
+        replaced (a full sort per top-p row, 49152 exponential draws per row for a Gumbel-max
+        draw): temperature 0.7 35 -> 5 ms; with top_p 0.9 153 -> 21 ms; top_k 50, top_p 0.95,
+        min_p 0.05 68 -> 21 ms; a top_p that needs the full sort (0.999) stays ~150 ms."""
+        x = logits.float() / torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
+        neg_inf = float("-inf")
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)[:, None]
+        if bool((min_p > 0).any()):  # drop tokens below min_p x the row's top probability
             probs = torch.softmax(x, dim=-1)
-            x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        if p.top_k > 0 and p.top_k < x.shape[0]:
-            kth = torch.topk(x, p.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
+            x = x.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, neg_inf)
+        vocab = x.shape[1]
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        if any(top_k):  # keep the values >= each row's k-th largest
+            vals = torch.topk(x, max(top_k), dim=-1).values
+            kth = vals.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k])[:, None])
+            kth = torch.where(torch.tensor(top_k)[:, None] > 0, kth, torch.full_like(kth, neg_inf))
+            x = x.masked_fill(x < kth, neg_inf)
         probs = torch.softmax(x, dim=-1)  # renormalized over the survivors of min-p and top-k
-        if p.top_p < 1.0:
+        for r, p in enumerate(params):
+            if p.top_p < 1.0:
+                probs[r] = _top_p(probs[r], p.top_p)
+        cdf = probs.double().cumsum(dim=-1)
+        out = []
+        for r, p in enumerate(params):
+            gen = self._generator
+            if p.seed is not None:
+                gen = torch.Generator().manual_seed(position_seed(p.seed, positions[r]))
+            u = float(torch.rand(1, dtype=torch.float64, generator=gen)) * float(cdf[r, -1])
+            t = int(torch.searchsorted(cdf[r], torch.tensor([u], dtype=torch.float64), right=True))
+            if t >= vocab:  # u x total rounded up to the total: the last token with mass
+                t = int(torch.nonzero(probs[r] > 0).max())
+            out.append(t)
+        return out
+
+
+TOP_P_CANDIDATES = (64, 1024)  # 49152 tokens, one thread: topk 64 0.09 ms, 1024 ~0.3 ms, sort 3.6 ms
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [vocab] with every token outside the smallest most-probable prefix whose mass reaches
+    top_p set to 0 (the most probable token always stays; a top_p below float32's range keeps
+    it alone). The prefix is looked for among the 64, then the 1024 most probable tokens
+    (`TOP_P_CANDIDATES`), and in the fully sorted row only when their mass falls short."""
+    vocab = probs.shape[0]
+    for k in (*(c for c in TOP_P_CANDIDATES if c < vocab), vocab):
+        if k == vocab:
             sorted_p, idx = probs.sort(descending=True)
-            cum = sorted_p.cumsum(0)
-            drop = (cum - sorted_p) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
-            drop[0] = False  # and always the most probable token (a top_p below float32's range is 0)
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-        gen = self._generator
-        if p.seed is not None:
-            gen = torch.Generator().manual_seed(position_seed(p.seed, position))
-        # Gumbel-max in exponential form: argmax(p / E), E ~ Exp(1), samples from p.
-        e = torch.empty_like(probs).exponential_(1.0, generator=gen)
-        return int((probs / e).argmax())
+            break
+        sorted_p, idx = torch.topk(probs, k)  # sorted, largest first
+        if float(sorted_p.sum()) >= top_p:
+            break
+    cum = sorted_p.cumsum(0)
+    drop = (cum - sorted_p) >= top_p  # keep the smallest prefix whose mass reaches top_p
+    drop[0] = False
+    return torch.zeros_like(probs).scatter_(0, idx, sorted_p.masked_fill(drop, 0.0))
 
 
 def prompt_logprobs(logp: torch.Tensor, targets: list[int], k: int) -> list[list]:

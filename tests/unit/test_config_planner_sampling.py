@@ -355,6 +355,22 @@ def test_top_p_boundary_keeps_the_minimal_prefix(top_p, kept):
     assert set(draws(PROBS, top_p=top_p)) == kept
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_top_p_on_a_flat_distribution_keeps_the_exact_prefix(top_p):
+    """A slowly decaying distribution over 5000 tokens: the prefix reaching 0.5 holds ~690
+    tokens (past the first 64 candidates), the one reaching 0.9 ~2300 (past 1024: the full
+    sort). Every draw lies in the prefix NumPy computes, and draws reach its far end."""
+    import numpy as np
+
+    probs = np.exp(-np.arange(5000) / 1000.0)
+    probs /= probs.sum()
+    cum = np.cumsum(probs)
+    n_kept = int(np.searchsorted(cum - probs, top_p, side="left"))  # positions whose mass before < top_p
+    assert n_kept > (1024 if top_p == 0.9 else 64)
+    c = draws(probs.tolist(), n=3000, top_p=top_p)
+    assert max(c) < n_kept and max(c) > 0.9 * n_kept
+
+
 @pytest.mark.parametrize("min_p, kept", [(0.3, {0, 1}), (0.5, {0, 1}), (0.6, {0}), (0.2, {0, 1, 2, 3})])
 def test_min_p_filters_below_a_fraction_of_the_top_probability(min_p, kept):
     c = draws(PROBS, min_p=min_p)
