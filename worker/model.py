@@ -149,16 +149,21 @@ def build_attention_metadata(
     """entries: per scheduled sequence (start position, num_new_tokens, block_table, sample)."""
     positions, slots, prefills, sample_rows = [], [], [], []
     dec_rows, dec_tables, dec_lens = [], [], []
+    dec_pos, dec_slots = [], []  # a run of decode rows, made into one tensor (not one per row)
     row = 0
     for start, n, table, sample in entries:
         end = start + n
         if n == 1:
-            positions.append(torch.tensor([start], dtype=torch.int64))
-            slots.append(torch.tensor([table[start // block_size] * block_size + start % block_size]))
+            dec_pos.append(start)
+            dec_slots.append(table[start // block_size] * block_size + start % block_size)
             dec_rows.append(row)
             dec_tables.append(table)
             dec_lens.append(end)
         else:
+            if dec_pos:
+                positions.append(torch.tensor(dec_pos, dtype=torch.int64))
+                slots.append(torch.tensor(dec_slots, dtype=torch.int64))
+                dec_pos, dec_slots = [], []
             table_t = torch.tensor(table, dtype=torch.int64)
             ctx_pos = torch.arange(end, dtype=torch.int64)
             ctx_slots = table_t[ctx_pos // block_size] * block_size + ctx_pos % block_size
@@ -168,6 +173,9 @@ def build_attention_metadata(
         if sample:
             sample_rows.append(row + n - 1)
         row += n
+    if dec_pos:
+        positions.append(torch.tensor(dec_pos, dtype=torch.int64))
+        slots.append(torch.tensor(dec_slots, dtype=torch.int64))
     decode_rows = decode_tables = decode_lens = None
     if dec_rows:
         width = max(len(t) for t in dec_tables)

@@ -408,6 +408,11 @@ def test_build_attention_metadata_maps_positions_to_slots():
     assert meta.decode_block_tables.tolist() == [[1, 3], [7, 0]]
     assert meta.decode_context_lens.tolist() == [7, 2]
     assert meta.sample_rows.tolist() == [3, 4]
+    # decode rows before and after a chunk keep their places in the step's row order
+    meta = build_attention_metadata([(5, 1, [3, 6], True), (0, 2, [4], True), (1, 1, [7], True)], bs)
+    assert meta.positions.tolist() == [5, 0, 1, 1]
+    assert meta.slot_mapping.tolist() == [25, 16, 17, 29]
+    assert meta.decode_rows.tolist() == [0, 3]
 
 
 def test_rotary_embedding():
