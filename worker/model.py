@@ -413,14 +413,24 @@ class StageModel(torch.nn.Module):
         before the first request: Numba compiles on first call, which takes seconds on a fresh
         machine. Writes garbage into KV block 0..; the coordinator's block ids overwrite it."""
         num_blocks = kv_cache.num_blocks
-        for n in (1, 4, 96):
-            n = min(n, num_blocks * block_size)
+        steps = [[(0, min(n, num_blocks * block_size), True)] for n in (1, 4, 96)]
+        if num_blocks * block_size >= 48:
+            # a mixed step (a prompt chunk beside a decode row) takes the paged decode kernel
+            # outside the fused layers, and a decode step of 32 sequences the RoPE/cache/attention
+            # kernel between torch GEMMs (bf16 copies from 8 rows, packed weights from their
+            # crossover); without these steps each compiled during the first such step of a
+            # fresh install, a 10-30 s stall of the whole pipeline
+            steps.append([(0, 4, True), (8, 1, True)])
+            steps.append([(p, 1, True) for p in range(16, 48)])
+        for entries in steps:
+            n = max(start + k for start, k, _ in entries)
             table = list(range(-(-n // block_size)))
-            meta = build_attention_metadata([(0, n, table, True)], block_size)
+            meta = build_attention_metadata([(start, k, table, sample) for start, k, sample in entries], block_size)
+            rows = sum(k for _, k, _ in entries)
             if self.shard.is_first:
-                x = torch.zeros(n, dtype=torch.int64)
+                x = torch.zeros(rows, dtype=torch.int64)
             else:
-                x = torch.zeros(n, self.spec.hidden_size)
+                x = torch.zeros(rows, self.spec.hidden_size)
             self(x, meta, kv_cache)
 
     def calibrate(self) -> None:

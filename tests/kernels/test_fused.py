@@ -89,3 +89,32 @@ def test_fused_path_declines_when_a_linear_would_not_use_the_packed_kernels():
     ref = model(ids, meta, kv)
     model.fused_decode = True
     torch.testing.assert_close(model(ids, meta, kv), ref)
+
+
+@pytest.mark.parametrize("bf16_copies", [True, False])
+def test_warm_up_runs_every_attention_path(bf16_copies, monkeypatch):
+    """A worker's warm-up reaches each attention kernel a step can take (so Numba compiles them
+    before the first request, not inside it): the fused decode layer, the prompt chunk's causal
+    kernel, the paged decode kernel of a mixed step's decode rows (which once compiled only
+    during the first mixed step of a fresh install, a 10-30 s stall), and the RoPE/cache/attention
+    kernel of a many-sequence decode step, with bf16 weight copies and with packed weights."""
+    from kernels import attention
+    from worker import model as model_mod
+
+    seen = set()
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            seen.add(name)
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(attention.PagedDecodePlan, "run", spy("paged", attention.PagedDecodePlan.run))
+    monkeypatch.setattr(model_mod, "causal_attention", spy("causal", model_mod.causal_attention))
+    monkeypatch.setattr(fused, "rope_cache_attention", spy("fused", fused.rope_cache_attention))
+    model = StageModel(SPEC, GGUFShardLoader(PATH, SPEC, ShardSpec(28, 30, False, True)), 256)
+    if bf16_copies:
+        model.keep_bf16_copies()
+    kv = KVCache(2, 32, BLOCK, SPEC.num_kv_heads, SPEC.head_dim, dtype=torch.float16)
+    model.warm_up(kv, BLOCK)
+    assert seen == {"paged", "causal", "fused"}
