@@ -38,6 +38,7 @@ def interface_for_address(ip: str) -> str | None:
 
 
 STREAM_MAGIC = b"shardline-pp-stream/1 "
+HELLO_TIMEOUT_S = 5.0  # seconds a connection to a stage's listener has to send its HELLO
 
 
 def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes | None:
@@ -160,7 +161,7 @@ class StageComm:
                 while self._recv_sock is None:
                     listener.settimeout(max(0.001, deadline - time.monotonic()))
                     sock, _ = listener.accept()  # socket.timeout (an OSError) after timeout_s
-                    sock.settimeout(self.timeout_s)
+                    sock.settimeout(min(self.timeout_s, HELLO_TIMEOUT_S))  # a silent stranger is dropped
                     try:
                         n = struct.unpack("<I", _recv_exact(sock, 4))[0]
                         ok = n == len(hello) and _recv_exact(sock, n) == hello
@@ -169,6 +170,7 @@ class StageComm:
                         ok = False
                     if ok:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        sock.settimeout(self.timeout_s)
                         self._recv_sock = sock
                     else:
                         sock.close()

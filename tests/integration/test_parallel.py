@@ -140,14 +140,26 @@ def test_tp_all_reduce_sums_over_the_group(impl):
     del store
 
 
-def _stage_main(stage: int, pp: int, port: int, shapes, q) -> None:
+def _stage_main(stage: int, pp: int, port: int, shapes, q, connect_delay_s: float = 0.0) -> None:
     """One pipeline stage of a TP=1 group: stage 0 sends seeded tensors, a middle stage adds 1
     and passes each on, the last one puts what it received on q; then the last stage receives
-    with a wrong shape (the stream must say it is out of step, not mis-read)."""
+    with a wrong shape (the stream must say it is out of step, not mis-read). connect_delay_s:
+    stage 0 waits that long before connecting to stage 1 (so a stranger can be first)."""
+    import time
+
     import torch
 
+    import worker.comm as comm_mod
     from worker.comm import StageComm
 
+    if stage == 0 and connect_delay_s:
+        connect = comm_mod.socket.create_connection
+
+        def late_connect(*a, **k):
+            time.sleep(connect_delay_s)
+            return connect(*a, **k)
+
+        comm_mod.socket.create_connection = late_connect
     torch.set_num_threads(1)
     comm = StageComm(stage, pp, stage, pp, 0, 1, "127.0.0.1", port, "pp/", "gloo", "127.0.0.1", timeout_s=30)
     try:
@@ -210,4 +222,48 @@ def test_pipeline_stream_moves_hidden_states_in_order():
         want = torch.randn(*shape, generator=torch.Generator().manual_seed(i)).numpy() + 1
         assert got[i].shape == shape and np.array_equal(got[i], want)
     assert "out of step" in got[-1] and "48 bytes sent, 64 expected" in got[-1]
+    del store
+
+
+def test_pipeline_stream_refuses_a_stranger_that_connects_first():
+    """A connection to a stage's stream listener that does not open with the plan's HELLO (here
+    one that sends junk, before the real previous stage connects) is dropped, and the real
+    stream still carries the tensors."""
+    import datetime
+    import multiprocessing as mp
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from shardline.local import free_port_block
+
+    shapes = [(3, 576), (32, 576)]
+    port = free_port_block(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_stage_main, args=(s, 2, port, shapes, q, 2.0)) for s in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        # stage 1's listener address, read as stage 0 reads it (its StageComm's PrefixStore)
+        host, lport = dist.PrefixStore("pp/", store).get("pp_stream/1").decode().rsplit(":", 1)
+        with socket.create_connection((host, int(lport)), timeout=10) as stranger:
+            stranger.sendall(b"\x10\x00\x00\x00" + b"GET / HTTP/1.1\r\n\r\n")
+            got = q.get(timeout=120)
+            try:  # closed by the stage without a word (a reset: it left our junk unread)
+                closed = stranger.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            assert closed
+    finally:
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    for i, shape in enumerate(shapes):
+        want = torch.randn(*shape, generator=torch.Generator().manual_seed(i)).numpy()
+        assert np.array_equal(got[i], want)
+    assert "out of step" in got[-1]
     del store
