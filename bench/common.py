@@ -137,9 +137,23 @@ class RequestRecord:
         return d
 
 
-def _record_delta(rec: RequestRecord, d, t0: float, prev: float | None, now: float) -> float | None:
-    """Account one Delta received at `now` (perf_counter) into rec; returns the new time of the
-    previous token arrival."""
+def _begin(index: int, prompt_ids: list[int], max_tokens: int, phase_t0: float | None,
+           params: dict) -> tuple[RequestRecord, float, dict]:
+    """A new record, its start time (perf_counter) and the stream call's keyword arguments
+    (greedy and ignore_eos unless `params` says otherwise)."""
+    rec = RequestRecord(index, len(prompt_ids), max_tokens)
+    t0 = time.perf_counter()
+    if phase_t0 is not None:
+        rec.start_s = t0 - phase_t0
+    kwargs = {"temperature": 0.0, "ignore_eos": True, **params}
+    return rec, t0, dict(prompt_token_ids=prompt_ids, max_tokens=max_tokens, **kwargs)
+
+
+def _record_delta(rec: RequestRecord, d, t0: float, prev: float | None,
+                  deadline: float | None) -> tuple[float | None, bool]:
+    """Account one Delta, received now, into rec. Returns (time of the latest token arrival,
+    stop reading: the deadline passed before the request finished)."""
+    now = time.perf_counter()
     k = len(d.token_ids)
     if k:
         if prev is None:
@@ -154,28 +168,24 @@ def _record_delta(rec: RequestRecord, d, t0: float, prev: float | None, now: flo
         rec.finish_reason = d.finish_reason
         rec.usage = d.usage
         rec.server_timings = d.timings
-    return prev
+    elif deadline is not None and now > deadline:
+        rec.error = "stopped at the deadline"
+        return prev, True
+    return prev, False
 
 
 def timed_stream(client: Client, index: int, prompt_ids: list[int], max_tokens: int, deadline: float | None = None,
                  phase_t0: float | None = None, **params) -> RequestRecord:
     """Stream one greedy request with ignore_eos and time it. Stops (cancelling the request) at
     `deadline` (a perf_counter time); errors are recorded, not raised."""
-    rec = RequestRecord(index, len(prompt_ids), max_tokens)
-    t0 = time.perf_counter()
-    if phase_t0 is not None:
-        rec.start_s = t0 - phase_t0
+    rec, t0, kwargs = _begin(index, prompt_ids, max_tokens, phase_t0, params)
     prev = None
-    params.setdefault("temperature", 0.0)
-    params.setdefault("ignore_eos", True)
     try:
-        it = client.stream(prompt_token_ids=prompt_ids, max_tokens=max_tokens, **params)
+        it = client.stream(**kwargs)
         try:
             for d in it:
-                now = time.perf_counter()
-                prev = _record_delta(rec, d, t0, prev, now)
-                if deadline is not None and now > deadline and d.finish_reason is None:
-                    rec.error = "stopped at the deadline"
+                prev, stop = _record_delta(rec, d, t0, prev, deadline)
+                if stop:
                     break
         finally:
             it.close()  # cancels the request if it is still running
@@ -189,20 +199,14 @@ async def timed_stream_async(client: AsyncClient, index: int, prompt_ids: list[i
                              deadline: float | None = None, phase_t0: float | None = None,
                              **params) -> RequestRecord:
     """`timed_stream` on an `AsyncClient` (one event loop serves every request of a level)."""
-    rec = RequestRecord(index, len(prompt_ids), max_tokens)
-    t0 = time.perf_counter()
-    if phase_t0 is not None:
-        rec.start_s = t0 - phase_t0
+    rec, t0, kwargs = _begin(index, prompt_ids, max_tokens, phase_t0, params)
     prev = None
-    params.setdefault("temperature", 0.0)
-    params.setdefault("ignore_eos", True)
     try:
-        it = client.stream(prompt_token_ids=prompt_ids, max_tokens=max_tokens, **params)
+        it = client.stream(**kwargs)
         try:
             async for d in it:
-                prev = _record_delta(rec, d, t0, prev, time.perf_counter())
-                if deadline is not None and rec.finish_reason is None and time.perf_counter() > deadline:
-                    rec.error = "stopped at the deadline"
+                prev, stop = _record_delta(rec, d, t0, prev, deadline)
+                if stop:
                     break
         finally:
             await it.aclose()  # cancels the request if it is still running

@@ -459,6 +459,15 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens
 
 
 # ---- prefill: a chunk of new tokens against its context ------------------------------------
+@njit(fastmath=True, inline="always", cache=True)
+def _vstore4(arr, o, row, a0, a1, a2, a3):
+    """Store four register rows at flat offsets o, o + row, o + 2 row, o + 3 row of arr."""
+    vstore(arr, o, a0)
+    vstore(arr, o + row, a1)
+    vstore(arr, o + 2 * row, a2)
+    vstore(arr, o + 3 * row, a3)
+
+
 @njit(fastmath=True, cache=True)
 def _causal_head(q, k, v, scale, hq, out, kt, vh, scores, qs):
     """Query head hq of one sequence's chunk: rows i of q (positions L - n + i) against keys
@@ -491,10 +500,7 @@ def _causal_head(q, k, v, scale, hq, out, kt, vh, scores, qs):
                 a1 = vfma(vsplat(qs[1, d]), kv, a1)
                 a2 = vfma(vsplat(qs[2, d]), kv, a2)
                 a3 = vfma(vsplat(qs[3, d]), kv, a3)
-            vstore(scores, t0, a0)
-            vstore(scores, lp + t0, a1)
-            vstore(scores, 2 * lp + t0, a2)
-            vstore(scores, 3 * lp + t0, a3)
+            _vstore4(scores, t0, lp, a0, a1, a2, a3)
         for r in range(4):  # causal softmax of each row; probabilities past its last key are 0
             row = scores[r]
             length = min(off + i0 + r + 1, kmax)
@@ -509,10 +515,7 @@ def _causal_head(q, k, v, scale, hq, out, kt, vh, scores, qs):
                 a1 = vfma(vsplat(scores[1, t]), vv, a1)
                 a2 = vfma(vsplat(scores[2, t]), vv, a2)
                 a3 = vfma(vsplat(scores[3, t]), vv, a3)
-            vstore(qs, c, a0)  # qs is free again: rows' outputs, then copied out
-            vstore(qs, head_dim + c, a1)
-            vstore(qs, 2 * head_dim + c, a2)
-            vstore(qs, 3 * head_dim + c, a3)
+            _vstore4(qs, c, head_dim, a0, a1, a2, a3)  # qs is free again: rows' outputs, copied out below
         for r in range(min(4, n - i0)):
             for d in range(head_dim):
                 out[i0 + r, hq, d] = qs[r, d]
