@@ -7,7 +7,19 @@ still lacks (1 for decode, a chunk of its prompt otherwise) within the token bud
 sequence is preempted (its blocks are freed; it is recomputed later from its token history).
 
 With pipeline parallelism several steps are in flight at once; a sequence in flight is not
-scheduled again until its step returns, so the steps in flight hold disjoint sequences.
+scheduled again until its step returns, so the steps in flight hold disjoint sequences, with one
+exception. With `lookahead` (vLLM's async scheduling), a sequence whose step in flight samples
+its next token may get its following decode step before that token is known: a continuation,
+whose input token the workers take from the earlier step's sample (`ScheduledSeq.prev_step`).
+Continuations are made for the oldest step in flight not yet continued, so the order of steps
+at the first stage stays A(n), B(n), A(n+1), B(n+1), ...: the pipeline's first stage starts
+A(n+1) as soon as the last stage has sampled A(n), without a round trip through this process.
+A sequence is never more than two steps ahead of what it knows; a continuation is not made when
+the earlier token is certain to be its last (max_tokens, the context length), when its
+penalties need the full token history on the last stage, or when its block would have to be
+taken by preemption. A sequence that stops on a token only found when its step returns (EOS, a
+stop token or string, a cancel) has one continuation computed for nothing, whose token is
+dropped; its blocks are freed when that continuation returns.
 
 This is the only module that changes a sequence's status.
 """
@@ -30,6 +42,7 @@ class ScheduledSeq:
     sample: bool  # this chunk reaches the end of the sequence's tokens: sample one token
     new_blocks: list[int]  # block-table entries the workers have not seen yet
     reset: bool  # the workers must drop any block table they hold for this seq first
+    prev_step: int | None = None  # a continuation: the input token is the one step `prev_step` samples
 
 
 @dataclass
@@ -39,6 +52,7 @@ class SchedulerOutput:
     freed_seq_ids: list[int]  # sequences whose worker-side state can be dropped
     num_batched_tokens: int
     num_preempted: int = 0
+    continued: bool = False  # a later step holds the continuations of this one's sequences
 
     @property
     def seq_ids(self) -> list[int]:
@@ -54,6 +68,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_steps: int = 0
     num_batched_tokens: int = 0
+    num_continuations: int = 0  # decode steps scheduled before their input token was known
 
 
 class Scheduler:
@@ -66,9 +81,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         num_micro_batches: int = 1,
+        lookahead: bool = False,
     ):
+        """num_micro_batches: steps of disjoint sequences meant to be in flight at once (the
+        share of the active sequences one step takes); lookahead: make continuations (see the
+        module doc; the caller then keeps up to 2 x num_micro_batches steps in flight)."""
         assert num_micro_batches >= 1
         self.num_micro_batches = num_micro_batches
+        self.lookahead = lookahead
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -76,7 +96,8 @@ class Scheduler:
         self.max_model_len = min(max_model_len, pool_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self.in_flight: set[int] = set()  # seq ids inside a step not yet returned
+        self.in_flight: dict[int, int] = {}  # seq id -> steps not yet returned that hold it (1 or 2)
+        self._steps: deque[SchedulerOutput] = deque()  # steps in flight, in dispatch order
         self.seqs: dict[int, Sequence] = {}
         self._freed: list[int] = []
         self._next_step_id = 0
@@ -116,6 +137,14 @@ class Scheduler:
             self._release(seq)
         return seq
 
+    def _leave_step(self, seq: Sequence) -> None:
+        """One of `seq`'s steps in flight has returned or been abandoned."""
+        n = self.in_flight[seq.seq_id] - 1
+        if n:
+            self.in_flight[seq.seq_id] = n
+        else:
+            del self.in_flight[seq.seq_id]
+
     def _release(self, seq: Sequence) -> None:
         if seq.block_table or seq.num_blocks_sent:
             self._freed.append(seq.seq_id)
@@ -123,7 +152,35 @@ class Scheduler:
         self.seqs.pop(seq.seq_id, None)
 
     def has_work(self) -> bool:
+        return self._other_work() or bool(self._continuations()[1])
+
+    def _continuations(self) -> tuple[SchedulerOutput | None, dict[int, ScheduledSeq]]:
+        """The oldest step in flight not yet continued, and its entries that may get a
+        continuation now (by seq id); (None, {}) without lookahead or such a step. A step is
+        continued only once num_micro_batches - 1 later steps are in flight (with pipeline
+        stages to fill, the first stage would otherwise wait for the last one's sample of the
+        step just before), or when nothing else could run."""
+        if not self.lookahead:
+            return None, {}
+        for i, step in enumerate(self._steps):
+            if not step.continued:
+                break
+        else:
+            return None, {}
+        if len(self._steps) - 1 - i < self.num_micro_batches - 1 and self._other_work():
+            return None, {}
+        return step, {s.seq.seq_id: s for s in step.scheduled if self._continuable(s)}
+
+    def _other_work(self) -> bool:
         return bool(self.waiting) or any(s.seq_id not in self.in_flight for s in self.running)
+
+    def _continuable(self, s: ScheduledSeq) -> bool:
+        """May `s`'s sequence get its next decode step before `s` returns?"""
+        seq = s.seq
+        p = seq.sampling_params
+        return (s.sample and not seq.is_finished and self.in_flight.get(seq.seq_id) == 1
+                and seq.num_output_tokens + 1 < p.max_tokens and seq.num_tokens + 1 < self.max_model_len
+                and not p.needs_history and self.block_manager.can_allocate(seq, s.num_new_tokens + 1))
 
     @property
     def num_unfinished(self) -> int:
@@ -140,6 +197,7 @@ class Scheduler:
         # of disjoint sequences can be in flight and every stage stays busy.
         active = len(self.running) + len(self.waiting)
         seats = min(self.max_num_seqs, max(1, -(-active // self.num_micro_batches)))
+        cont_step, cont = self._continuations()
 
         # 1. Running sequences (decode, or the rest of a chunked prompt), oldest first.
         i = 0
@@ -147,6 +205,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and len(scheduled) < seats:
             seq = self.running[i]
             if seq.seq_id in self.in_flight:
+                prev = cont.get(seq.seq_id)
+                # a continuation takes a free block if it needs one, never a preempted one
+                if prev is not None and bm.allocate(seq, prev.num_new_tokens + 1):
+                    scheduled.append(self._make_scheduled(seq, 1, prev, cont_step.step_id))
+                    budget -= 1
+                    self.stats.num_continuations += 1
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -193,6 +257,8 @@ class Scheduler:
 
         if not scheduled and not self._freed:
             return None
+        if cont_step is not None and scheduled:
+            cont_step.continued = True
         out = SchedulerOutput(
             step_id=self._next_step_id,
             scheduled=scheduled,
@@ -203,23 +269,30 @@ class Scheduler:
         self._freed = []
         self._next_step_id += 1
         for s in scheduled:
-            self.in_flight.add(s.seq.seq_id)
+            self.in_flight[s.seq.seq_id] = self.in_flight.get(s.seq.seq_id, 0) + 1
+        if scheduled:
+            self._steps.append(out)
         self.stats.num_steps += 1
         self.stats.num_batched_tokens += out.num_batched_tokens
         self.stats.num_preemptions += num_preempted
         return out
 
-    def _make_scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
+    def _make_scheduled(self, seq: Sequence, n: int, prev: ScheduledSeq | None = None,
+                        prev_step: int | None = None) -> ScheduledSeq:
+        """`seq`'s next n tokens; with `prev` (its entry in a step in flight that samples), the
+        continuation: the one token that step samples, at position seq.num_tokens."""
         reset = seq.num_blocks_sent == 0
         new_blocks = seq.block_table[seq.num_blocks_sent :]
         seq.num_blocks_sent = len(seq.block_table)
+        start = seq.num_computed_tokens if prev is None else prev.start + prev.num_new_tokens
         return ScheduledSeq(
             seq=seq,
-            start=seq.num_computed_tokens,
+            start=start,
             num_new_tokens=n,
-            sample=seq.num_computed_tokens + n == seq.num_tokens,
+            sample=prev is not None or seq.num_computed_tokens + n == seq.num_tokens,
             new_blocks=list(new_blocks),
             reset=reset,
+            prev_step=prev_step,
         )
 
     def _pick_victim(self, exclude: list[ScheduledSeq]) -> Sequence | None:
@@ -250,11 +323,13 @@ class Scheduler:
         """
         updated = []
         now = time.monotonic()
+        self._forget_step(out)
         for s in out.scheduled:
             seq = s.seq
-            self.in_flight.discard(seq.seq_id)
-            if seq.is_finished:  # finished (cancelled) while in flight
-                self._release(seq)
+            self._leave_step(seq)
+            if seq.is_finished:  # finished (cancelled, or stopped with a continuation out) while in flight
+                if seq.seq_id not in self.in_flight:
+                    self._release(seq)
                 continue
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
@@ -274,10 +349,17 @@ class Scheduler:
     def abort_step(self, out: SchedulerOutput) -> None:
         """A step that will never return (a worker died): release its sequences so they can be
         rescheduled from their token history."""
+        self._forget_step(out)
         for s in out.scheduled:
-            self.in_flight.discard(s.seq.seq_id)
-            if s.seq.is_finished:
+            self._leave_step(s.seq)
+            if s.seq.is_finished and s.seq.seq_id not in self.in_flight:
                 self._release(s.seq)
+
+    def _forget_step(self, out: SchedulerOutput) -> None:
+        try:
+            self._steps.remove(out)
+        except ValueError:
+            pass
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.sampling_params

@@ -8,8 +8,9 @@ assertion (or as outputs that differ from a run with a big pool), not silently.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections import deque
+from collections import Counter, deque
 from typing import Callable
 
 from coordinator.block_manager import BlockManager
@@ -50,8 +51,11 @@ def copy_seq(seq: Sequence) -> Sequence:
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 32, max_model_len: int = 1 << 20,
-                   prefix_caching: bool = True, eos_token_id: int = -1, num_micro_batches: int = 1) -> Scheduler:
+                   prefix_caching: bool = True, eos_token_id: int = -1, num_micro_batches: int = 1,
+                   lookahead: bool = False) -> Scheduler:
     extra = {"num_micro_batches": num_micro_batches} if num_micro_batches != 1 else {}
+    if lookahead:
+        extra["lookahead"] = True
     sched = Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs,
                       max_num_batched_tokens, max_model_len, **extra)
     sched.eos_token_id = eos_token_id
@@ -64,17 +68,26 @@ def fake_token(seq: Sequence, position: int) -> int:
 
 
 class FakeWorker:
-    """Replays step plans like a worker: block tables from diffs, a KV cache of (position, token)."""
+    """Replays step plans like a worker: block tables from diffs, a KV cache of (position, token).
+    A continuation's input token is the one this worker sampled for the sequence in the step the
+    plan names (`note_sampled`), as the real pipeline hands it from the last stage to the first."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.block_tables: dict[int, list[int]] = {}
         self.kv: dict[int, tuple[int, int]] = {}
+        self.sampled: dict[int, tuple[int, int]] = {}  # seq id -> (step id, token)
+
+    def note_sampled(self, step_id: int, sampled: dict[int, int]) -> None:
+        for seq_id, token in sampled.items():
+            self.sampled[seq_id] = (step_id, token)
 
     def execute(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
-        """Run one step; returns (seq, position) for the rows that sample."""
+        """Run one step; returns (seq, position) for the rows that sample (for a continuation,
+        a copy of seq with the token it was computed from appended)."""
         for seq_id in out.freed_seq_ids:
             self.block_tables.pop(seq_id, None)
+            self.sampled.pop(seq_id, None)
         rows = []
         for s in out.scheduled:
             seq = s.seq
@@ -87,6 +100,10 @@ class FakeWorker:
             assert table == seq.block_table[: len(table)], (seq.seq_id, table, seq.block_table)
             end = s.start + s.num_new_tokens
             assert end <= len(table) * self.block_size, "step writes past the block table"
+            if s.prev_step is not None:  # the token the earlier step sampled, not known to the scheduler yet
+                step_id, token = self.sampled[seq.seq_id]
+                assert step_id == s.prev_step, (seq.seq_id, step_id, s.prev_step)
+                seq = dataclasses.replace(seq, output_token_ids=seq.output_token_ids + [token])
             tokens = seq.token_ids(0, end)
             for pos in range(s.start, end):  # write this step's KV
                 self.kv[self._slot(table, pos)] = (pos, tokens[pos])
@@ -110,6 +127,10 @@ def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
     assert len(ids) == len(set(ids)), "a sequence scheduled twice in one step"
     for s in out.scheduled:
         assert s.num_new_tokens >= 1
+        if s.prev_step is not None:  # a continuation: the token at num_tokens is being sampled
+            assert sched.lookahead and s.num_new_tokens == 1 and s.sample and s.start == s.seq.num_tokens
+            assert sched.in_flight[s.seq.seq_id] == 2
+            continue
         assert s.start == s.seq.num_computed_tokens
         assert s.start + s.num_new_tokens <= s.seq.num_tokens
         assert s.sample == (s.start + s.num_new_tokens == s.seq.num_tokens)
@@ -124,8 +145,9 @@ def run_to_completion(sched: Scheduler, token_fn: TokenFn = fake_token, max_in_f
     Up to `max_in_flight` steps are scheduled before the oldest one's results are applied, like
     a pipeline. `events[tick]` runs at the start of loop iteration `tick` (arrivals, cancels).
     Sampled tokens are `token_fn(seq, position)`, computed when the step is dispatched.
-    Checks the step invariants, that steps in flight hold disjoint sequences, and that the
-    scheduler's in-flight set is exactly the sequences of the pending steps.
+    Checks the step invariants, that steps in flight hold disjoint sequences (but for a
+    continuation, whose earlier step must be pending), and that the scheduler's in-flight counts
+    are exactly those of the pending steps.
     """
     events = dict(events or {})
     worker = FakeWorker(sched.block_manager.block_size)
@@ -139,13 +161,19 @@ def run_to_completion(sched: Scheduler, token_fn: TokenFn = fake_token, max_in_f
             if out is None:
                 break
             check_step(sched, out)
-            busy = {sid for o, _ in pending for sid in o.seq_ids}
-            assert not busy & set(out.seq_ids), "an in-flight sequence was scheduled again"
+            busy = Counter(sid for o, _ in pending for sid in o.seq_ids)
+            for s in out.scheduled:
+                if s.prev_step is None:
+                    assert not busy[s.seq.seq_id], "an in-flight sequence was scheduled again"
+                else:
+                    assert busy[s.seq.seq_id] == 1 and any(
+                        o.step_id == s.prev_step and s.seq.seq_id in o.seq_ids for o, _ in pending)
             log.append(out)
             sampled = {seq.seq_id: token_fn(seq, pos) for seq, pos in worker.execute(out)}
+            worker.note_sampled(out.step_id, sampled)
             if out.scheduled:
                 pending.append((out, sampled))
-        assert sched.in_flight == {sid for o, _ in pending for sid in o.seq_ids}
+        assert sched.in_flight == dict(Counter(sid for o, _ in pending for sid in o.seq_ids))
         if pending:
             out, sampled = pending.popleft()
             sched.update(out, sampled)

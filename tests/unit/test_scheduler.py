@@ -180,21 +180,90 @@ def test_in_flight_sequences_are_not_scheduled_again():
     sched.add(b)
     second = sched.schedule()
     assert first.seq_ids == [a.seq_id] and second.seq_ids == [b.seq_id]
-    assert sched.schedule() is None and sched.in_flight == {a.seq_id, b.seq_id}
+    assert sched.schedule() is None and sched.in_flight == {a.seq_id: 1, b.seq_id: 1}
     assert not sched.has_work()
     sched.update(first, {a.seq_id: 3})
     third = sched.schedule()
     assert third.seq_ids == [a.seq_id] and third.scheduled[0].start == 5
 
 
-@pytest.mark.parametrize("max_in_flight", [2, 3])
-def test_pipelined_run_gives_the_same_outputs(max_in_flight):
-    sched = make_scheduler(num_blocks=40, block_size=4, max_num_seqs=5, max_num_batched_tokens=12)
+@pytest.mark.parametrize("max_in_flight,lookahead", [(2, False), (3, False), (2, True), (4, True)])
+def test_pipelined_run_gives_the_same_outputs(max_in_flight, lookahead):
+    sched = make_scheduler(num_blocks=40, block_size=4, max_num_seqs=5, max_num_batched_tokens=12,
+                           num_micro_batches=max(1, max_in_flight // 2) if lookahead else 1, lookahead=lookahead)
     seqs = [make_seq(3 + 5 * i, max_tokens=7) for i in range(8)]
     for s in seqs:
         sched.add(s)
-    run_to_completion(sched, max_in_flight=max_in_flight)
+    log = run_to_completion(sched, max_in_flight=max_in_flight)
     assert outputs(seqs) == reference_outputs(seqs, 4, 160)
+    assert any(s.prev_step is not None for o in log for s in o.scheduled) == lookahead
+
+
+# ---- lookahead (async scheduling) ----------------------------------------------------------------
+
+
+def test_continuations_alternate_with_the_other_micro_batch():
+    """Two micro-batches, four steps in flight: A(n), B(n), then A's continuation, B's; a
+    continuation names the step whose sample is its input and starts at that token's position."""
+    sched = make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                           num_micro_batches=2, lookahead=True)
+    seqs = [make_seq(4, max_tokens=6) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    a0 = sched.schedule()
+    b0 = sched.schedule()
+    a1, b1 = sched.schedule(), sched.schedule()
+    assert sched.schedule() is None  # each sequence is two steps ahead at most
+    assert set(a0.seq_ids) | set(b0.seq_ids) == {s.seq_id for s in seqs} and not set(a0.seq_ids) & set(b0.seq_ids)
+    for step, prev in ((a1, a0), (b1, b0)):
+        assert step.seq_ids == prev.seq_ids
+        assert all(s.prev_step == prev.step_id and s.num_new_tokens == 1 and s.sample and s.start == 4
+                   for s in step.scheduled)
+    sched.update(a0, {sid: 10 for sid in a0.seq_ids})
+    a2 = sched.schedule()  # A(n+1) is the oldest step not continued
+    assert a2.seq_ids == a0.seq_ids and all(s.prev_step == a1.step_id and s.start == 5 for s in a2.scheduled)
+
+
+def test_no_continuation_of_a_sequence_s_last_token():
+    sched = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=64, lookahead=True)
+    a = make_seq(4, max_tokens=2)
+    sched.add(a)
+    first = sched.schedule()  # prefill, samples output 1 of 2
+    second = sched.schedule()  # its continuation samples output 2
+    assert second.scheduled[0].prev_step == first.step_id
+    assert sched.schedule() is None and not sched.has_work()  # output 2 is the last: nothing to continue
+    sched.update(first, {a.seq_id: 11})
+    sched.update(second, {a.seq_id: 12})
+    assert a.output_token_ids == [11, 12] and a.finish_reason == "length"
+    assert sched.block_manager.num_free_blocks == 64 and sched.in_flight == {}
+
+
+@pytest.mark.parametrize("how", ["eos", "cancel"])
+def test_a_stop_found_late_drops_the_continuation_and_frees_blocks_after_it(how):
+    """The sequence stops on the token of step n (or is cancelled) while its continuation n+1 is
+    in flight: the continuation's token is dropped and the blocks come back when it returns."""
+    sched = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=64, eos_token_id=EOS, lookahead=True)
+    a = make_seq(4, max_tokens=10)
+    sched.add(a)
+    first, second = sched.schedule(), sched.schedule()
+    assert second.scheduled[0].prev_step == first.step_id
+    if how == "cancel":
+        sched.finish(a.seq_id, "abort")
+    sched.update(first, {a.seq_id: EOS if how == "eos" else 11})
+    assert a.is_finished and sched.block_manager.num_free_blocks < 64
+    assert sched.schedule() is None
+    assert sched.update(second, {a.seq_id: 12}) == []
+    assert a.output_token_ids == ([EOS] if how == "eos" else [])
+    assert a.finish_reason == ("stop" if how == "eos" else "abort")
+    assert sched.block_manager.num_free_blocks == 64 and sched.in_flight == {} and sched.seqs == {}
+
+
+def test_penalties_that_need_the_history_get_no_continuation():
+    sched = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=64, lookahead=True)
+    a = make_seq(4, max_tokens=5, repetition_penalty=1.2)
+    sched.add(a)
+    sched.schedule()
+    assert sched.schedule() is None
 
 
 # ---- cancel ------------------------------------------------------------------------------------
@@ -240,7 +309,7 @@ def test_cancel_in_flight_sequence_frees_its_blocks_when_the_step_returns():
     assert sched.block_manager.num_free_blocks == 13  # the step still writes its KV
     assert sched.schedule() is None  # not scheduled again, not freed yet
     assert sched.update(out, {a.seq_id: 5}) == []
-    assert a.output_token_ids == [] and sched.in_flight == set()
+    assert a.output_token_ids == [] and sched.in_flight == {}
     assert sched.block_manager.num_free_blocks == 16
     assert sched.schedule().freed_seq_ids == [a.seq_id]
 
@@ -353,6 +422,7 @@ scenario = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 6),
     "max_num_batched_tokens": st.integers(1, 24),
     "max_in_flight": st.integers(1, 3),
+    "lookahead": st.booleans(),  # continuations; the pipeline then holds 2 x max_in_flight steps
     "split_micro_batches": st.booleans(),  # seats per step ~ active / max_in_flight
     "prefix_caching": st.booleans(),
     "eos": st.sampled_from([-1, 3]),
@@ -367,7 +437,8 @@ def test_random_interleavings_finish_and_match_a_big_pool_run(sc):
     sched = make_scheduler(num_blocks=sc["num_blocks"], block_size=bs, max_num_seqs=sc["max_num_seqs"],
                            max_num_batched_tokens=sc["max_num_batched_tokens"],
                            prefix_caching=sc["prefix_caching"], eos_token_id=sc["eos"],
-                           num_micro_batches=sc["max_in_flight"] if sc["split_micro_batches"] else 1)
+                           num_micro_batches=sc["max_in_flight"] if sc["split_micro_batches"] else 1,
+                           lookahead=sc["lookahead"])
     max_len = sched.max_model_len  # == pool tokens here
     prefixes = [make_prompt(3 * bs + 1, salt=900), make_prompt(2 * bs, salt=901)]
     seqs, refused, cancelled = [], [], set()
@@ -399,7 +470,8 @@ def test_random_interleavings_finish_and_match_a_big_pool_run(sc):
             events.setdefault(r["arrival"] + r["cancel"], []).append(cancel(seq))
     tick_events = {t: (lambda fns: lambda s: [f(s) for f in fns])(fns) for t, fns in events.items()}
 
-    run_to_completion(sched, max_in_flight=sc["max_in_flight"], events=tick_events, max_ticks=3_000)
+    log = run_to_completion(sched, max_in_flight=sc["max_in_flight"] * (2 if sc["lookahead"] else 1),
+                            events=tick_events, max_ticks=3_000)
 
     assert all(len(s.prompt_token_ids) + 1 > max_len for s in refused)
     for s in seqs:
@@ -409,9 +481,10 @@ def test_random_interleavings_finish_and_match_a_big_pool_run(sc):
     bm = sched.block_manager
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks and sum(bm.ref_counts) == 0
-    assert sched.in_flight == set() and not sched.waiting and not sched.running and sched.seqs == {}
+    assert sched.in_flight == {} and not sched.waiting and not sched.running and sched.seqs == {}
     done = [s for s in seqs if s.finish_reason != "abort"]
     event(f"preempted={sched.stats.num_preemptions > 0}")
     event(f"prefix hits={bm.num_prefix_hits > 0}")
     event(f"cancelled={bool(cancelled)}, refused={bool(refused)}")
+    event(f"continuations={any(s.prev_step is not None for o in log for s in o.scheduled)}")
     assert outputs(done) == reference_outputs(done, bs, max_len, sc["eos"])
