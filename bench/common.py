@@ -287,7 +287,8 @@ def plan_summary(stats: dict) -> dict:
 
 
 COUNTERS = ("requests_total", "requests_finished", "generation_tokens_total", "prompt_tokens_total", "steps_total",
-            "step_time_s_total", "num_preemptions_total", "prefix_cache_hit_blocks")
+            "step_time_s_total", "num_preemptions_total", "prefix_cache_hit_blocks",
+            "num_continuations_total")
 
 
 def counter_diff(before: dict, after: dict) -> dict:

@@ -4,7 +4,8 @@ Lifecycle: bind sockets and the rendezvous store -> wait for `workers.count` REG
 ASSIGN each worker -> wait for every READY -> serve. The busy loop:
 
     1. drain the inbox (client requests, worker results and heartbeats)
-    2. schedule: while fewer than `pipeline_micro_batches` steps are in flight, ask the scheduler
+    2. schedule: while fewer than `pipeline_micro_batches` steps are in flight (twice that with
+       async scheduling: each micro-batch's continuation too), ask the scheduler
     3. dispatch each new step plan to every worker
     4. collect: a STEP_RESULT from the last stage completes a step (arrives via step 1)
     5. emit text deltas / DONE messages, and check worker liveness (and advance a worker drain)
@@ -69,6 +70,7 @@ class WorkerInfo:
     step_time_s: float = 0.0
     rss_bytes: int = 0
     kv_bytes: int = 0
+    lookahead_ok: bool = False  # READY said: can take continuations (async scheduling)
     num_steps: int = 0
     busy_s: float = 0.0  # cumulative seconds in forward passes, as the worker reports it
     busy_window: RateWindow | None = None  # busy_s over coordinator time: the busy fraction
@@ -586,6 +588,7 @@ class Coordinator:
                 "quantization_group_size": cfg.quantization_group_size, "dtype": cfg.dtype,
                 "model": cfg.model, "model_digest": self.model_digest, "version": __version__,
                 "gemm_weights": cfg.workers.gemm_weights, "kv_cache_dtype": cfg.workers.kv_cache_dtype,
+                "token_ring": self._wants_lookahead(plan) and plan.pp_size > 1,
             }):
                 unreachable.append(self.workers[a.worker_id])
         self.state = "loading"
@@ -601,24 +604,35 @@ class Coordinator:
         w.weight_bytes = int(body.get("weight_bytes", 0))
         w.rss_bytes = int(body.get("rss_bytes", 0))
         w.kv_bytes = int(body.get("kv_bytes", 0))
+        w.lookahead_ok = bool(body.get("lookahead_ok", False))
         log.info("worker %s ready (%.0f MB weights, loaded in %.1f s)", w.worker_id, w.weight_bytes / 1e6,
                  body.get("load_s", 0.0))
         if self.state == "loading" and all(self.workers[a.worker_id].ready for a in self.plan.assignments):
             cfg = self.config.scheduler
             bm = BlockManager(self.plan.num_kv_blocks, self.plan.block_size, cfg.enable_prefix_caching)
-            self.max_in_flight = cfg.pipeline_micro_batches or self.plan.pp_size
+            micro_batches = cfg.pipeline_micro_batches or self.plan.pp_size
+            # async scheduling: each micro-batch also has its continuation in flight
+            lookahead = self._wants_lookahead(self.plan) and all(
+                self.workers[a.worker_id].lookahead_ok for a in self.plan.assignments)
+            self.max_in_flight = micro_batches * (2 if lookahead else 1)
             old = self.scheduler
             self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
-                                       self.max_in_flight)
+                                       micro_batches, lookahead=lookahead)
             self.scheduler.eos_token_id = self.spec.eos_token_id
             if old is not None:  # step ids stay unique across plans (a late result never matches)
                 self.scheduler._next_step_id = old._next_step_id
                 self.scheduler.stats.num_preemptions = old.stats.num_preemptions
             self.state = "serving"
             resumed = self._resume_requests()
-            log.info("serving %s: %d KV blocks of %d tokens, %d micro-batches in flight", self.model_id,
-                     self.plan.num_kv_blocks, self.plan.block_size, self.max_in_flight)
+            log.info("serving %s: %d KV blocks of %d tokens, %d micro-batches%s", self.model_id,
+                     self.plan.num_kv_blocks, self.plan.block_size, micro_batches,
+                     ", async scheduling" if lookahead else "")
             self._end_worker_drain(resumed=resumed)
+
+    def _wants_lookahead(self, plan: Plan) -> bool:
+        """Async scheduling for this plan: asked for, and one rank per stage (the last stage's
+        sampler hands its tokens to the first stage's one rank)."""
+        return self.config.scheduler.async_scheduling and plan.tp_size == 1
 
     def _heartbeat(self, now: float) -> None:
         cfg = self.config.heartbeat
@@ -858,6 +872,9 @@ class Coordinator:
             entry = {"seq_id": seq.seq_id, "start": s.start, "n": s.num_new_tokens,
                      "tokens": P.pack_ids(seq.token_ids(s.start, s.start + s.num_new_tokens)),
                      "blocks": P.pack_ids(s.new_blocks), "reset": s.reset, "sample": s.sample}
+            if s.prev_step is not None:  # a continuation: the input token is what step `prev` samples
+                entry["tokens"] = b""
+                entry["prev"] = s.prev_step
             if s.reset:
                 req = self.requests[seq.seq_id]
                 entry["params"] = seq.sampling_params.to_dict()
@@ -1183,7 +1200,8 @@ class Coordinator:
                      num_steps_in_flight=len(self.in_flight),
                      num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
                      num_preemptions_total=self.scheduler.stats.num_preemptions,
-                     prefix_cache_hit_blocks=bm.num_prefix_hits)
+                     prefix_cache_hit_blocks=bm.num_prefix_hits, async_scheduling=self.scheduler.lookahead,
+                     num_continuations_total=self.scheduler.stats.num_continuations)
         d = self.worker_drain
         s["worker_drain"] = None if d is None else {"worker_id": d.worker_id, "phase": d.phase,
                                                     "elapsed_s": time.monotonic() - d.started}

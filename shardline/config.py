@@ -102,6 +102,10 @@ class SchedulerConfig(_Frozen):
     pipeline_micro_batches: int | None = Field(
         None, ge=1, description="Step plans in flight at once (default: the number of pipeline stages)."
     )
+    async_scheduling: bool = Field(
+        True, description="Schedule a sequence's next decode step before its current token returns (vLLM's async "
+        "scheduling); the last stage hands sampled tokens to the first directly. Applies with tensor_parallel 1."
+    )
 
 
 class MetricsConfig(_Frozen):

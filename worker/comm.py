@@ -7,6 +7,11 @@ over NCCL on CUDA, over a plain TCP stream on CPU (see `StageComm`); tensor para
 all-reduces over the stage's TP subgroup after each row-parallel linear and after the
 vocabulary-parallel embedding, and all-gathers the vocabulary-parallel logits.
 The coordinator hosts the rendezvous `TCPStore`; control never rides on this plane.
+
+With async scheduling (coordinator/scheduler.py, `lookahead`) a TCP stream also closes the
+ring: the last stage sends each step's sampled token ids to the first stage (`send_tokens` /
+`recv_tokens`), which feeds them to the sequences' next steps, planned before the tokens were
+known. It is a plain socket on any device (tensor_parallel 1 only).
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import datetime
 import fcntl
 import os
+import select
 import socket
 import struct
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -89,7 +96,9 @@ class StageComm:
 
     def __init__(self, rank: int, world_size: int, stage: int, pp_size: int, tp_rank: int, tp_size: int,
                  store_host: str, store_port: int, prefix: str, backend: str, local_ip: str | None,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, token_ring: bool = False):
+        """token_ring: open the last stage -> first stage stream of sampled tokens (pp_size > 1,
+        tp_size 1 and a local address needed; `has_token_ring` says whether it was opened)."""
         self.rank, self.world_size = rank, world_size
         self.stage, self.pp_size = stage, pp_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -126,9 +135,13 @@ class StageComm:
         self.timeout_s = timeout_s
         self._send_sock: socket.socket | None = None
         self._recv_sock: socket.socket | None = None
-        if (backend == "gloo" and pp_size > 1 and local_ip
-                and os.environ.get("SHARDLINE_PP_TRANSPORT", "socket") == "socket"):
-            self._connect_stream(local_ip, prefix)
+        self._token_send_sock: socket.socket | None = None  # last stage -> first stage (the ring)
+        self._token_recv_sock: socket.socket | None = None
+        hidden = (backend == "gloo" and pp_size > 1 and bool(local_ip)
+                  and os.environ.get("SHARDLINE_PP_TRANSPORT", "socket") == "socket")
+        ring = token_ring and pp_size > 1 and tp_size == 1 and bool(local_ip)
+        if hidden or ring:
+            self._connect_stream(local_ip, prefix, hidden, ring)
 
     @property
     def prev_rank(self) -> int:
@@ -138,40 +151,62 @@ class StageComm:
     def next_rank(self) -> int:
         return (self.stage + 1) * self.tp_size + self.tp_rank
 
-    def _connect_stream(self, local_ip: str, prefix: str) -> None:
-        """Open the stream to the next stage and accept the one from the previous stage. Every
-        receiving rank first listens on `local_ip` and publishes host:port in the store; then each
-        sender connects (the listen backlog takes the connection before the accept), then each
-        receiver accepts. A connection that does not open with this group's HELLO is refused."""
+    @property
+    def has_token_ring(self) -> bool:
+        return self._token_send_sock is not None or self._token_recv_sock is not None
+
+    def _connect_stream(self, local_ip: str, prefix: str, hidden: bool, ring: bool) -> None:
+        """Open the streams: with `hidden`, to the next stage and from the previous one; with
+        `ring`, from the last stage to the first. Every receiving rank first listens on
+        `local_ip` and publishes host:port in the store; then each sender connects (the listen
+        backlog takes the connection before the accept), then each receiver accepts. A rank
+        receives one stream at most (the first stage: the ring's; the others: the hidden
+        states'). A connection that does not open with this group's HELLO and the expected
+        sender's rank is refused."""
         hello = STREAM_MAGIC + prefix.encode()
+        last = self.stage == self.pp_size - 1
+        expect = None  # the rank this one accepts a stream from
+        if hidden and self.stage > 0:
+            expect = self.prev_rank
+        elif ring and self.stage == 0:
+            expect = (self.pp_size - 1) * self.tp_size + self.tp_rank
         listener = None
-        if self.stage > 0:
+        if expect is not None:
             listener = socket.create_server((local_ip, 0))
             listener.settimeout(self.timeout_s)
             self.store.set(f"pp_stream/{self.rank}", f"{local_ip}:{listener.getsockname()[1]}")
+
+        def connect(rank: int) -> socket.socket:
+            host, port = self.store.get(f"pp_stream/{rank}").decode().rsplit(":", 1)
+            sock = socket.create_connection((host, int(port)), timeout=self.timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(struct.pack("<I", len(hello)) + hello + struct.pack("<q", self.rank))
+            return sock
+
         try:
-            if self.stage < self.pp_size - 1:
-                host, port = self.store.get(f"pp_stream/{self.next_rank}").decode().rsplit(":", 1)
-                sock = socket.create_connection((host, int(port)), timeout=self.timeout_s)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(struct.pack("<I", len(hello)) + hello + struct.pack("<q", self.rank))
-                self._send_sock = sock
+            if hidden and not last:
+                self._send_sock = connect(self.next_rank)
+            if ring and last:
+                self._token_send_sock = connect(self.tp_rank)  # the first stage's rank
             if listener is not None:
                 deadline = time.monotonic() + self.timeout_s
-                while self._recv_sock is None:
+                while self._recv_sock is None and self._token_recv_sock is None:
                     listener.settimeout(max(0.001, deadline - time.monotonic()))
                     sock, _ = listener.accept()  # socket.timeout (an OSError) after timeout_s
                     sock.settimeout(min(self.timeout_s, HELLO_TIMEOUT_S))  # a silent stranger is dropped
                     try:
                         n = struct.unpack("<I", _recv_exact(sock, 4))[0]
                         ok = n == len(hello) and _recv_exact(sock, n) == hello
-                        ok = ok and struct.unpack("<q", _recv_exact(sock, 8))[0] == self.prev_rank
+                        ok = ok and struct.unpack("<q", _recv_exact(sock, 8))[0] == expect
                     except (OSError, ConnectionError, struct.error):
                         ok = False
                     if ok:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         sock.settimeout(self.timeout_s)
-                        self._recv_sock = sock
+                        if self.stage == 0:
+                            self._token_recv_sock = sock
+                        else:
+                            self._recv_sock = sock
                     else:
                         sock.close()
         finally:
@@ -214,6 +249,36 @@ class StageComm:
         self.recv_s += time.perf_counter() - t0
         self.num_recv += 1
         return buf
+
+    def send_tokens(self, step_id: int, seq_ids: list[int], token_ids: list[int]) -> None:
+        """Last stage: hand a step's sampled tokens (one per sampling sequence) to the first stage.
+        Message: uint64 length, then int64 step_id, uint32 count, count int32 seq ids, count
+        int32 token ids (little-endian). Returns once the kernel has the bytes."""
+        n = len(seq_ids)
+        payload = (struct.pack("<qI", step_id, n) + np.asarray(seq_ids, dtype="<i4").tobytes()
+                   + np.asarray(token_ids, dtype="<i4").tobytes())
+        self._token_send_sock.sendall(struct.pack("<Q", len(payload)) + payload)
+
+    def recv_tokens(self, block: bool) -> list[tuple[int, list[int], list[int]]]:
+        """First stage: the token messages that have arrived, as (step_id, seq_ids, token_ids);
+        with `block`, waits for one at least (TimeoutError after the data-plane timeout,
+        ConnectionError if the last stage is gone)."""
+        sock, out = self._token_recv_sock, []
+        while block or select.select([sock], [], [], 0)[0]:
+            t0 = time.perf_counter()
+            size = struct.unpack("<Q", _recv_exact(sock, 8))[0]
+            if size < 12:
+                raise ConnectionError(f"token stream out of step: a {size}-byte message")
+            payload = _recv_exact(sock, size)
+            step_id, n = struct.unpack_from("<qI", payload)
+            if size != 12 + 8 * n:
+                raise ConnectionError(f"token stream out of step: {size} bytes for {n} tokens")
+            ids = np.frombuffer(payload, dtype="<i4", count=2 * n, offset=12)
+            out.append((step_id, ids[:n].tolist(), ids[n:].tolist()))
+            if block:
+                self.recv_s += time.perf_counter() - t0
+            block = False
+        return out
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
@@ -294,14 +359,14 @@ class StageComm:
             dist.destroy_process_group()
 
     def _close_streams(self) -> None:
-        for sock in (self._send_sock, self._recv_sock):
+        for sock in (self._send_sock, self._recv_sock, self._token_send_sock, self._token_recv_sock):
             if sock is not None:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 sock.close()
-        self._send_sock = self._recv_sock = None
+        self._send_sock = self._recv_sock = self._token_send_sock = self._token_recv_sock = None
 
     def close(self) -> None:
         try:

@@ -145,6 +145,9 @@ class Worker:
         self.model = self.kv_cache = self.comm = None
         self.block_tables: dict[int, list[int]] = {}
         self.params: dict[int, SequenceSampling] = {}  # seq_id -> sampling state (from its first step)
+        # first stage: seq_id -> (step_id, token) of its latest sampled token (async scheduling:
+        # a continuation's input; from this worker's sampler with one stage, else the token ring)
+        self.sampled: dict[int, tuple[int, int]] = {}
         self.step_time_s = 0.0
         self.num_steps = 0
         self.busy_s = 0.0  # seconds in forward passes since start (input received -> output sent)
@@ -249,6 +252,7 @@ class Worker:
         self.model = self.kv_cache = None
         self.block_tables.clear()
         self.params.clear()
+        self.sampled.clear()
         self.incarnation = uuid.uuid4().hex[:12]
         self._register()
 
@@ -299,6 +303,7 @@ class Worker:
             self.comm = None
         self.block_tables.clear()
         self.params.clear()
+        self.sampled.clear()
         self._send(MsgType.ERROR, P.error_body(P.ErrorCode.UNAVAILABLE, f"data plane failed: {why}",
                                                generation=self.generation))
 
@@ -340,9 +345,10 @@ class Worker:
         backend = "nccl" if self.device == "cuda" else "gloo"
         self.block_tables.clear()
         self.params.clear()
+        self.sampled.clear()
         self.comm = StageComm(a["rank"], a["world_size"], self.stage, self.pp_size, self.tp_rank, self.tp_size,
                               a["store_host"], a["store_port"], a["store_prefix"], backend, self.host,
-                              timeout_s=a.get("data_plane_timeout_s", 60.0))
+                              timeout_s=a.get("data_plane_timeout_s", 60.0), token_ring=bool(a.get("token_ring")))
         bar.next()
         local = self._local_model(a)
         if local is not None:
@@ -380,7 +386,9 @@ class Worker:
                                    "generation": a.get("generation", 0),
                                    "shard_transfer": self.transfer_stats,
                                    "rss_bytes": rss_bytes(),
-                                   "kv_bytes": self.kv_cache.nbytes, "load_s": load_s})
+                                   "kv_bytes": self.kv_cache.nbytes, "load_s": load_s,
+                                   # continuations need the sampled tokens at the first stage
+                                   "lookahead_ok": self.tp_size == 1 and (self.pp_size == 1 or self.comm.has_token_ring)})
 
     # ---- where the weights come from -----------------------------------------------------
     def _digest(self, path: str) -> str:
@@ -445,6 +453,10 @@ class Worker:
         for seq_id in plan.get("free", ()):
             self.block_tables.pop(seq_id, None)
             self.params.pop(seq_id, None)
+            self.sampled.pop(seq_id, None)
+        ring_in = self.shard.is_first and self.comm.has_token_ring
+        if ring_in:  # take the tokens the last stage has sent so far (its sends never wait on us)
+            self._note_sampled(self.comm.recv_tokens(block=False))
         seqs = plan["seqs"]
         if not seqs:
             return
@@ -463,7 +475,10 @@ class Worker:
                 self._note_tokens(self.params[sid], s)
             entries.append((s["start"], s["n"], self.block_tables[sid], s["sample"]))
             if self.shard.is_first:
-                tokens.extend(P.unpack_ids(s["tokens"]))
+                if "prev" in s:  # a continuation: the token step `prev` sampled for this sequence
+                    tokens.append(self._sampled_token(sid, s["prev"], ring_in))
+                else:
+                    tokens.extend(P.unpack_ids(s["tokens"]))
         meta = build_attention_metadata(entries, self.block_size)
         num_sampled = int(meta.sample_rows.shape[0])
         scored = self._prompt_logprob_rows(seqs) if self.shard.is_last else []
@@ -487,7 +502,12 @@ class Worker:
             nlp = [st.num_logprobs for st in states]
             positions = [s["start"] + s["n"] for s in sampled]
             res = self.sampler(out[:num_sampled], [st.params for st in states], positions, nlp, states)
-            body = {"step_id": plan["step_id"], "seq_ids": P.pack_ids([s["seq_id"] for s in sampled]),
+            sampled_ids = [s["seq_id"] for s in sampled]
+            if self.shard.is_first:  # one stage: continuations read the tokens here
+                self._note_sampled([(plan["step_id"], sampled_ids, res.token_ids)])
+            elif self.comm.has_token_ring:  # before the result: the first stage may be waiting for them
+                self.comm.send_tokens(plan["step_id"], sampled_ids, res.token_ids)
+            body = {"step_id": plan["step_id"], "seq_ids": P.pack_ids(sampled_ids),
                     "tokens": P.pack_ids(res.token_ids), "forward_s": time.perf_counter() - t0}
             if any(nlp):
                 body["logprobs"] = [None if lp is None else [lp[0], [list(t) for t in lp[1]]] for lp in res.logprobs]
@@ -500,12 +520,35 @@ class Worker:
         self.step_times.append(t_end - t_input - send_wait_s)
         self.num_steps += 1
 
+    def _note_sampled(self, messages) -> None:
+        """Keep (step_id, token) per live sequence from (step_id, seq_ids, token_ids) messages
+        (a late one for a freed sequence is dropped)."""
+        for step_id, seq_ids, token_ids in messages:
+            for sid, tok in zip(seq_ids, token_ids):
+                if sid in self.block_tables:
+                    self.sampled[sid] = (step_id, tok)
+
+    def _sampled_token(self, seq_id: int, step_id: int, ring_in: bool) -> int:
+        """The token step `step_id` sampled for `seq_id`: waits on the token ring for it if it
+        has not arrived. Raises RuntimeError when it cannot come (no ring, a plan out of step)."""
+        got = self.sampled.get(seq_id)
+        while got is None or got[0] < step_id:
+            if not ring_in:
+                raise RuntimeError(f"continuation of sequence {seq_id}: step {step_id}'s token is not here")
+            self._note_sampled(self.comm.recv_tokens(block=True))
+            got = self.sampled.get(seq_id)
+        if got[0] != step_id:
+            raise RuntimeError(f"continuation of sequence {seq_id}: expected step {step_id}'s token, "
+                               f"have step {got[0]}'s")
+        return got[1]
+
     def _note_tokens(self, st: SequenceSampling, s: dict) -> None:
         """Last stage: keep the token ids of a sequence whose penalties need its history.
         `history` (with a reset) holds the tokens before the first computed position (a cached
         prefix); every step's `tokens` are the ids at positions [start, start + n)."""
         if not st.params.needs_history:
             return
+        assert "prev" not in s, "a continuation of a sequence whose penalties need its history"
         if s.get("params") is not None:
             st.token_ids = P.unpack_ids(s.get("history") or b"")
         start = s["start"]

@@ -74,6 +74,28 @@ def test_same_output_with_one_seat_and_small_chunks(clusters, reference):
     assert_same_greedy(reference, outs[0])
 
 
+@pytest.mark.parametrize("pp", [1, 2])
+def test_async_scheduling_gives_the_outputs_of_synchronous_steps(clusters, pp):
+    """Async scheduling (continuations: a decode step planned before its input token is known;
+    with two stages the last hands its samples to the first over the token ring) against the
+    same layout with it off: same greedy tokens for eight concurrent requests, and a stop found
+    on a token (a stop string, EOS-like) ends the request with the same text although its
+    continuation was already computed; every block comes back."""
+    on, off = clusters.get(pp_config(pp)), clusters.get(pp_config(pp, async_scheduling=False))
+    prompts = [TARGET] + OTHERS
+    before = on.client.stats()
+    assert before["async_scheduling"] is True and off.client.stats()["async_scheduling"] is False
+    got, want = _concurrently(on.client, prompts), _concurrently(off.client, prompts)
+    _all_same(want, got)
+    stop = want[0].text[10:14]  # a stop string the output meets early
+    a = on.client.generate(TARGET, max_tokens=N, stop=[stop])
+    b = off.client.generate(TARGET, max_tokens=N, stop=[stop])
+    assert (a.text, a.finish_reason) == (b.text, b.finish_reason) and a.finish_reason == "stop"
+    after = _wait_idle(on.client)
+    assert after["num_continuations_total"] - before["num_continuations_total"] >= len(prompts) * (N // 2)
+    assert after["num_free_blocks"] == after["num_kv_blocks"]
+
+
 def test_preemption_gives_the_same_outputs(clusters, default_cluster):
     """One stage, so one step is in flight and a sequence short of blocks always finds a victim
     (with micro-batches in flight it may wait instead). 8 sequences of 5-18 prompt tokens growing

@@ -267,3 +267,68 @@ def test_pipeline_stream_refuses_a_stranger_that_connects_first():
         assert np.array_equal(got[i], want)
     assert "out of step" in got[-1]
     del store
+
+
+def _ring_main(stage: int, pp: int, port: int, q) -> None:
+    """A TP=1 pipeline with the token ring: the last stage sends three token messages (one
+    empty) after a hidden-state tensor has passed down the stages; stage 0 reads them back."""
+    import torch
+
+    from worker.comm import StageComm
+
+    torch.set_num_threads(1)
+    comm = StageComm(stage, pp, stage, pp, 0, 1, "127.0.0.1", port, "ring/", "gloo", "127.0.0.1", timeout_s=30,
+                     token_ring=True)
+    try:
+        assert comm.has_token_ring == (stage in (0, pp - 1))
+        x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+        if stage == 0:
+            comm.send_hidden(x)
+            msgs = []
+            while len(msgs) < 3:  # blocking once, then what has arrived
+                msgs += comm.recv_tokens(block=not msgs)
+            q.put(msgs + comm.recv_tokens(block=False))
+        else:
+            y = comm.recv_hidden((3, 4), torch.float32)
+            if stage < pp - 1:
+                comm.send_hidden(y)
+            else:
+                assert torch.equal(y, x)
+                comm.send_tokens(7, [1001, 1002], [42, 43])
+                comm.send_tokens(8, [], [])
+                comm.send_tokens(9, [1003], [2 ** 31 - 1])
+            comm.store.wait(["done"])  # stage 0 has read everything
+    finally:
+        if stage == 0:
+            comm.store.set("done", "1")
+        comm.close()
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_token_ring_carries_samples_from_the_last_stage_to_the_first(pp):
+    """Async scheduling's token ring (last stage -> first stage TCP stream) next to the
+    pipeline streams: messages arrive whole, in order, with their step ids; a non-blocking read
+    with nothing pending returns nothing."""
+    import datetime
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    from shardline.local import free_port_block
+
+    port = free_port_block(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ring_main, args=(s, pp, port, q)) for s in range(pp)]
+    for p in procs:
+        p.start()
+    try:
+        got = q.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert got == [(7, [1001, 1002], [42, 43]), (8, [], []), (9, [1003], [2 ** 31 - 1])]
+    del store
