@@ -140,7 +140,7 @@ def test_tp_all_reduce_sums_over_the_group(impl):
     del store
 
 
-def _stage_main(stage: int, pp: int, port: int, shapes, q, connect_delay_s: float = 0.0) -> None:
+def _stage_main(stage: int, pp: int, port: int, shapes, connect_delay_s: float, q) -> None:
     """One pipeline stage of a TP=1 group: stage 0 sends seeded tensors, a middle stage adds 1
     and passes each on, the last one puts what it received on q; then the last stage receives
     with a wrong shape (the stream must say it is out of step, not mis-read). connect_delay_s:
@@ -190,26 +190,22 @@ def _stage_main(stage: int, pp: int, port: int, shapes, q, connect_delay_s: floa
         comm.close()
 
 
-def test_pipeline_stream_moves_hidden_states_in_order():
-    """The CPU pipeline hand-off (a TCP stream per stage pair): three stages; decode- and
-    prefill-sized tensors, an empty one, and one larger than the socket buffers arrive bit for
-    bit and in order (the middle stage adds 1), and a receive of the wrong size fails with a
-    clear error instead of reading part of the next tensor."""
+def _run_stages(target, pp: int, *args):
+    """Run `target(stage, pp, port, *args, q)` in one spawned process per stage around a fresh
+    TCPStore; returns what a stage put on q, once every process has exited with 0."""
     import datetime
     import multiprocessing as mp
 
-    import torch
     import torch.distributed as dist
 
     from shardline.local import free_port_block
 
-    shapes = [(1, 576), (0, 576), (512, 576), (4096, 576), (32, 576)]
     port = free_port_block(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_stage_main, args=(s, 3, port, shapes, q)) for s in range(3)]
+    procs = [ctx.Process(target=target, args=(s, pp, port, *args, q)) for s in range(pp)]
     for p in procs:
         p.start()
     try:
@@ -218,11 +214,23 @@ def test_pipeline_stream_moves_hidden_states_in_order():
         for p in procs:
             p.join(30)
     assert all(p.exitcode == 0 for p in procs)
+    del store
+    return got
+
+
+def test_pipeline_stream_moves_hidden_states_in_order():
+    """The CPU pipeline hand-off (a TCP stream per stage pair): three stages; decode- and
+    prefill-sized tensors, an empty one, and one larger than the socket buffers arrive bit for
+    bit and in order (the middle stage adds 1), and a receive of the wrong size fails with a
+    clear error instead of reading part of the next tensor."""
+    import torch
+
+    shapes = [(1, 576), (0, 576), (512, 576), (4096, 576), (32, 576)]
+    got = _run_stages(_stage_main, 3, shapes, 0.0)
     for i, shape in enumerate(shapes):
         want = torch.randn(*shape, generator=torch.Generator().manual_seed(i)).numpy() + 1
         assert got[i].shape == shape and np.array_equal(got[i], want)
     assert "out of step" in got[-1] and "48 bytes sent, 64 expected" in got[-1]
-    del store
 
 
 def test_pipeline_stream_refuses_a_stranger_that_connects_first():
@@ -244,7 +252,7 @@ def test_pipeline_stream_refuses_a_stranger_that_connects_first():
                           timeout=datetime.timedelta(seconds=60))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_stage_main, args=(s, 2, port, shapes, q, 2.0)) for s in range(2)]
+    procs = [ctx.Process(target=_stage_main, args=(s, 2, port, shapes, 2.0, q)) for s in range(2)]
     for p in procs:
         p.start()
     try:
@@ -309,26 +317,5 @@ def test_token_ring_carries_samples_from_the_last_stage_to_the_first(pp):
     """Async scheduling's token ring (last stage -> first stage TCP stream) next to the
     pipeline streams: messages arrive whole, in order, with their step ids; a non-blocking read
     with nothing pending returns nothing."""
-    import datetime
-    import multiprocessing as mp
-
-    import torch.distributed as dist
-
-    from shardline.local import free_port_block
-
-    port = free_port_block(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=60))
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_ring_main, args=(s, pp, port, q)) for s in range(pp)]
-    for p in procs:
-        p.start()
-    try:
-        got = q.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(30)
-    assert all(p.exitcode == 0 for p in procs)
+    got = _run_stages(_ring_main, pp)
     assert got == [(7, [1001, 1002], [42, 43]), (8, [], []), (9, [1003], [2 ** 31 - 1])]
-    del store
