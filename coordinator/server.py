@@ -912,7 +912,8 @@ class Coordinator:
         sampled = dict(zip(seq_ids, tokens))
         for sid, lp in zip(seq_ids, logprobs):
             req = self.requests.get(sid)
-            if req is not None and lp is not None:
+            # a finished sequence's token is dropped (a continuation computed after its stop)
+            if req is not None and lp is not None and not req.seq.is_finished:
                 req.seq.output_logprobs.append(lp)
         for sid, first, entries in body.get("prompt_logprobs") or ():
             req = self.requests.get(sid)

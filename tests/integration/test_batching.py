@@ -91,6 +91,10 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(clusters, pp):
     a = on.client.generate(TARGET, max_tokens=N, stop=[stop])
     b = off.client.generate(TARGET, max_tokens=N, stop=[stop])
     assert (a.text, a.finish_reason) == (b.text, b.finish_reason) and a.finish_reason == "stop"
+    tok = want[1].token_ids[3]  # a stop token id: the sequence ends in the scheduler, its continuation out
+    a = on.client.generate(OTHERS[0], max_tokens=N, stop_token_ids=[tok], logprobs=1)
+    assert a.token_ids == want[1].token_ids[:want[1].token_ids.index(tok) + 1]
+    assert len(a.logprobs) == len(a.token_ids) and a.finish_reason == "stop"
     after = _wait_idle(on.client)
     assert after["num_continuations_total"] - before["num_continuations_total"] >= len(prompts) * (N // 2)
     assert after["num_free_blocks"] == after["num_kv_blocks"]
