@@ -53,20 +53,38 @@ from .simd import LANES, fold1, fold2, fold4, fold8, prefetch, vfma, vload, vspl
 
 @intrinsic
 def load_float32(typingctx, x):
-    """A cache element as float32: float32 as is; int16 as the bit pattern of an IEEE 754
-    binary16 value, widened exactly (LLVM bitcast to half, fpext; vcvtph2ps with F16C)."""
+    """An element as float32: float32 as is; int16 as the bit pattern of an IEEE 754 binary16
+    value, widened exactly (LLVM bitcast to half, fpext; vcvtph2ps with F16C); uint16 as the bit
+    pattern of a bfloat16 value (the upper half of a float32), widened exactly (zext, shift)."""
     if x == types.float32:
         return types.float32(x), lambda context, builder, sig, args: args[0]
     if x == types.int16:
         return types.float32(x), lambda context, builder, sig, args: builder.fpext(
             builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    if x == types.uint16:
+        i32 = ir.IntType(32)
+        return types.float32(x), lambda context, builder, sig, args: builder.bitcast(
+            builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
     return None
+
+
+def _bfloat16_bits(builder, value):
+    """LLVM IR: float32 `value` -> the uint16 bit pattern of the nearest bfloat16, ties to even,
+    as torch's float -> bfloat16 conversion (c10/util/BFloat16.h round_to_nearest_even: add
+    0x7FFF plus the lowest kept bit, keep the upper half; NaN -> 0x7FC0; overflow -> inf)."""
+    i32 = ir.IntType(32)
+    bits = builder.bitcast(value, i32)
+    lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+    rounded = builder.lshr(builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF))), ir.Constant(i32, 16))
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    return builder.trunc(builder.select(is_nan, ir.Constant(i32, 0x7FC0), rounded), ir.IntType(16))
 
 
 @intrinsic
 def store_as(typingctx, value, like):
-    """float32 `value` converted to the element type of a cache whose elements look like `like`:
-    float32 as is; int16: the binary16 bit pattern, rounded to nearest even (fptrunc)."""
+    """float32 `value` converted to the element type of an array whose elements look like
+    `like`: float32 as is; int16: the binary16 bit pattern, rounded to nearest even (fptrunc);
+    uint16: the bfloat16 bit pattern, rounded to nearest even (`_bfloat16_bits`)."""
     if value != types.float32:
         return None
     if like == types.float32:
@@ -74,6 +92,8 @@ def store_as(typingctx, value, like):
     if like == types.int16:
         return types.int16(value, like), lambda context, builder, sig, args: builder.bitcast(
             builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    if like == types.uint16:
+        return types.uint16(value, like), lambda context, builder, sig, args: _bfloat16_bits(builder, args[0])
     return None
 
 

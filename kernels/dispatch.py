@@ -249,13 +249,26 @@ class QuantizedLinear(torch.nn.Module):
             return torch.ops.mkldnn._linear_pointwise(xb, self.weight_bf16[i], None, "none", [], "")
         return xb @ self.weight_bf16[i].T
 
+    def takes_bf16_copy(self, n_tokens: int) -> bool:
+        """Whether a CPU call with n_tokens tokens multiplies the bf16 copy (there is one and
+        n_tokens >= bf16_copy_min_tokens(out_features)) rather than the packed weight."""
+        return self.weight_bf16 is not None and n_tokens >= bf16_copy_min_tokens(self.out_features)
+
+    def bf16_linear(self, xb: torch.Tensor) -> torch.Tensor:
+        """xb bfloat16 [n, in] @ the bf16 copy -> bfloat16 [n, out]: bf16 products, float32 sums
+        rounded to nearest even, no bias (the GEMM `forward` runs on the copy, without its
+        conversions to and from float32, for callers that keep activations in bfloat16 between
+        GEMMs: worker/model.py's DecoderLayer.forward_bf16). Raises RuntimeError without a copy."""
+        if self.weight_bf16 is None:
+            raise RuntimeError("bf16_linear needs the bf16 copy (keep_bf16_copy)")
+        if len(self.weight_bf16) == 1:
+            return self._part_matmul(xb, 0)
+        return torch.cat([self._part_matmul(xb, i) for i in range(len(self.weight_bf16))], -1)
+
     def _bf16_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 float32 or bfloat16 [n, in] @ the bf16 copy -> float32 [n, out] (bf16 products,
         float32 sums rounded to bf16)."""
-        xb = x2 if x2.dtype == torch.bfloat16 else x2.bfloat16()
-        if len(self.weight_bf16) == 1:
-            return self._part_matmul(xb, 0).float()
-        return torch.cat([self._part_matmul(xb, i) for i in range(len(self.weight_bf16))], -1).float()
+        return self.bf16_linear(x2 if x2.dtype == torch.bfloat16 else x2.bfloat16()).float()
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """SiLU(x @ W_gate.T) * (x @ W_up.T) for a fused gate+up layer (W = [W_gate; W_up], kept
@@ -304,8 +317,7 @@ class QuantizedLinear(torch.nn.Module):
         """x: float32 [..., in_features] (or bfloat16, as `swiglu` returns) -> float32 [..., out_features]."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if (self.weight_bf16 is not None and x2.shape[0] >= bf16_copy_min_tokens(self.out_features)
-                and not x2.is_cuda):
+        if self.takes_bf16_copy(x2.shape[0]) and not x2.is_cuda:
             y = self._bf16_matmul(x2.contiguous())
         else:
             y = quantized_matmul(x2.float(), self.qweight)

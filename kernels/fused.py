@@ -14,6 +14,11 @@ and the same attention loop (kernels/attention.py); only the RMSNorm and RoPE ar
 written out here (float32, as torch does them), so results agree with the unfused path to
 float32 rounding. Tests: tests/kernels/test_fused.py against DecoderLayer.
 
+`rope_cache_attention`, `_rms_norm`, `add_to` and `add_rms_norm` also serve the layers whose
+GEMMs are torch's bf16 GEMMs (worker/model.py DecoderLayer.forward / forward_bf16): there the
+activations they read or write may be bfloat16, passed as uint16 arrays of bit patterns
+(kernels.attention.load_float32 widens them exactly, store_as rounds to nearest even).
+
 Shapes (T = tokens of the step, one per sequence; H = hidden; D = head_dim; F = ffn width):
     x            float32 [T, H], updated in place (residual stream)
     norm weights float32 [H]
@@ -29,13 +34,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .attention import _paged_decode, store_as
+from .attention import _paged_decode, load_float32, store_as
 from .cpu import _packed_parallel, _packed_serial
 
 
 @njit(fastmath=True, cache=True)
 def _rms_norm(x, w, eps, out):
-    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w (Zhang & Sennrich 2019)."""
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w (Zhang & Sennrich 2019), computed in float32;
+    out float32, or uint16 for bfloat16 bit patterns (rounded to nearest even, as torch's
+    `.bfloat16()` of the float32 result)."""
     n, h = x.shape
     for t in range(n):
         s = np.float32(0.0)
@@ -43,7 +50,26 @@ def _rms_norm(x, w, eps, out):
             s += x[t, i] * x[t, i]
         r = np.float32(1.0) / np.sqrt(s / np.float32(h) + eps)
         for i in range(h):
-            out[t, i] = x[t, i] * r * w[i]
+            out[t, i] = store_as(x[t, i] * r * w[i], out[0, 0])
+
+
+@njit(fastmath=True, cache=True)
+def add_to(x, y):
+    """x += y in place: x float32 [T, H]; y float32, or uint16 bfloat16 bit patterns (widened
+    exactly), [T, H]. The residual add after a projection whose GEMM returned bfloat16."""
+    n, h = x.shape
+    for t in range(n):
+        for i in range(h):
+            x[t, i] += load_float32(y[t, i])
+
+
+@njit(fastmath=True, cache=True)
+def add_rms_norm(x, y, w, eps, out):
+    """x += y in place (as `add_to`), then out = RMSNorm(x) * w (as `_rms_norm`, the same
+    float32 arithmetic): the attention block's residual add and the MLP's input norm in one
+    call."""
+    add_to(x, y)
+    _rms_norm(x, w, eps, out)
 
 
 @njit(cache=True)
@@ -57,12 +83,15 @@ def _linear(fmt, qs, dd, mm, x, y, nchunk):
 
 @njit(fastmath=True, cache=True)
 def rope_cache_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens,
-                         block_size, num_heads, scale, per_sequence):
+                         block_size, num_heads, scale, per_sequence, out):
     """The middle of a decoder layer's attention for T single-token sequences, from the fused
-    QKV projection qkv float32 [T, Hq*D + 2*Hkv*D]: RoPE on Q and K, K and V written into the
-    caches at `slots` (in the caches' dtype), paged attention of each query over its context.
-    Returns float32 [T, Hq*D], the input of the output projection. `per_sequence`: the work
-    split of kernels.attention._paged_decode (parallel when Numba has several threads)."""
+    QKV projection qkv [T, Hq*D + 2*Hkv*D]: RoPE on Q and K, K and V written into the caches at
+    `slots` (in the caches' dtype), paged attention of each query over its context, written to
+    out [T, Hq*D], the input of the output projection. qkv and out: float32, or uint16 bfloat16
+    bit patterns (the bf16 GEMMs' output and input: qkv widened exactly, out rounded to nearest
+    even, as torch's `.float()` and `.bfloat16()` would); the arithmetic is float32 either way.
+    `per_sequence`: the work split of kernels.attention._paged_decode (parallel when Numba has
+    several threads)."""
     n = qkv.shape[0]
     num_kv, head_dim = k_cache.shape[1], k_cache.shape[2]
     half = head_dim // 2
@@ -76,25 +105,28 @@ def rope_cache_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, bloc
             src = qkv[t, hh * head_dim:(hh + 1) * head_dim]
             dst = q[t, hh]
             for i in range(half):
-                a = src[2 * i]
-                b = src[2 * i + 1]
+                a = load_float32(src[2 * i])
+                b = load_float32(src[2 * i + 1])
                 dst[2 * i] = a * c[i] - b * s[i]
                 dst[2 * i + 1] = a * s[i] + b * c[i]
         for kh in range(num_kv):  # K rotated likewise, then K and V stored in the cache's dtype
             src = qkv[t, q_size + kh * head_dim:q_size + (kh + 1) * head_dim]
             dst = k_cache[slot, kh]
             for i in range(half):
-                a = src[2 * i]
-                b = src[2 * i + 1]
+                a = load_float32(src[2 * i])
+                b = load_float32(src[2 * i + 1])
                 dst[2 * i] = store_as(a * c[i] - b * s[i], dst[0])
                 dst[2 * i + 1] = store_as(a * s[i] + b * c[i], dst[0])
             src = qkv[t, q_size + kv_size + kh * head_dim:q_size + kv_size + (kh + 1) * head_dim]
             dst = v_cache[slot, kh]
             for i in range(head_dim):
-                dst[i] = store_as(src[i], dst[0])
+                dst[i] = store_as(load_float32(src[i]), dst[0])
     attn = np.empty((n, num_heads, head_dim), np.float32)
     _paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, attn, per_sequence)
-    return attn.reshape(n, q_size)
+    flat = attn.reshape(n, q_size)
+    for t in range(n):
+        for i in range(q_size):
+            out[t, i] = store_as(flat[t, i], out[0, 0])
 
 
 @njit(fastmath=True, cache=True)
@@ -111,8 +143,9 @@ def decode_attention(x, norm_w, eps, qkv_f, qkv_q, qkv_d, qkv_m, o_f, o_q, o_d, 
     _rms_norm(x, norm_w, eps, h)
     qkv = np.empty((n, q_size + 2 * kv_size), np.float32)
     _linear(qkv_f, qkv_q, qkv_d, qkv_m, h, qkv, nchunk)
-    attn = rope_cache_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens,
-                                block_size, num_heads, scale, True)
+    attn = np.empty((n, q_size), np.float32)
+    rope_cache_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens,
+                         block_size, num_heads, scale, True, attn)
     out = np.empty((n, hidden), np.float32)
     _linear(o_f, o_q, o_d, o_m, attn, out, nchunk)
     return out

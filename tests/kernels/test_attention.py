@@ -128,6 +128,31 @@ def test_float16_store_and_load_match_numpy():
     np.testing.assert_array_equal(back, want.astype(np.float32))
 
 
+def test_bfloat16_store_and_load_match_torch():
+    """store_as into uint16 rounds float32 to bfloat16 as torch's `.bfloat16()` does (nearest,
+    ties to even; overflow to inf; NaN to NaN), and load_float32 widens it as `.float()`."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.standard_normal(10_000) * 10 ** rng.uniform(-40, 38, 10_000),
+                        [0.0, -0.0, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -9, 3.3895e38, -3.4e38, 1e-45,
+                         np.inf, -np.inf]]).astype(np.float32)
+    x = np.concatenate([x, (rng.integers(0, 2 ** 16, 1000, dtype=np.uint32) << 16
+                            | 0x8000).view(np.float32)])  # exact ties, every exponent
+    bits = np.zeros(x.shape, np.uint16)
+    back = np.empty_like(x)
+    _to_half_and_back(x, bits, back)
+    want = torch.from_numpy(x).bfloat16()
+    num = ~np.isnan(x)  # the random ties include NaN patterns; torch keeps some payloads, we do not
+    assert num.sum() > 10_500
+    np.testing.assert_array_equal(bits[num], want.view(torch.uint16).numpy()[num])
+    np.testing.assert_array_equal(back[num], want.float().numpy()[num])
+    assert np.all(np.isnan(back[~num]))
+    # NaNs stay NaN, also one whose payload is only in the bits that are cut off
+    nan = np.array([0x7FC00000, 0xFFC00000, 0x7F800001], np.uint32).view(np.float32)
+    nan_bits, nan_back = np.zeros(3, np.uint16), np.empty(3, np.float32)
+    _to_half_and_back(nan, nan_bits, nan_back)
+    assert np.all(np.isnan(nan_back))
+
+
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 def test_slots_past_the_context_are_never_used(kv_dtype):
     """The vector kernel reads K 16 rows at a time, past a sequence's last token within its last

@@ -118,3 +118,63 @@ def test_warm_up_runs_every_attention_path(bf16_copies, monkeypatch):
     kv = KVCache(2, 32, BLOCK, SPEC.num_kv_heads, SPEC.head_dim, dtype=torch.float16)
     model.warm_up(kv, BLOCK)
     assert seen == {"paged", "causal", "fused"}
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shard", [ShardSpec(0, 3, True, False, 0, 1), ShardSpec(27, 30, False, True, 0, 1)])
+def test_bf16_path_gives_the_same_numbers_as_the_float32_glue(shard, kv_dtype, monkeypatch):
+    """DecoderLayer.forward_bf16 (bf16 activations between the bf16-copy GEMMs, norms and
+    residual adds in kernels.fused) against DecoderLayer.forward (float32 between the GEMMs,
+    torch's conversions at each GEMM): the same outputs and K/V bit for bit, on a prompt step, a
+    mixed step (a prompt chunk beside decode rows) and pure decode steps of 12 sequences."""
+    from worker.model import DecoderLayer
+
+    calls = []
+    real = DecoderLayer.forward_bf16
+    monkeypatch.setattr(DecoderLayer, "forward_bf16", lambda self, *a: calls.append(1) or real(self, *a))
+
+    def run(bf16_path: bool):
+        model = StageModel(SPEC, GGUFShardLoader(PATH, SPEC, shard), 256)
+        model.keep_bf16_copies()
+        model.bf16_path = bf16_path
+        kv = KVCache(3, 40, BLOCK, SPEC.num_kv_heads, SPEC.head_dim, dtype=kv_dtype)
+        gen = torch.Generator().manual_seed(3)
+        tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(13)]
+
+        def inputs(n):
+            if shard.is_first:
+                return torch.randint(0, SPEC.vocab_size, (n,), generator=gen)
+            return torch.randn(n, SPEC.hidden_size, generator=gen) * 3
+
+        steps = [[(0, 20, tables[i], True) for i in range(11)]]  # prompts
+        steps.append([(20, 1, tables[i], True) for i in range(11)] + [(0, 9, tables[11], True)])  # mixed
+        steps += [[(21 + k if i < 11 else 9 + k, 1, tables[i], True) for i in range(12)] for k in range(3)]  # decode
+        outs = []
+        for entries in steps:
+            meta = build_attention_metadata(entries, BLOCK)
+            outs.append(model(inputs(meta.num_tokens), meta, kv))
+        return outs, kv
+
+    ref, kv_ref = run(False)
+    assert not calls
+    got, kv_got = run(True)
+    assert len(calls) == 5 * 3, "forward_bf16 did not run every layer of every step"
+    for r, g in zip(ref, got):
+        assert torch.equal(r, g)
+    assert torch.equal(kv_ref.k, kv_got.k) and torch.equal(kv_ref.v, kv_got.v)
+
+
+def test_bf16_path_declines_without_copies_under_tp_and_below_the_copy_threshold():
+    """forward_bf16 runs only where every linear takes its bf16 copy: not without copies, not
+    for fewer tokens than the copies' threshold, not under tensor parallelism."""
+    model = StageModel(SPEC, GGUFShardLoader(PATH, SPEC, ShardSpec(0, 1, True, False, 0, 1)), 64)
+    layer = model.layers[0]
+    x = torch.zeros(16, SPEC.hidden_size)
+    assert not layer.takes_bf16_path(x)
+    model.keep_bf16_copies()
+    assert layer.takes_bf16_path(x)
+    assert not layer.takes_bf16_path(x[:4])
+    assert not layer.takes_bf16_path(x.t().contiguous().t())  # not contiguous
+    tp = StageModel(SPEC, GGUFShardLoader(PATH, SPEC, ShardSpec(0, 1, True, False, 1, 3)), 64)
+    tp.keep_bf16_copies()
+    assert not tp.layers[0].takes_bf16_path(x)
