@@ -282,8 +282,8 @@ class QuantizedLinear(torch.nn.Module):
         one thread: 10.9 -> 9.6 ms). Each GEMM sums in float32 and applies its post-op before
         rounding to bf16, as the unfused path rounds its GEMM output (SwiGLU: Shazeer 2020,
         "GLU Variants Improve Transformer")."""
-        if (self.weight_bf16 is None or len(self.weight_bf16) != 2 or x.is_cuda
-                or x.shape[0] < bf16_copy_min_tokens(self.out_features) or self.bias is not None):
+        if (not self.takes_bf16_copy(x.shape[0]) or len(self.weight_bf16) != 2 or x.is_cuda
+                or self.bias is not None):
             return None
         xb = x.reshape(-1, x.shape[-1]).bfloat16()
         if self._bf16_blocked:
@@ -300,7 +300,7 @@ class QuantizedLinear(torch.nn.Module):
         choice; else None."""
         w = self.qweight
         if (self.bias is not None or cpu.FMT.get(w.qtype) not in cpu.PACKED_FORMATS or w.in_features % 32
-                or (self.weight_bf16 is not None and n_tokens >= bf16_copy_min_tokens(w.out_features))
+                or self.takes_bf16_copy(n_tokens)
                 or not (n_tokens <= GEMV_MAX_TOKENS or n_tokens < crossover(w))):
             return None
         return cpu._packed(w)
