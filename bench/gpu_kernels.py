@@ -34,9 +34,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check (bench/gpu_kernels.py needs a GPU)")
         return 0
-    from kernels import cuda as kc
-    from kernels.formats import quantize
-    from kernels.reference import matmul_ref
+    from shardline.kernels import cuda as kc
+    from shardline.kernels.formats import quantize
+    from shardline.kernels.reference import matmul_ref
 
     rng = np.random.default_rng(0)
     dev = torch.device("cuda")

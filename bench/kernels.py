@@ -3,7 +3,7 @@ kernels per format, shape and n_tokens, next to the machine's measured memory re
 torch fp32/bf16 GEMM GFLOP/s. Paths: gemv/gemm (q8_0/q4_*: row-interleaved packed kernels),
 gemv_rw/gemm_rw (the plain row-wise kernels on the file layout), torch / torch_bf16 (dequantized
 tiles + fp32 / bf16 GEMM). With --crossover: kernel vs fp32 vs bf16 tiles on the SmolLM2-135M
-shapes at n = 4..512 (the measurement behind kernels.dispatch.CPU_CROSSOVER; run it with
+shapes at n = 4..512 (the measurement behind shardline.kernels.dispatch.CPU_CROSSOVER; run it with
 NUMBA_NUM_THREADS=1 for the 1-thread workers), then the table in use.
 
     python bench/kernels.py [--quick] [--crossover] [--out bench/results/kernels.json]
@@ -29,8 +29,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numba  # noqa: E402
 
-from kernels import cpu, dispatch  # noqa: E402
-from kernels.formats import quantize  # noqa: E402
+from shardline.kernels import cpu, dispatch  # noqa: E402
+from shardline.kernels.formats import quantize  # noqa: E402
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096)]
 FORMATS = [("q4_1", True), ("q4_0", True), ("q8_0", True), ("int8", True), ("int4", True)]

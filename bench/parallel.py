@@ -13,7 +13,7 @@ one warm-up request, then
 2. throughput: `--requests` (32) such requests at once with `--batch-tokens` each; generated
    tokens / wall time from the first submit to the last DONE;
 3. data plane per step: every worker reports its cumulative `all_reduce_s`, `send_s` and `recv_s`
-   in heartbeats (worker/comm.py `StageComm.stats`); the difference over a phase divided by the
+   in heartbeats (shardline/worker/comm.py `StageComm.stats`); the difference over a phase divided by the
    steps the coordinator ran in it is the time per step (every worker runs every step). Reported
    per worker and as the mean over the workers that make such calls (a stage's senders, the next
    stage's receivers, the TP ranks). `recv_s` includes waiting for the previous stage to

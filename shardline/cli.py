@@ -312,7 +312,7 @@ def coordinator(cluster_yaml, host, port, workers):
     if host:
         o.setdefault("coordinator", {})["host"] = host
     cfg = _load(cluster_yaml, o)
-    from coordinator.server import main as run
+    from shardline.coordinator.server import main as run
 
     sys.exit(run(cfg))
 
@@ -371,7 +371,7 @@ def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour,
     curve = _curve_kwargs(server_key_file, key_file)
     if threads > 1:
         _omp_wait_policy(threads)
-    from worker.worker import main as run
+    from shardline.worker.worker import main as run
 
     sys.exit(run(address, device, threads, int(memory_gb * 2**30) if memory_gb else None, worker_id, host,
                  price_per_hour, speed=speed, model_path=model_path, use_local_model=not no_local_model,
@@ -539,7 +539,7 @@ def drain(worker_id, address, as_json, timeout, server_key_file, key_file):
 def plan(cluster_yaml, workers, pp, tp, memory_gb, speed, hosts, device):
     """Print which worker holds which layers and the bytes it needs (fails with the reason when
     no plan fits: the same planner the coordinator runs)."""
-    from coordinator.planner import ModelSizes, PlanError, WorkerOffer, format_plan, plan_for_config
+    from shardline.coordinator.planner import ModelSizes, PlanError, WorkerOffer, format_plan, plan_for_config
     from shardline.model_file import ModelError, read_model_spec, resolve_model_path
 
     cfg = _load(cluster_yaml, _overrides(None, workers, pp, tp, None))

@@ -1,7 +1,7 @@
 """cluster.yaml schema: one frozen pydantic model per concern, composed into `ClusterConfig`.
 
 Facts found at run time (KV blocks per worker, the plan) live in their own objects
-(`coordinator.planner.Plan`), never written back here. Field descriptions double as docs.
+(`shardline.coordinator.planner.Plan`), never written back here. Field descriptions double as docs.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
 # config.json `architectures` entry -> ModelSpec.architecture (llama.cpp's name for the family).
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
-# GGUF tensor names (what worker/model.py asks for) -> Hugging Face names, as in transformers'
+# GGUF tensor names (what shardline/worker/model.py asks for) -> Hugging Face names, as in transformers'
 # modeling_llama.py and llama.cpp's convert_hf_to_gguf.py tensor map.
 _HF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
@@ -443,8 +443,8 @@ def read_hf_spec(directory: str | os.PathLike) -> ModelSpec:
 
 
 # Bytes per weight element as the workers keep it, by `quantization` (cluster.yaml): the codes
-# plus float32 group parameters (kernels/formats.py): int8 symmetric (a scale per group), int4
-# asymmetric (a scale and a min per group); see worker/loader.py SafetensorsShardLoader.
+# plus float32 group parameters (shardline/kernels/formats.py): int8 symmetric (a scale per group), int4
+# asymmetric (a scale and a min per group); see shardline/worker/loader.py SafetensorsShardLoader.
 def bytes_per_element(quantization: str, group_size: int, dtype: str = "float32") -> float:
     """Bytes one weight element takes on a worker: `none` keeps floats (4 bytes for float32, 2 for
     bfloat16); int8 takes 1 + 4/group_size, int4 0.5 + 8/group_size.

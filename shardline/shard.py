@@ -2,7 +2,7 @@
 and the model digest the join handshake compares.
 
 Both sides of a shard transfer use `shard_tensor_slices`: the coordinator to stream exactly
-these bytes, the worker to check that it received them. It mirrors what `worker/model.py` asks
+these bytes, the worker to check that it received them. It mirrors what `shardline/worker/model.py` asks
 its loader for (GGUF tensor names):
 
     stage 0:        token_embd.weight                               rows of this rank's vocabulary slice
@@ -57,7 +57,7 @@ def vocab_range(vocab_size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
     Each rank's slice is padded to per = ceil(V / t) rows: rank r holds [r * per, min((r + 1) *
     per, V)), so only the last rank's slice can be short (V = 49152, t = 3: 16384 rows each). The
     padding is never stored; the lm_head pads the last rank's partial logits with -inf to `per`
-    columns for the all-gather and cuts the gathered [T, t * per] back to V (worker/model.py,
+    columns for the all-gather and cuts the gathered [T, t * per] back to V (shardline/worker/model.py,
     `VocabParallelLMHead`). t = 1: (0, V). Raises ValueError when a rank would hold no row
     (V <= (t - 1) * per; the planner refuses such a layout first).
     """

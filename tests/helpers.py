@@ -13,9 +13,9 @@ import itertools
 from collections import Counter, deque
 from typing import Callable
 
-from coordinator.block_manager import BlockManager
-from coordinator.scheduler import Scheduler, SchedulerOutput
-from coordinator.sequence import Sequence
+from shardline.coordinator.block_manager import BlockManager
+from shardline.coordinator.scheduler import Scheduler, SchedulerOutput
+from shardline.coordinator.sequence import Sequence
 from shardline.sampling import SamplingParams
 
 FAKE_VOCAB = 97

@@ -69,7 +69,7 @@ def gguf_to_hf_checkpoint(gguf_path: str | Path, out_dir: str | Path, num_layers
 
         load_reference_tokenizer(split_digits=True).save_pretrained(str(out))
     elif tokenizer == "shardline":
-        from coordinator.tokenizer import Tokenizer
+        from shardline.coordinator.tokenizer import Tokenizer
 
         tok = Tokenizer.from_gguf(gguf_path)
         tok._tok.save(str(out / "tokenizer.json"))

@@ -59,7 +59,7 @@ NEAR_TIE = 0.02  # logprob gap (nats) below which fp32 rounding differences may 
 
 
 # Two runs of one prompt through different kernel paths. A step's GEMMs take the packed float32
-# kernels for a few tokens and bf16 tiles for many (kernels/dispatch.py TILE_BF16: activations
+# kernels for a few tokens and bf16 tiles for many (shardline/kernels/dispatch.py TILE_BF16: activations
 # rounded to 8 significant bits), so batch composition, chunking and a preemption's recompute move
 # the logprobs by up to ~0.05 nats over 96 tokens (measured: max |difference| of the chosen token's
 # logprob between a preempting 1-stage cluster and the default cluster, 8 prompts x 96 tokens x 3

@@ -223,7 +223,7 @@ def test_bf16_weight_copy_serves_batches_like_the_reference(clusters):
     layer multiplies the bf16 copy) pick, token after token, what transformers' fp32 forward of the
     same prefix ranks first, up to BF16_TIE nats (teacher forcing: each step is checked on the
     cluster's own prefix, so one near-tie flip does not cascade)."""
-    from coordinator.tokenizer import Tokenizer
+    from shardline.coordinator.tokenizer import Tokenizer
     from shardline.model_file import resolve_model_path
     from tests.reference import reference_logits
 

@@ -102,7 +102,7 @@ def test_prompt_logprobs_equal_reference(cluster):
 def test_prompt_logprobs_across_prefill_chunks(cluster):
     """A 600-token prompt runs as two chunks (512-token step budget); the first chunk's last row
     scores the second chunk's first token. Many-token chunks multiply bf16-rounded tiles
-    (kernels.dispatch.TILE_BF16, ~3 significant digits), so each value may be off by up to 0.25
+    (shardline.kernels.dispatch.TILE_BF16, ~3 significant digits), so each value may be off by up to 0.25
     nats (measured: at most 0.16, median 0.02); the median error must stay below 0.05, which a
     misaligned position (scoring an unrelated token, off by nats) would break."""
     from tests.reference import reference_logits

@@ -34,7 +34,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from coordinator.tokenizer import Tokenizer
+    from shardline.coordinator.tokenizer import Tokenizer
     from shardline.model_file import resolve_model_path
 
     return Tokenizer.from_gguf(resolve_model_path("smollm2-135m"))

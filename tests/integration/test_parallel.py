@@ -35,7 +35,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from coordinator.tokenizer import Tokenizer
+    from shardline.coordinator.tokenizer import Tokenizer
     from shardline.model_file import resolve_model_path
 
     return Tokenizer.from_gguf(resolve_model_path("smollm2-135m"))
@@ -86,7 +86,7 @@ def _rank_main(rank: int, world: int, port: int, impl: str, shapes, q) -> None:
     import torch
 
     os.environ["SHARDLINE_ALLREDUCE"] = impl
-    from worker.comm import StageComm
+    from shardline.worker.comm import StageComm
 
     torch.set_num_threads(1)
     comm = StageComm(rank, world, 0, 1, rank, world, "127.0.0.1", port, f"{impl}/", "gloo", "127.0.0.1")
@@ -149,8 +149,8 @@ def _stage_main(stage: int, pp: int, port: int, shapes, connect_delay_s: float, 
 
     import torch
 
-    import worker.comm as comm_mod
-    from worker.comm import StageComm
+    import shardline.worker.comm as comm_mod
+    from shardline.worker.comm import StageComm
 
     if stage == 0 and connect_delay_s:
         connect = comm_mod.socket.create_connection
@@ -282,7 +282,7 @@ def _ring_main(stage: int, pp: int, port: int, q) -> None:
     empty) after a hidden-state tensor has passed down the stages; stage 0 reads them back."""
     import torch
 
-    from worker.comm import StageComm
+    from shardline.worker.comm import StageComm
 
     torch.set_num_threads(1)
     comm = StageComm(stage, pp, stage, pp, 0, 1, "127.0.0.1", port, "ring/", "gloo", "127.0.0.1", timeout_s=30,

@@ -6,7 +6,7 @@ transformers' GGUF tokenizer conversion), once per session. References:
   - the GGUF cluster: the same dequantized weights, so the same greedy tokens;
   - transformers' LlamaForCausalLM.from_pretrained(directory) in float32 (independent code);
   - the "dequantized reference": that model with every 2-D weight replaced by
-    kernels.reference.dequantize_ref(quantize(w)), i.e. exactly the values our int8/int4 workers
+    shardline.kernels.reference.dequantize_ref(quantize(w)), i.e. exactly the values our int8/int4 workers
     hold, so the kernels must reproduce it.
 """
 
@@ -37,7 +37,7 @@ def hf_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(hf_checkpoint):
-    from coordinator.tokenizer import Tokenizer
+    from shardline.coordinator.tokenizer import Tokenizer
 
     return Tokenizer.from_model_path(hf_checkpoint)
 
@@ -55,8 +55,8 @@ def reference_model(directory: str, quantization: str = "none", group_size: int 
     tied lm_head by int8's (shardline.model_file.embedding_quantization)."""
     from transformers import LlamaForCausalLM
 
-    from kernels.formats import quantize
-    from kernels.reference import dequantize_ref
+    from shardline.kernels.formats import quantize
+    from shardline.kernels.reference import dequantize_ref
     from shardline.model_file import embedding_quantization
 
     m = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
@@ -77,7 +77,7 @@ def reference_logprobs(model, ids: list[int]) -> np.ndarray:
 
 
 def held_bytes(directory, quantization: str, group_size: int) -> int:
-    """Bytes a single-stage worker holds by the formats' definitions (kernels/formats.py): int8
+    """Bytes a single-stage worker holds by the formats' definitions (shardline/kernels/formats.py): int8
     codes 1 byte + a float32 scale per group; int4 codes 1/2 byte + a float32 scale and min per
     group; embedding (tied lm_head: one copy) int8 under int4; norms float32; none: float32."""
     rate = {"none": 4.0, "int8": 1 + 4 / group_size, "int4": 0.5 + 8 / group_size}
@@ -146,8 +146,8 @@ def test_quantized_on_load(clusters, hf_checkpoint, tokenizer, quantization, gro
       int4, group 64: first-step top-5 logprobs within 4 nats (measured <= 2.6: a 135M model is
         fragile at 4 bits) and every token within 2.5 nats of the reference's best (measured <= 1.83).
     """
-    from kernels.dispatch import CPU_CROSSOVER
-    from kernels.formats import QType
+    from shardline.kernels.dispatch import CPU_CROSSOVER
+    from shardline.kernels.formats import QType
 
     c = clusters.get(hf_config(hf_checkpoint, 1, quantization, group_size)).client
     deq = reference_model(str(hf_checkpoint), quantization, group_size)

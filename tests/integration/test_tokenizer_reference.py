@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
+from shardline.coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
 from shardline.model_file import resolve_model_path
 from tests.reference import load_reference_tokenizer, reference_logits
 

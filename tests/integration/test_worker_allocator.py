@@ -1,4 +1,4 @@
-"""worker.worker.keep_freed_memory on a real prefill step: with glibc's defaults, the MB-sized
+"""shardline.worker.worker.keep_freed_memory on a real prefill step: with glibc's defaults, the MB-sized
 activations of a step were fresh memory maps whose pages faulted in on first touch (~58,000
 page faults in a 512-token step of 15 layers); the worker keeps freed blocks in the heap."""
 from __future__ import annotations
@@ -12,15 +12,15 @@ import pytest
 STEP = r"""
 import resource, sys
 import torch, numba
-from worker.worker import keep_freed_memory
+from shardline.worker.worker import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(1)
 numba.set_num_threads(1)
 from shardline.model_file import read_model_spec, resolve_model_path
-from worker.kv_cache import KVCache
-from worker.loader import GGUFShardLoader, ShardSpec
-from worker.model import StageModel, build_attention_metadata
+from shardline.worker.kv_cache import KVCache
+from shardline.worker.loader import GGUFShardLoader, ShardSpec
+from shardline.worker.model import StageModel, build_attention_metadata
 path = str(resolve_model_path("smollm2-135m"))
 spec = read_model_spec(path)
 model = StageModel(spec, GGUFShardLoader(path, spec, ShardSpec(24, 30, False, True, 0, 1)), 256)

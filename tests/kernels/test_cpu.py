@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import cpu, dispatch
-from kernels.dispatch import QuantizedLinear, quantized_matmul
-from kernels.formats import QuantizedWeight, quantize
-from kernels.reference import dequantize_ref, matmul_ref
+from shardline.kernels import cpu, dispatch
+from shardline.kernels.dispatch import QuantizedLinear, quantized_matmul
+from shardline.kernels.formats import QuantizedWeight, quantize
+from shardline.kernels.reference import dequantize_ref, matmul_ref
 
 from .helpers import (KERNEL_FORMATS, MODEL, assert_matmul_close, assert_matmul_close_bf16,
                       random_weight)

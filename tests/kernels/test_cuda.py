@@ -34,8 +34,8 @@ def test_import_without_cuda():
 @pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS)
 @pytest.mark.parametrize("n", [1, 3, 17, 64, 200])
 def test_cuda_matmul_on_gpu(qtype, sym, n):
-    from kernels.dispatch import quantized_matmul
-    from kernels.reference import dequantize_ref, matmul_ref
+    from shardline.kernels.dispatch import quantized_matmul
+    from shardline.kernels.reference import dequantize_ref, matmul_ref
     rng = np.random.default_rng(31)
     w = random_weight(qtype, sym, 1000, 576, rng)
     x = rng.standard_normal((n, 576)).astype(np.float32)

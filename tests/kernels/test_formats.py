@@ -7,8 +7,8 @@ import gguf
 import numpy as np
 import pytest
 
-from kernels.formats import QType, QuantizedWeight, pack_nibbles, quantize, unpack_nibbles
-from kernels.reference import dequantize_ref, matmul_ref
+from shardline.kernels.formats import QType, QuantizedWeight, pack_nibbles, quantize, unpack_nibbles
+from shardline.kernels.reference import dequantize_ref, matmul_ref
 
 from .helpers import MODEL, random_ggml
 

@@ -1,5 +1,5 @@
-"""The fused decode layer (kernels/fused.py) against the unfused DecoderLayer path of
-worker/model.py on the real SmolLM2 weights: same hidden states / logits (to float32 rounding)
+"""The fused decode layer (shardline/kernels/fused.py) against the unfused DecoderLayer path of
+shardline/worker/model.py on the real SmolLM2 weights: same hidden states / logits (to float32 rounding)
 and the same K/V written into the cache (float16 and float32), for one and several decode
 sequences, with and without a tensor-parallel split, and the fallback when a layer's linears would not take the packed
 kernels."""
@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fused
+from shardline.kernels import fused
 from shardline.model_file import read_model_spec, resolve_model_path
-from worker.kv_cache import KVCache
-from worker.loader import GGUFShardLoader, ShardSpec
-from worker.model import StageModel, build_attention_metadata
+from shardline.worker.kv_cache import KVCache
+from shardline.worker.loader import GGUFShardLoader, ShardSpec
+from shardline.worker.model import StageModel, build_attention_metadata
 
 PATH = str(resolve_model_path("smollm2-135m"))
 SPEC = read_model_spec(PATH)
@@ -98,8 +98,8 @@ def test_warm_up_runs_every_attention_path(bf16_copies, monkeypatch):
     kernel, the paged decode kernel of a mixed step's decode rows (which once compiled only
     during the first mixed step of a fresh install, a 10-30 s stall), and the RoPE/cache/attention
     kernel of a many-sequence decode step, with bf16 weight copies and with packed weights."""
-    from kernels import attention
-    from worker import model as model_mod
+    from shardline.kernels import attention
+    from shardline.worker import model as model_mod
 
     seen = set()
 
@@ -124,10 +124,10 @@ def test_warm_up_runs_every_attention_path(bf16_copies, monkeypatch):
 @pytest.mark.parametrize("shard", [ShardSpec(0, 3, True, False, 0, 1), ShardSpec(27, 30, False, True, 0, 1)])
 def test_bf16_path_gives_the_same_numbers_as_the_float32_glue(shard, kv_dtype, monkeypatch):
     """DecoderLayer.forward_bf16 (bf16 activations between the bf16-copy GEMMs, norms and
-    residual adds in kernels.fused) against DecoderLayer.forward (float32 between the GEMMs,
+    residual adds in shardline.kernels.fused) against DecoderLayer.forward (float32 between the GEMMs,
     torch's conversions at each GEMM): the same outputs and K/V bit for bit, on a prompt step, a
     mixed step (a prompt chunk beside decode rows) and pure decode steps of 12 sequences."""
-    from worker.model import DecoderLayer
+    from shardline.worker.model import DecoderLayer
 
     calls = []
     real = DecoderLayer.forward_bf16

@@ -1,10 +1,10 @@
-"""The 16-lane vector intrinsics (kernels.simd) against NumPy: loads (float32 and float16 bit
+"""The 16-lane vector intrinsics (shardline.kernels.simd) against NumPy: loads (float32 and float16 bit
 patterns), stores, splat, fma, prefetch, and the fold tree that turns 16 partial-sum vectors
 into 16 dot products."""
 import numpy as np
 from numba import njit
 
-from kernels.simd import fold1, fold2, fold4, fold8, prefetch, vfma, vload, vsplat, vstore, vzero
+from shardline.kernels.simd import fold1, fold2, fold4, fold8, prefetch, vfma, vload, vsplat, vstore, vzero
 
 
 @njit(cache=True)

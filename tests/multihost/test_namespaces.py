@@ -50,7 +50,7 @@ def test_cluster_across_namespaces_with_the_model_only_on_the_coordinator_host(t
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    from coordinator.tokenizer import Tokenizer
+    from shardline.coordinator.tokenizer import Tokenizer
 
     model = resolve_model_path("smollm2-135m")
     prompt_ids = Tokenizer.from_gguf(model).encode(PROMPT)

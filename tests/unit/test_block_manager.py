@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.block_manager import BlockManager, hash_block
+from shardline.coordinator.block_manager import BlockManager, hash_block
 from tests.helpers import make_prompt, make_seq
 
 BS = 4

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.planner import (
+from shardline.coordinator.planner import (
     ModelSizes,
     PlanError,
     WorkerOffer,
@@ -26,8 +26,8 @@ from coordinator.planner import (
 from shardline.config import ConfigError, load_config
 from shardline.model_file import ModelSpec
 from shardline.sampling import SamplingParams
-from worker.model import RotaryEmbedding, build_attention_metadata
-from worker.sampler import Sampler
+from shardline.worker.model import RotaryEmbedding, build_attention_metadata
+from shardline.worker.sampler import Sampler
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
 GiB = 2**30

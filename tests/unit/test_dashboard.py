@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.metrics import CoordinatorMetrics, RateWindow, build_1_2_5_buckets
+from shardline.coordinator.metrics import CoordinatorMetrics, RateWindow, build_1_2_5_buckets
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"

@@ -16,7 +16,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.planner import (
+from shardline.coordinator.planner import (
     CostModel,
     ModelSizes,
     PlanError,

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from coordinator.server import host_rendezvous_store
+from shardline.coordinator.server import host_rendezvous_store
 from shardline.local import free_port_block
 
 

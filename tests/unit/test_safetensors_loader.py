@@ -3,7 +3,7 @@ TP slices, quantize on load), the planner's sizes, the directory tokenizer, and 
 
 References: transformers' LlamaForCausalLM writes the tiny checkpoints (save_pretrained, sharded
 with an index) and computes the reference logits; the SmolLM2 GGUF, dequantized by `gguf`, is the
-reference for the Q/K permutation; `kernels.formats.quantize` on the whole tensor is the reference
+reference for the Q/K permutation; `shardline.kernels.formats.quantize` on the whole tensor is the reference
 for the chunked quantization.
 """
 
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.planner import ModelSizes, PlanError, WorkerOffer, check_quantization, make_plan
+from shardline.coordinator.planner import ModelSizes, PlanError, WorkerOffer, check_quantization, make_plan
 from shardline.config import ConfigError, load_config
 from shardline.model_file import ModelError, SafetensorsCheckpoint, read_model_spec, resolve_model_path
-from worker import loader as loader_mod
-from worker.kv_cache import KVCache
-from worker.loader import GGUFShardLoader, SafetensorsShardLoader, ShardSpec, permute_rope_rows
-from worker.model import DecoderLayer, StageModel, build_attention_metadata
+from shardline.worker import loader as loader_mod
+from shardline.worker.kv_cache import KVCache
+from shardline.worker.loader import GGUFShardLoader, SafetensorsShardLoader, ShardSpec, permute_rope_rows
+from shardline.worker.model import DecoderLayer, StageModel, build_attention_metadata
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -206,8 +206,8 @@ def test_qk_rows_match_the_gguf_layout(smollm2_2layers):
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
 def test_tp_slices_and_chunked_quantization_equal_whole_tensor_quantization(tiny_untied, monkeypatch, quantization):
     """Each TP rank's Q rows / down_proj columns, read and quantized in small chunks, equal the
-    same slice of `kernels.formats.quantize` applied to the whole (permuted) tensor."""
-    from kernels.formats import quantize
+    same slice of `shardline.kernels.formats.quantize` applied to the whole (permuted) tensor."""
+    from shardline.kernels.formats import quantize
 
     monkeypatch.setattr(loader_mod, "LOAD_CHUNK_FLOATS", 16 * 64)  # 16 rows of 64 per chunk: many chunks
     spec = read_model_spec(tiny_untied)
@@ -244,15 +244,15 @@ def test_float_logits_match_transformers(tiny_untied):
 
 
 def dequantized_reference_logits(directory, ids, quantization: str) -> np.ndarray:
-    """transformers' forward with every 2-D weight replaced by kernels.reference.dequantize_ref(
+    """transformers' forward with every 2-D weight replaced by shardline.kernels.reference.dequantize_ref(
     quantize(w)) (int8 symmetric, int4 asymmetric; the embedding and lm_head at
     embedding_quantization's type): the float model
     our quantized workers should compute exactly. Groups run along a row, so quantizing the HF rows
     and permuting Q/K rows afterwards gives the same values as our loader's permute-then-quantize."""
     from transformers import LlamaForCausalLM
 
-    from kernels.formats import quantize
-    from kernels.reference import dequantize_ref
+    from shardline.kernels.formats import quantize
+    from shardline.kernels.reference import dequantize_ref
     from shardline.model_file import embedding_quantization
 
     m = LlamaForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
@@ -273,7 +273,7 @@ def test_quantized_logits_match_the_dequantized_reference(tiny_untied, monkeypat
         dequantized tile rounded to bfloat16, 8 significant bits).
     The weights' own quantization error (dequantized vs float reference) is what remains; it is
     checked on SmolLM2 in tests/integration/test_safetensors.py."""
-    import kernels.dispatch as dispatch
+    import shardline.kernels.dispatch as dispatch
 
     ref = dequantized_reference_logits(tiny_untied, PROMPT, quantization)[7:]
     scale = np.abs(ref).max()
@@ -329,7 +329,7 @@ def test_gguf_models_refuse_quantization():
 
 
 def test_directory_tokenizer_equals_the_gguf_tokenizer(smollm2_2layers):
-    from coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
+    from shardline.coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
 
     ours = Tokenizer.from_model_path(smollm2_2layers)
     ref = Tokenizer.from_gguf(resolve_model_path("smollm2-135m"))
@@ -351,7 +351,7 @@ def test_sentencepiece_style_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, processors
 
-    from coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
+    from shardline.coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardline.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, check_num_logprobs, choice_seed
-from worker.sampler import Sampler, SequenceSampling, apply_penalties, prompt_logprobs
+from shardline.worker.sampler import Sampler, SequenceSampling, apply_penalties, prompt_logprobs
 
 
 @pytest.mark.parametrize("field, value", [

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from coordinator.scheduler import RequestTooLarge
-from coordinator.sequence import SequenceStatus
+from shardline.coordinator.scheduler import RequestTooLarge
+from shardline.coordinator.sequence import SequenceStatus
 from tests.helpers import (
     copy_seq,
     fake_token,

@@ -87,7 +87,7 @@ def test_security_config_fields(tmp_path):
 
 def test_coordinator_refuses_open_bind_without_keys(tmp_path):
     """The rule is enforced by the coordinator before anything is bound (no model loaded)."""
-    from coordinator.server import Coordinator
+    from shardline.coordinator.server import Coordinator
 
     c = Coordinator.__new__(Coordinator)  # only the config is needed before binding
     c.config = load_config(None, {"coordinator": {"host": "0.0.0.0"}})

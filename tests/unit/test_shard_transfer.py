@@ -1,4 +1,4 @@
-"""Shard transfer (coordinator/shard_server.py -> worker/shard_transfer.py) over a real ZeroMQ
+"""Shard transfer (shardline/coordinator/shard_server.py -> shardline/worker/shard_transfer.py) over a real ZeroMQ
 socket pair, against the model file itself: the received tensors are byte-identical to the
 file's slices, a stage built from them computes exactly what a stage built from the file does,
 corrupted chunks are fetched again, and a wrong digest or manifest is refused."""
@@ -13,13 +13,13 @@ import pytest
 import torch
 import zmq
 
-from coordinator.shard_server import GGUFTensorSource, ShardError, ShardLayout, ShardServer
+from shardline.coordinator.shard_server import GGUFTensorSource, ShardError, ShardLayout, ShardServer
 from shardline import protocol as P
 from shardline.model_file import read_model_spec, resolve_model_path
 from shardline.protocol import MsgType
 from shardline.shard import TensorSlice, model_digest, shard_tensor_slices
-from worker.loader import GGUFShardLoader, ShardSpec
-from worker.shard_transfer import ShardTransferError, check_manifest, fetch_shard
+from shardline.worker.loader import GGUFShardLoader, ShardSpec
+from shardline.worker.shard_transfer import ShardTransferError, check_manifest, fetch_shard
 
 PATH = str(resolve_model_path("smollm2-135m"))
 SPEC = read_model_spec(PATH)
@@ -122,8 +122,8 @@ def test_received_tensors_equal_the_file_slices(source, shard):
 def test_stage_from_received_tensors_computes_what_the_file_stage_does(source):
     """Stage 1 of a TP=3 x PP=2 layout (layers 27-29 + head here), rank 1: the stage built from
     received tensors gives bit-identical logits to the one built from the file."""
-    from worker.kv_cache import KVCache
-    from worker.model import StageModel, build_attention_metadata
+    from shardline.worker.kv_cache import KVCache
+    from shardline.worker.model import StageModel, build_attention_metadata
 
     torch.manual_seed(0)
     shard = (27, 30, False, True, 1, 3)
@@ -213,7 +213,7 @@ def hf_dirs(tmp_path_factory):
 
 def fetch_from(directory: str, shard: tuple, quantization: str, corrupt=frozenset()):
     """Serve `shard` of the checkpoint over ZeroMQ; (loader, stats, layout)."""
-    from coordinator.shard_server import SafetensorsTensorSource
+    from shardline.coordinator.shard_server import SafetensorsTensorSource
 
     spec = read_model_spec(directory)
     digest = model_digest(directory)
@@ -237,10 +237,10 @@ def test_safetensors_shard_transfer_builds_the_stage_the_files_do(hf_dirs, store
     stage its SafetensorsShardLoader builds from the directory, for float32 and bfloat16 files
     and quantization none/int8/int4; only the rank's slices travel (a third of each layer and of
     the embedding's rows)."""
-    from coordinator.shard_server import SafetensorsTensorSource
-    from worker.kv_cache import KVCache
-    from worker.loader import SafetensorsShardLoader
-    from worker.model import StageModel, build_attention_metadata
+    from shardline.coordinator.shard_server import SafetensorsTensorSource
+    from shardline.worker.kv_cache import KVCache
+    from shardline.worker.loader import SafetensorsShardLoader
+    from shardline.worker.model import StageModel, build_attention_metadata
 
     directory = hf_dirs[stored]
     spec = read_model_spec(directory)
@@ -269,7 +269,7 @@ def test_safetensors_shard_transfer_builds_the_stage_the_files_do(hf_dirs, store
 
 
 def test_safetensors_transfer_refuses_what_it_cannot_serve(hf_dirs):
-    from coordinator.shard_server import SafetensorsTensorSource
+    from shardline.coordinator.shard_server import SafetensorsTensorSource
 
     source = SafetensorsTensorSource(hf_dirs["f32"])
     with pytest.raises(ShardError, match="out of range"):

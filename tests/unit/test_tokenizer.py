@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator.tokenizer import (
+from shardline.coordinator.tokenizer import (
     IncrementalDetokenizer,
     StopStringMatcher,
     Tokenizer,
@@ -90,7 +90,7 @@ def test_pre_tokenizer_follows_gguf_pre(tmp_path, pre, expected):
 
 def test_unknown_pre_falls_back_to_gpt2_with_warning(tmp_path, caplog):
     path = write_tiny_gguf(tmp_path / "t.gguf", pre="no-such-pre")
-    with caplog.at_level(logging.WARNING, logger="coordinator.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="shardline.coordinator.tokenizer"):
         t = Tokenizer.from_gguf(path)
     assert any("no-such-pre" in r.getMessage() for r in caplog.records)
     assert pieces(t, "12345") == ["12", "34", "5"]

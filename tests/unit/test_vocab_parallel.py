@@ -1,6 +1,6 @@
-"""Vocabulary-parallel embedding and lm_head (worker/vocab_parallel.py) against the whole-vocabulary
+"""Vocabulary-parallel embedding and lm_head (shardline/worker/vocab_parallel.py) against the whole-vocabulary
 versions on random weights: t ranks run in threads over a fake TP group whose all-reduce sums in
-rank order and whose all-gather concatenates in rank order (as worker/comm.py's); a vocabulary
+rank order and whose all-gather concatenates in rank order (as shardline/worker/comm.py's); a vocabulary
 that t does not divide exercises the padding. On the real SmolLM2 GGUF: each TP=3 rank holds a
 third of the embedding's rows and bytes, and a one-layer stage's weights drop by two thirds of it."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.formats import quantize
+from shardline.kernels.formats import quantize
 from shardline.shard import vocab_range
-from worker.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
+from shardline.worker.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
 
 
 class FakeGroup:
@@ -121,8 +121,8 @@ def test_each_tp_rank_holds_a_third_of_smollm2s_embedding():
     the bytes per rank (about V/t rows), and a one-stage one-layer shard's weights drop by two
     thirds of the embedding against TP=1's whole copy."""
     from shardline.model_file import read_model_spec, resolve_model_path
-    from worker.loader import GGUFShardLoader, ShardSpec
-    from worker.model import StageModel
+    from shardline.worker.loader import GGUFShardLoader, ShardSpec
+    from shardline.worker.model import StageModel
 
     path = str(resolve_model_path("smollm2-135m"))
     spec = read_model_spec(path)

@@ -7,26 +7,26 @@ layer, ~9 ms per token over 30 layers: more than the arithmetic. Here the whole 
 fused QKV GEMV, RoPE, KV-cache write, paged attention, output projection, residual, RMSNorm,
 gate/up GEMV, SwiGLU, down GEMV, residual) runs inside compiled code; Python calls it once.
 
-The math is the one of worker/model.py's DecoderLayer (Touvron et al. 2023, LLaMA; Su et al.
+The math is the one of shardline/worker/model.py's DecoderLayer (Touvron et al. 2023, LLaMA; Su et al.
 2021, RoPE on adjacent pairs as GGUF stores Q/K rows; Ainslie et al. 2023, GQA; Kwon et al.
-2023, paged KV) with the same GEMV kernels (kernels/cpu.py, row-interleaved q8_0/q4_0/q4_1)
-and the same attention loop (kernels/attention.py); only the RMSNorm and RoPE arithmetic are
+2023, paged KV) with the same GEMV kernels (shardline/kernels/cpu.py, row-interleaved q8_0/q4_0/q4_1)
+and the same attention loop (shardline/kernels/attention.py); only the RMSNorm and RoPE arithmetic are
 written out here (float32, as torch does them), so results agree with the unfused path to
 float32 rounding. Tests: tests/kernels/test_fused.py against DecoderLayer.
 
 `rope_cache_attention`, `_rms_norm`, `add_to` and `add_rms_norm` also serve the layers whose
-GEMMs are torch's bf16 GEMMs (worker/model.py DecoderLayer.forward / forward_bf16): there the
+GEMMs are torch's bf16 GEMMs (shardline/worker/model.py DecoderLayer.forward / forward_bf16): there the
 activations they read or write may be bfloat16, passed as uint16 arrays of bit patterns
-(kernels.attention.load_float32 widens them exactly, store_as rounds to nearest even).
+(shardline.kernels.attention.load_float32 widens them exactly, store_as rounds to nearest even).
 
 Shapes (T = tokens of the step, one per sequence; H = hidden; D = head_dim; F = ffn width):
     x            float32 [T, H], updated in place (residual stream)
     norm weights float32 [H]
-    linears      (fmt, qs, d, m) from kernels.cpu._packed: qkv [Hq*D + 2*Hkv*D, H],
+    linears      (fmt, qs, d, m) from shardline.kernels.cpu._packed: qkv [Hq*D + 2*Hkv*D, H],
                  o [H, Hq*D], gate_up [2F, H], down [H, F]
     cos, sin     float32 [max_positions, D/2] rotary factors
     positions    int64 [T]; slots int64 [T] flat KV slot of each token
-    k_cache, v_cache float32 [num_slots, Hkv, D], or int16 (float16 bit patterns, kernels/attention.py)
+    k_cache, v_cache float32 [num_slots, Hkv, D], or int16 (float16 bit patterns, shardline/kernels/attention.py)
     block_tables int32 [T, max_blocks]; context_lens int32 [T] (position + 1)
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def rope_cache_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, bloc
     out [T, Hq*D], the input of the output projection. qkv and out: float32, or uint16 bfloat16
     bit patterns (the bf16 GEMMs' output and input: qkv widened exactly, out rounded to nearest
     even, as torch's `.float()` and `.bfloat16()` would); the arithmetic is float32 either way.
-    `per_sequence`: the work split of kernels.attention._paged_decode (parallel when Numba has
+    `per_sequence`: the work split of shardline.kernels.attention._paged_decode (parallel when Numba has
     several threads)."""
     n = qkv.shape[0]
     num_kv, head_dim = k_cache.shape[1], k_cache.shape[2]

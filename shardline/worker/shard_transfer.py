@@ -1,5 +1,5 @@
 """Shard transfer, worker side: receive this worker's tensors from the coordinator and build a
-loader over them (docs/protocol.md, "Shard transfer"; coordinator/shard_server.py sends).
+loader over them (docs/protocol.md, "Shard transfer"; shardline/coordinator/shard_server.py sends).
 
 `fetch_shard` runs the exchange on the worker's DEALER socket before the stage is built:
 
@@ -34,7 +34,7 @@ import numpy as np
 from shardline import protocol as P
 from shardline.protocol import MsgType
 from shardline.shard import shard_tensor_slices
-from worker.loader import GGUFShardLoader, SafetensorsShardLoader, ShardSpec
+from shardline.worker.loader import GGUFShardLoader, SafetensorsShardLoader, ShardSpec
 
 log = logging.getLogger("shardline.worker")
 
@@ -88,7 +88,7 @@ class ReceivedShardLoader(GGUFShardLoader):
 
     def linear_weight(self, name: str, rows=None, cols=None):
         t = self.raw(name)
-        from kernels.formats import QuantizedWeight
+        from shardline.kernels.formats import QuantizedWeight
 
         q = QuantizedWeight.from_gguf(t)
         if cols is not None:

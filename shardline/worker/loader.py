@@ -81,8 +81,8 @@ class GGUFShardLoader:
         return self.tensors[name]
 
     def quantized(self, name: str):
-        """A 2-D weight kept packed as stored (kernels.formats.QuantizedWeight, a memmap view)."""
-        from kernels.formats import QuantizedWeight
+        """A 2-D weight kept packed as stored (shardline.kernels.formats.QuantizedWeight, a memmap view)."""
+        from shardline.kernels.formats import QuantizedWeight
 
         return QuantizedWeight.from_gguf(self.raw(name))
 
@@ -149,10 +149,10 @@ class SafetensorsShardLoader:
     """Reads one shard of a Hugging Face checkpoint (config.json + *.safetensors) and quantizes it
     on load.
 
-    Tensors are asked for by their GGUF names (worker/model.py's vocabulary) and mapped to HF names
+    Tensors are asked for by their GGUF names (shardline/worker/model.py's vocabulary) and mapped to HF names
     (`shardline.model_file.hf_tensor_name`). Each 2-D weight is read in chunks of about
     LOAD_CHUNK_FLOATS values (only this shard's rows / columns), Q and K rows permuted into the
-    adjacent-pair RoPE layout, and each chunk encoded by `kernels.formats.quantize`:
+    adjacent-pair RoPE layout, and each chunk encoded by `shardline.kernels.formats.quantize`:
 
         quantization  2-D weights                                    embedding, lm_head
         none          f32 (dtype float32) / bf16                     same
@@ -174,7 +174,7 @@ class SafetensorsShardLoader:
     def __init__(self, path: str, spec: ModelSpec, shard: ShardSpec, quantization: str = "none",
                  group_size: int = 32, dtype: str = "float32", checkpoint=None):
         """`checkpoint`: an object with SafetensorsCheckpoint's reading interface to read from
-        instead of opening `path` (worker/shard_transfer.py's ReceivedCheckpoint)."""
+        instead of opening `path` (shardline/worker/shard_transfer.py's ReceivedCheckpoint)."""
         if quantization not in ("none", "int8", "int4"):
             raise ValueError(f"unknown quantization {quantization!r}; expected none, int8 or int4")
         if dtype not in ("float32", "bfloat16"):
@@ -226,7 +226,7 @@ class SafetensorsShardLoader:
         return torch.from_numpy(self.ckpt.read(self._hf(name), cols=(start, stop)))
 
     def quantized(self, name: str):
-        """A whole 2-D weight, encoded as `quantization` says (kernels.formats.QuantizedWeight)."""
+        """A whole 2-D weight, encoded as `quantization` says (shardline.kernels.formats.QuantizedWeight)."""
         return self.linear_weight(name)
 
     def linear_weight(self, name: str, rows: tuple[int, int] | None = None,
@@ -234,7 +234,7 @@ class SafetensorsShardLoader:
         """A 2-D weight's output rows [r0, r1) or input columns [c0, c1) (a TP shard; all when
         None), read chunk by chunk and encoded (see the class doc). Returns a QuantizedWeight of
         shape (r1 - r0, c1 - c0)."""
-        from kernels.formats import quantize
+        from shardline.kernels.formats import quantize
 
         embedding = name == "token_embd.weight" and cols is None  # kept: a tied lm_head asks for the same rows
         if embedding and self._embedding is not None and self._embedding[0] == rows:
@@ -269,7 +269,7 @@ class SafetensorsShardLoader:
                 scales[a - r0:b - r0] = q.scales
             if mins is not None:
                 mins[a - r0:b - r0] = q.mins
-        from kernels.formats import QuantizedWeight
+        from shardline.kernels.formats import QuantizedWeight
 
         weight = QuantizedWeight(q.qtype, (r1 - r0, c1 - c0), data, scales, mins, q.group_size)
         if embedding:

@@ -31,7 +31,7 @@ from shardline import protocol as P
 from shardline.model_file import ModelSpec
 from shardline.protocol import MsgType
 from shardline.sampling import SamplingParams
-from worker.sampler import SequenceSampling
+from shardline.worker.sampler import SequenceSampling
 
 log = logging.getLogger("shardline.worker")
 
@@ -324,10 +324,10 @@ class Worker:
 
     # ---- ASSIGN: load the shard ----------------------------------------------------------
     def assign(self, a: dict) -> None:
-        from worker.comm import StageComm
-        from worker.kv_cache import KVCache
-        from worker.loader import ShardSpec, open_shard_loader
-        from worker.model import StageModel
+        from shardline.worker.comm import StageComm
+        from shardline.worker.kv_cache import KVCache
+        from shardline.worker.loader import ShardSpec, open_shard_loader
+        from shardline.worker.model import StageModel
 
         gc.unfreeze()  # a previous plan's model (frozen below) can be collected once dropped
         t0 = time.monotonic()
@@ -366,7 +366,7 @@ class Worker:
         kv_dtype = {"float16": torch.float16, "float32": torch.float32}[a.get("kv_cache_dtype", "float32")]
         self.kv_cache = KVCache(n_layers, a["num_kv_blocks"], self.block_size, spec.num_kv_heads // self.tp_size,
                                 spec.head_dim, dtype=kv_dtype)
-        from worker.sampler import Sampler
+        from shardline.worker.sampler import Sampler
 
         self.sampler = Sampler(spec.eos_token_id)
         bar.next()
@@ -428,7 +428,7 @@ class Worker:
         return None
 
     def _receive_shard(self, a: dict, spec: ModelSpec):
-        from worker.shard_transfer import fetch_shard
+        from shardline.worker.shard_transfer import fetch_shard
 
         reason = "local model files disabled" if not self.use_local_model else "no local model file with that digest"
         log.info("worker %s: receiving stage %d tp %d/%d from the coordinator (%s)", self.worker_id, self.stage,
@@ -447,7 +447,7 @@ class Worker:
         """Run one step plan. Plan fields: step_id, free [seq ids], seqs [maps with seq_id, start,
         n, tokens (packed int32), blocks (packed int32 new block-table entries), reset, sample,
         params (first time only)]."""
-        from worker.model import build_attention_metadata
+        from shardline.worker.model import build_attention_metadata
 
         t0 = time.perf_counter()
         for seq_id in plan.get("free", ()):
@@ -576,7 +576,7 @@ class Worker:
     def _prompt_logprobs(self, scored, logits: torch.Tensor) -> list:
         """[seq_id, first position, entries] per sequence: entries[i] is the logprob entry
         ([logprob, [[token, logprob] x k]]) of the prompt token at position first + i."""
-        from worker.sampler import prompt_logprobs
+        from shardline.worker.sampler import prompt_logprobs
 
         logp = torch.log_softmax(logits.float(), dim=-1)
         result, i = [], 0

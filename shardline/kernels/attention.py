@@ -19,7 +19,7 @@ num_kv_heads), as `torch.nn.functional.scaled_dot_product_attention(enable_gqa=T
 
 CPU: a Numba kernel, parallel over sequences when there are at least two per thread (all heads
 of a sequence together), else over (sequence, KV head). With head_dim and block_size multiples
-of 16 it is `decode_heads_simd`, written with explicit 16-lane vectors (kernels/simd.py): each
+of 16 it is `decode_heads_simd`, written with explicit 16-lane vectors (shardline/kernels/simd.py): each
 sequence's K blocks are first streamed once in address order (`_stream_blocks`), QK takes 16 keys
 per fold tree, three query heads of a GQA group per K load (`_dot8x3`; `_dot16` for one head), PV
 accumulates four heads of a GQA group in registers over a block
@@ -361,7 +361,7 @@ def _prefetch_block(cache, block_tables, b, j, block_size):
 def decode_heads_simd(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b, h_lo, h_hi, out,
                       b_next=-1):
     """Query heads h_lo .. h_hi - 1 of sequence b against its paged context, with explicit
-    16-lane vectors (kernels/simd.py); writes out[b, h_lo:h_hi]. Needs head_dim and block_size
+    16-lane vectors (shardline/kernels/simd.py); writes out[b, h_lo:h_hi]. Needs head_dim and block_size
     multiples of 16 (the K rows of a block are read 16 at a time; rows past the context are
     read but their scores never used). Caches and out C-contiguous. Serial.
 

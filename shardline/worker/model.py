@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import fused
-from kernels.attention import PagedDecodePlan, cache_array, causal_attention
+from shardline.kernels import fused
+from shardline.kernels.attention import PagedDecodePlan, cache_array, causal_attention
 from shardline.model_file import ModelSpec
-from worker.kv_cache import KVCache
-from worker.loader import GGUFShardLoader, ShardSpec
-from worker.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
+from shardline.worker.kv_cache import KVCache
+from shardline.worker.loader import GGUFShardLoader, ShardSpec
+from shardline.worker.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
 
 
 # ---- linear layers --------------------------------------------------------------------------
@@ -51,7 +51,7 @@ class DenseLinear(torch.nn.Module):
 def _concat_rows(parts):
     """Fuse packed weights along the output dimension (same qtype and in_features)."""
     import numpy as np
-    from kernels.formats import QuantizedWeight
+    from shardline.kernels.formats import QuantizedWeight
 
     if len(parts) == 1:
         return parts[0]
@@ -71,7 +71,7 @@ def make_linear(
     dimension (QKV, gate+up), each cut to its `rows` range (column-parallel shard); or one weight
     cut to input columns `cols` (row-parallel shard). With `quantized` the weight stays packed as
     the loader gives it (GGUF: as in the file; safetensors: as quantized on load) and runs through
-    kernels.dispatch; otherwise it is dequantized to float32.
+    shardline.kernels.dispatch; otherwise it is dequantized to float32.
     """
     if not quantized:
         if cols is not None:
@@ -79,7 +79,7 @@ def make_linear(
         parts = [loader.rows(n, *r) if rows else loader.dense(n) for n, r in zip(names, rows or [None] * len(names))]
         w = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
     else:
-        from kernels.dispatch import QuantizedLinear
+        from shardline.kernels.dispatch import QuantizedLinear
 
         if cols is not None:
             w = loader.linear_weight(names[0], cols=cols)
@@ -97,9 +97,9 @@ def make_linear(
 
 def linear_nbytes(layer: torch.nn.Module) -> int:
     """Bytes a linear layer's weight holds: the packed file bytes, plus the row-interleaved copy
-    the CPU kernels build on first use (kernels/cpu.py), when there is one."""
+    the CPU kernels build on first use (shardline/kernels/cpu.py), when there is one."""
     if hasattr(layer, "qweight"):
-        from kernels import cpu
+        from shardline.kernels import cpu
 
         packed = cpu._pack_cache.get(layer.qweight)
         copy = getattr(layer, "weight_bf16", None)
@@ -197,7 +197,7 @@ def build_attention_metadata(
 # ---- layers -------------------------------------------------------------------------------
 def _bits(t: torch.Tensor) -> np.ndarray:
     """A contiguous bfloat16 tensor's storage as a NumPy uint16 array of bit patterns (no copy):
-    how the Numba kernels read and write bfloat16 (kernels.attention.load_float32, store_as)."""
+    how the Numba kernels read and write bfloat16 (shardline.kernels.attention.load_float32, store_as)."""
     return t.view(torch.uint16).numpy()
 
 
@@ -209,7 +209,7 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda and x.is_contiguous():
-            # one compiled loop (kernels/fused.py) instead of torch's ~6 ops: 65 -> ~10 us for [32, 576]
+            # one compiled loop (shardline/kernels/fused.py) instead of torch's ~6 ops: 65 -> ~10 us for [32, 576]
             out = torch.empty_like(x)
             fused._rms_norm(x.numpy(), self.weight.numpy(), np.float32(self.eps), out.numpy())
             return out
@@ -271,11 +271,11 @@ class DecoderLayer(torch.nn.Module):
         self._fused: dict[int, tuple | None] = {}  # n_tokens -> packed kernel args, or None
 
     def fused_args(self, n_tokens: int) -> tuple | None:
-        """The packed weights for kernels.fused when every linear of this layer would run the
+        """The packed weights for shardline.kernels.fused when every linear of this layer would run the
         packed CPU kernels for `n_tokens` tokens; None otherwise (other formats, bias, the
         torch GEMM path). Cached per n_tokens."""
         if n_tokens not in self._fused:
-            from kernels.dispatch import QuantizedLinear
+            from shardline.kernels.dispatch import QuantizedLinear
 
             mods = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
             args = [m.packed_kernel_args(n_tokens) if isinstance(m, QuantizedLinear) else None for m in mods]
@@ -284,7 +284,7 @@ class DecoderLayer(torch.nn.Module):
         return self._fused[n_tokens]
 
     def fused_decode(self, x: torch.Tensor, step, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        """The layer through kernels.fused (one compiled call; two with TP, around the
+        """The layer through shardline.kernels.fused (one compiled call; two with TP, around the
         all-reduces) for a pure decode step on the CPU. x: float32 [T, hidden] contiguous, updated
         in place and returned; None when the fused kernel does not apply (caller runs forward)."""
         args = self.fused_args(x.shape[0])
@@ -335,7 +335,7 @@ class DecoderLayer(torch.nn.Module):
         """Whether `forward_bf16` runs this layer for x: CPU float32 [T, hidden] contiguous,
         no tensor parallelism, no biases, and every linear would multiply its bf16 copy for T
         tokens (cluster.yaml `workers.gemm_weights: bf16`, T >= 8)."""
-        from kernels.dispatch import QuantizedLinear
+        from shardline.kernels.dispatch import QuantizedLinear
 
         if self.tp_size != 1 or x.is_cuda or x.dtype != torch.float32 or not x.is_contiguous():
             return False
@@ -346,10 +346,10 @@ class DecoderLayer(torch.nn.Module):
 
     def forward_bf16(self, x, meta: AttentionMetadata, kv, rot: torch.Tensor | None, step: tuple | None = None):
         """`forward` with the activations between the GEMMs kept in bfloat16 (the bf16 copies'
-        GEMMs take and return bfloat16): the RMSNorms write bfloat16 (kernels.fused._rms_norm),
+        GEMMs take and return bfloat16): the RMSNorms write bfloat16 (shardline.kernels.fused._rms_norm),
         the decode RoPE/cache/attention kernel reads the QKV GEMM's bfloat16 output and writes
         the output projection's bfloat16 input, and the residual adds widen the projections'
-        outputs (kernels.fused.add_rms_norm, add_to). The same numbers as `forward` bit for bit
+        outputs (shardline.kernels.fused.add_rms_norm, add_to). The same numbers as `forward` bit for bit
         (it rounds and widens at the same points, through torch's conversions), with 8 fewer
         torch calls a layer: a 32-sequence decode step of 17 layers, one core, 42.6 -> 39.1 ms.
         x: float32 [T, hidden] contiguous, updated in place and returned. Needs
@@ -416,14 +416,14 @@ class StageModel(torch.nn.Module):
     def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, max_positions: int, all_reduce=None,
                  all_gather=None):
         """all_reduce: sums [T, n] float32 over the stage's TP group; all_gather: [S, n] ->
-        [S, tp_size * n] over it (worker.comm.StageComm). Both None outside a cluster: the
+        [S, tp_size * n] over it (shardline.worker.comm.StageComm). Both None outside a cluster: the
         layers then return partial sums, and under TP the last stage returns this rank's
-        partial logits [S, v1 - v0] (worker/vocab_parallel.py)."""
+        partial logits [S, v1 - v0] (shardline/worker/vocab_parallel.py)."""
         super().__init__()
         self.spec = spec
         self.shard = loader.shard
         s = loader.shard
-        # the token embedding and the lm_head are vocabulary-parallel under TP (worker/vocab_parallel.py)
+        # the token embedding and the lm_head are vocabulary-parallel under TP (shardline/worker/vocab_parallel.py)
         vocab = loader.vocab_rows() if s.tp_size > 1 else None
         v0 = vocab[0] if vocab else 0
         self.embed_tokens = None
@@ -435,7 +435,7 @@ class StageModel(torch.nn.Module):
             DecoderLayer(spec, loader, i, all_reduce) for i in range(s.layer_start, s.layer_end)
         )
         self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, max_positions)
-        # pure decode steps on the CPU run each layer as one compiled call (kernels/fused.py)
+        # pure decode steps on the CPU run each layer as one compiled call (shardline/kernels/fused.py)
         self.fused_decode = True
         # layers whose GEMMs take the bf16 copies keep activations in bfloat16 between them
         # (DecoderLayer.forward_bf16); False: DecoderLayer.forward (the same numbers)
@@ -462,7 +462,7 @@ class StageModel(torch.nn.Module):
 
     def keep_bf16_copies(self) -> int:
         """Give every quantized linear layer a resident bfloat16 copy for the many-token path
-        (kernels.dispatch.QuantizedLinear.keep_bf16_copy); returns the bytes added."""
+        (shardline.kernels.dispatch.QuantizedLinear.keep_bf16_copy); returns the bytes added."""
         return sum(m.keep_bf16_copy() for m in self.modules() if hasattr(m, "keep_bf16_copy"))
 
     @torch.inference_mode()
@@ -493,7 +493,7 @@ class StageModel(torch.nn.Module):
 
     def calibrate(self) -> None:
         """Measure each linear's kernel/GEMM crossover now rather than during the first request."""
-        from kernels.dispatch import calibrate
+        from shardline.kernels.dispatch import calibrate
 
         seen = set()
         for m in self.modules():
@@ -504,7 +504,7 @@ class StageModel(torch.nn.Module):
                     calibrate(m.qweight)
 
     def _fused_step(self, x: torch.Tensor, meta: AttentionMetadata) -> tuple | None:
-        """The per-step arguments of the fused decode layers (kernels/fused.py), or None when the
+        """The per-step arguments of the fused decode layers (shardline/kernels/fused.py), or None when the
         step is not a pure decode step of float32 activations on the CPU (or fusing is off)."""
         if not (self.fused_decode and meta.decode_rows_all and x.dtype == torch.float32 and not x.is_cuda):
             return None

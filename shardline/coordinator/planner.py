@@ -278,7 +278,7 @@ class CostModel:
 
 # CPU: measured on the 2-core development machine, one thread per worker, SmolLM2 Q4_1: the Q8_0
 # lm_head (30 MB) takes 2.2 ms per decode token (13.7 GB/s), a 2.2 MB layer 0.48 ms (so ~0.32 ms of
-# fixed cost); worker/comm.py's point-to-point all-reduce of [1, 576] inside a serving TP=3 stage
+# fixed cost); shardline/worker/comm.py's point-to-point all-reduce of [1, 576] inside a serving TP=3 stage
 # ~1.2 ms (70 ms per step over 60 all-reduces, bench/parallel.py; 0.7-0.9 ms alone).
 # CUDA: estimates (HBM ~2 TB/s effective, ~0.1 ms of launches per layer, NCCL all-reduce ~20 us).
 COST_MODELS = {

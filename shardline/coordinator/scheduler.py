@@ -30,8 +30,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from coordinator.block_manager import BlockManager
-from coordinator.sequence import Sequence, SequenceStatus
+from shardline.coordinator.block_manager import BlockManager
+from shardline.coordinator.sequence import Sequence, SequenceStatus
 
 
 @dataclass

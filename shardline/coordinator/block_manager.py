@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from coordinator.sequence import Sequence
+from shardline.coordinator.sequence import Sequence
 
 
 def hash_block(parent: bytes, token_ids: list[int]) -> bytes:

@@ -9,7 +9,7 @@ SSA registers, so accumulators declared as local variables stay in registers thr
 
 Loads and stores take an array (any number of dimensions, C-contiguous) and a flat element
 index; they do not check bounds. A load from an int16 array reads IEEE 754 binary16 bit patterns
-(the float16 KV cache, see kernels/attention.py) and widens them exactly (`fpext`, F16C's
+(the float16 KV cache, see shardline/kernels/attention.py) and widens them exactly (`fpext`, F16C's
 vcvtph2ps).
 
 `fold8` .. `fold1` sum sixteen partial-sum vectors into one vector of sixteen dot products with

@@ -20,7 +20,7 @@ per = ceil(V / t) rows (only the last rank's slice can be short; padding rows ar
                 then holds the full logits, and the sampler (first rank of the stage) sees the
                 same logits as TP=1 (up to the hidden state's own TP rounding).
 
-The all-reduce and all-gather are `worker.comm.StageComm`'s (gloo: one round of isend/irecv; NCCL:
+The all-reduce and all-gather are `shardline.worker.comm.StageComm`'s (gloo: one round of isend/irecv; NCCL:
 its collectives). Per rank the stage holds V/t rows instead of V: for SmolLM2's 49152 x 576 Q8_0
 tied embedding, 10.0 MB instead of 30.1 MB (and the CPU kernels' row-interleaved copy of the
 lm_head shrinks alike).
@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from kernels.dispatch import QuantizedLinear, dequantize
-from kernels.formats import QuantizedWeight
+from shardline.kernels.dispatch import QuantizedLinear, dequantize
+from shardline.kernels.formats import QuantizedWeight
 
 
 class VocabParallelEmbedding:
@@ -81,7 +81,7 @@ class VocabParallelLMHead(QuantizedLinear):
     logits all-gathered over the TP group (see the module doc).
 
     weight: QuantizedWeight [v1 - v0, hidden]; vocab_size: V of the whole model; tp_size: t.
-    all_gather: [S, per] float32 -> [S, t * per] (worker.comm.StageComm.all_gather), or None:
+    all_gather: [S, per] float32 -> [S, t * per] (shardline.worker.comm.StageComm.all_gather), or None:
     then forward returns only this rank's partial logits [S, v1 - v0] (tests, or TP=1 where they
     are all of them).
     forward(h [S, hidden] float32) -> logits [S, V] float32.

@@ -258,7 +258,7 @@ class QuantizedLinear(torch.nn.Module):
         """xb bfloat16 [n, in] @ the bf16 copy -> bfloat16 [n, out]: bf16 products, float32 sums
         rounded to nearest even, no bias (the GEMM `forward` runs on the copy, without its
         conversions to and from float32, for callers that keep activations in bfloat16 between
-        GEMMs: worker/model.py's DecoderLayer.forward_bf16). Raises RuntimeError without a copy."""
+        GEMMs: shardline/worker/model.py's DecoderLayer.forward_bf16). Raises RuntimeError without a copy."""
         if self.weight_bf16 is None:
             raise RuntimeError("bf16_linear needs the bf16 copy (keep_bf16_copy)")
         if len(self.weight_bf16) == 1:
@@ -294,9 +294,9 @@ class QuantizedLinear(torch.nn.Module):
         return (torch.nn.functional.silu(gate) * up).bfloat16()
 
     def packed_kernel_args(self, n_tokens: int):
-        """(fmt, qs, d, m) of the row-interleaved CPU kernels (kernels.cpu._packed) when `forward`
+        """(fmt, qs, d, m) of the row-interleaved CPU kernels (shardline.kernels.cpu._packed) when `forward`
         would run them for `n_tokens` tokens (CPU, q8_0/q4_0/q4_1, no bias, below the crossover
-        and the bf16-copy threshold), so a fused caller (kernels/fused.py) makes the same
+        and the bf16-copy threshold), so a fused caller (shardline/kernels/fused.py) makes the same
         choice; else None."""
         w = self.qweight
         if (self.bias is not None or cpu.FMT.get(w.qtype) not in cpu.PACKED_FORMATS or w.in_features % 32

@@ -1,6 +1,6 @@
 """Quantized weight formats and their matmuls: NumPy reference, Numba CPU, Numba CUDA (lazy).
 
-    from kernels import QuantizedWeight, QuantizedLinear, quantized_matmul, dequantize, quantize
+    from shardline.kernels import QuantizedWeight, QuantizedLinear, quantized_matmul, dequantize, quantize
 """
 from .dispatch import QuantizedLinear, dequantize, quantized_matmul
 from .formats import QType, QuantizedWeight, quantize

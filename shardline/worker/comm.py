@@ -8,7 +8,7 @@ all-reduces over the stage's TP subgroup after each row-parallel linear and afte
 vocabulary-parallel embedding, and all-gathers the vocabulary-parallel logits.
 The coordinator hosts the rendezvous `TCPStore`; control never rides on this plane.
 
-With async scheduling (coordinator/scheduler.py, `lookahead`) a TCP stream also closes the
+With async scheduling (shardline/coordinator/scheduler.py, `lookahead`) a TCP stream also closes the
 ring: the last stage sends each step's sampled token ids to the first stage (`send_tokens` /
 `recv_tokens`), which feeds them to the sequences' next steps, planned before the tokens were
 known. It is a plain socket on any device (tensor_parallel 1 only).

@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from coordinator.block_manager import BlockManager
-from coordinator.metrics import CoordinatorMetrics, RateWindow
-from coordinator.planner import (ModelSizes, Plan, PlanError, WorkerOffer, check_parallel, format_plan,
+from shardline.coordinator.block_manager import BlockManager
+from shardline.coordinator.metrics import CoordinatorMetrics, RateWindow
+from shardline.coordinator.planner import (ModelSizes, Plan, PlanError, WorkerOffer, check_parallel, format_plan,
                                  plan_for_config)
-from coordinator.shard_server import ShardError, ShardServer
-from coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
-from coordinator.sequence import Sequence, SequenceStatus
-from coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from shardline.coordinator.shard_server import ShardError, ShardServer
+from shardline.coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
+from shardline.coordinator.sequence import Sequence, SequenceStatus
+from shardline.coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from shardline import __version__
 from shardline import protocol as P
 from shardline.config import ClusterConfig
@@ -77,7 +77,7 @@ class WorkerInfo:
     price_per_hour: float | None = None
     registered_at: float = field(default_factory=time.monotonic)
     speed: float = 1.0  # relative speed the worker declared (planner input)
-    comm: dict | None = None  # the worker's cumulative data-plane times (worker.comm.StageComm.stats)
+    comm: dict | None = None  # the worker's cumulative data-plane times (shardline.worker.comm.StageComm.stats)
     lost_at: float | None = None
     drained: bool = False  # left by an operator's drain (not a failure)
     shutdown_sent_at: float = -math.inf  # when a lost worker that spoke again was last told to leave
@@ -662,7 +662,7 @@ class Coordinator:
                 self.state = f"degraded: {why.removeprefix('recovering: ')}"
 
     def _on_shard_message(self, w: WorkerInfo | None, identity: bytes, msg_type: MsgType, body: dict) -> None:
-        """SHARD_REQUEST -> SHARD_MANIFEST, SHARD_FETCH -> SHARD_CHUNK (coordinator/shard_server.py);
+        """SHARD_REQUEST -> SHARD_MANIFEST, SHARD_FETCH -> SHARD_CHUNK (shardline/coordinator/shard_server.py);
         a request that cannot be served is answered with ERROR naming why."""
         if w is None:
             raise ProtocolError(f"{msg_type.name} from a worker that has not registered", ErrorCode.BAD_FRAME)
