@@ -201,8 +201,10 @@ class ClusterConfig(_Frozen):
 
     model: str = Field(
         "smollm2-135m",
-        description="Packaged model name, path to a .gguf file, or a Hugging Face checkpoint directory "
-                    "(config.json + *.safetensors + tokenizer.json).",
+        description="Packaged model name, path to a .gguf file, a Hugging Face checkpoint directory "
+                    "(config.json + *.safetensors + tokenizer.json), or a Hugging Face repo id in the local "
+                    "Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded): org/name for a checkpoint, "
+                    "org/name:file.gguf for a GGUF file in a repo.",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Activation dtype of the workers; with quantization none, also the dtype a "

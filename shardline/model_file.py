@@ -84,12 +84,15 @@ def _open_gguf(path: str, mtime_ns: int, size: int):
 
 
 def resolve_model_path(model: str) -> Path:
-    """Return the model file for `model`: a packaged model name, a path to a `.gguf` file, or a
-    Hugging Face checkpoint directory (config.json + *.safetensors).
+    """Return the model file for `model`: a packaged model name, a path to a `.gguf` file, a
+    Hugging Face checkpoint directory (config.json + *.safetensors), or a Hugging Face repo id
+    found in the local Hugging Face cache (`Qwen/Qwen2.5-7B-Instruct`: its snapshot directory;
+    `org/name:file.gguf`: that file of the repo; see `resolve_hf_cache`). A path on disk wins
+    over a repo id of the same spelling.
 
     Raises:
-        ModelError: the name is unknown, the package is not installed, the file is missing, or
-            the directory lacks config.json or *.safetensors files.
+        ModelError: the name is unknown, the package is not installed, the file is missing, the
+            directory lacks config.json or *.safetensors files, or the repo is not in the cache.
     """
     if model in PACKAGED_MODELS:
         package, filename = PACKAGED_MODELS[model]
@@ -104,12 +107,13 @@ def resolve_model_path(model: str) -> Path:
             raise ModelError(f"model {model!r}: expected {path} inside package {package!r}, not found")
         return path
     path = Path(os.path.expanduser(model))
-    if path.suffix != ".gguf" and not path.is_dir():
+    if not path.exists() and _HF_REPO_REF.fullmatch(model) and (":" in model or path.suffix != ".gguf"):
+        path = resolve_hf_cache(model)
+    elif path.suffix != ".gguf" and not path.is_dir():
         known = ", ".join(sorted(PACKAGED_MODELS))
-        hub = (" (models are not downloaded: a Hugging Face hub id needs its checkpoint directory on disk)"
-               if "/" in model and not path.exists() else "")
         raise ModelError(f"unknown model {model!r}: give a packaged model name ({known}), a path to a .gguf file, "
-                         f"or a Hugging Face checkpoint directory (config.json + *.safetensors){hub}")
+                         f"a Hugging Face checkpoint directory (config.json + *.safetensors), or a Hugging Face "
+                         f"repo id in the local cache (org/name, or org/name:file.gguf)")
     if not path.exists():
         raise ModelError(f"model file not found: {path} (looked for model {model!r})")
     if path.is_dir():
@@ -119,6 +123,56 @@ def resolve_model_path(model: str) -> Path:
         if not any(path.glob("*.safetensors")):
             raise ModelError(f"model directory {path} has no *.safetensors files")
     return path
+
+
+# `org/name` or `org/name:path/in/repo.gguf` (Hugging Face repo names: letters, digits, - _ .).
+_HF_REPO_REF = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[^:]+\.gguf)?")
+
+
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face hub cache this process reads: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub (huggingface_hub's rule, read at call time)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return Path(os.path.expanduser(cache))
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def resolve_hf_cache(ref: str) -> Path:
+    """The local copy of a Hugging Face repo (`org/name`: its snapshot directory for the `main`
+    ref) or of one GGUF file in it (`org/name:file.gguf`), from the hub cache
+    (`hf_hub_cache_dir()`; layout models--org--name/{refs/main, snapshots/<commit>/...}), through
+    `huggingface_hub` with `local_files_only`: nothing is ever downloaded.
+
+    Raises:
+        ModelError: the repo or file is not in the cache (the message names the repo and the cache
+            directory searched), or the snapshot is neither a checkpoint (config.json) nor a
+            file reference (it lists the repo's .gguf files to pick from).
+    """
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    repo_id, _, filename = ref.partition(":")
+    cache = hf_hub_cache_dir()
+    try:
+        if filename:
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=cache)
+            if not isinstance(found, str):
+                raise ModelError(f"model {ref!r}: {filename} of the Hugging Face repo {repo_id!r} is not in the "
+                                 f"local Hugging Face cache {cache} (HF_HUB_CACHE / HF_HOME); models are never "
+                                 f"downloaded: fetch it first, e.g. `hf download {repo_id} {filename}`")
+            return Path(found)
+        snapshot = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as exc:
+        raise ModelError(f"model {ref!r}: the Hugging Face repo {repo_id!r} is not in the local Hugging Face cache "
+                         f"{cache} (HF_HUB_CACHE / HF_HOME); models are never downloaded: fetch it first, e.g. "
+                         f"`hf download {repo_id}` ({type(exc).__name__})") from None
+    ggufs = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf"))
+    if not (snapshot / "config.json").is_file() and ggufs:
+        raise ModelError(f"model {ref!r}: the cached repo holds GGUF files, not a checkpoint; name one as "
+                         f"{repo_id}:FILE, one of: {', '.join(ggufs)}")
+    return snapshot
 
 
 def is_safetensors_checkpoint(path: str | os.PathLike) -> bool:

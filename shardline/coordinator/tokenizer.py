@@ -1,111 +1,37 @@
 """Tokenizer, incremental detokenizer and stop-string matcher for the coordinator.
 
-The tokenizer is rebuilt from a GGUF file's metadata (keys as in the GGUF spec,
-https://github.com/ggml-org/ggml/blob/master/docs/gguf.md, `tokenizer.ggml.*`): the vocabulary and
-merges go into a `tokenizers` byte-level BPE model, and the pre-tokenizer regexes are the ones
-llama.cpp uses for the file's `tokenizer.ggml.pre` value (src/llama-vocab.cpp, `regex_exprs`).
-A Hugging Face checkpoint directory's tokenizer.json is loaded as is (`Tokenizer.from_hf_directory`).
+The tokenizer comes from the model's own metadata: a GGUF file's `tokenizer.ggml.*` keys, rebuilt
+as a `tokenizers` pipeline by `gguf_vocab.build_gguf_vocab` (byte-level BPE with its
+`tokenizer.ggml.pre` pre-tokenizer, or SentencePiece), or a Hugging Face checkpoint directory's
+tokenizer.json, loaded as is (`Tokenizer.from_hf_directory`). The chat template is rendered by
+`chat_template.ChatTemplate`.
 
-    text --added-token split--> pieces --regex splits--> words --byte map--> BPE --> ids
+    text --added-token split--> pieces --pre-tokenizer / normalizer--> words --BPE--> ids
     ids  --token_bytes--> raw UTF-8 bytes --decode--> text
 
-Byte-level BPE spells every byte as one printable character (GPT-2's `bytes_to_unicode`), so a
-token is a sequence of raw bytes and may end in the middle of a UTF-8 character; that is why
-streaming goes through `IncrementalDetokenizer`, which holds back incomplete characters.
+A token stands for raw bytes (byte-level BPE spells every byte as one printable character, GPT-2's
+`bytes_to_unicode`; SentencePiece falls back to `<0xNN>` byte tokens), so it may end in the middle
+of a UTF-8 character; that is why streaming goes through `IncrementalDetokenizer`, which holds back
+incomplete characters.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import logging
 import os
-import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-logger = logging.getLogger(__name__)
-
-# GGUF token types (llama.cpp `llama_token_type`): 1 normal, 2 unknown, 3 control, 4 user-defined,
-# 5 unused, 6 byte.
-TOKEN_TYPE_CONTROL = 3
-TOKEN_TYPE_USER_DEFINED = 4
-
-# Pre-tokenizer regexes, from llama.cpp's src/llama-vocab.cpp (`regex_exprs` per
-# `LLAMA_VOCAB_PRE_TYPE_*`), written as in the models' tokenizer.json. llama.cpp applies them one
-# after the other, each splitting the pieces of the previous one and keeping unmatched text as its
-# own piece; `pre_tokenizers.Split(..., behavior="isolated")` in sequence does the same.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+from shardline.coordinator.chat_template import ChatTemplate
+from shardline.coordinator.gguf_vocab import (  # noqa: F401  (bytes_to_unicode: public here too)
+    build_gguf_vocab,
+    byte_level_bytes,
+    bytes_to_unicode,
+    sentencepiece_bytes,
 )
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# `tokenizer.ggml.pre` -> (regexes applied in order, BPE ignore_merges). llama.cpp sets
-# `ignore_merges` for llama-3: a word that is itself a vocabulary entry is not merged piecewise.
-PRE_TOKENIZER_SPLITS: dict[str, tuple[tuple[str, ...], bool]] = {
-    # digits split one by one first (tokenizer.json: Digits(individual_digits) + ByteLevel)
-    "smollm": ((r"\p{N}", _GPT2_SPLIT), False),
-    "starcoder": ((r"\p{N}", _GPT2_SPLIT), False),
-    "refact": ((r"\p{N}", _GPT2_SPLIT), False),
-    "codeshell": ((r"\p{N}", _GPT2_SPLIT), False),
-    "gpt2": ((_GPT2_SPLIT,), False),
-    "default": ((_GPT2_SPLIT,), False),
-    "mpt": ((_GPT2_SPLIT,), False),
-    "olmo": ((_GPT2_SPLIT,), False),
-    "llama-bpe": ((_LLAMA3_SPLIT,), True),
-    "llama3": ((_LLAMA3_SPLIT,), True),
-    "llama-v3": ((_LLAMA3_SPLIT,), True),
-    "dbrx": ((_LLAMA3_SPLIT,), False),
-    "smaug-bpe": ((_LLAMA3_SPLIT,), False),
-    "qwen2": ((_QWEN2_SPLIT,), False),
-    "stablelm2": ((_QWEN2_SPLIT,), False),
-    "deepseek-r1-qwen": ((_QWEN2_SPLIT,), False),
-}
-_FALLBACK_PRE = "gpt2"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte 0..255 to the printable character that spells it in the vocab."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
-
-
-def _spelled_bytes(token: str) -> bytes:
-    """Raw bytes of a vocabulary entry; text outside the byte alphabet is taken as UTF-8, as the
-    `tokenizers` ByteLevel decoder does."""
-    try:
-        return bytes(_BYTE_OF_CHAR[c] for c in token)
-    except KeyError:
-        return token.encode("utf-8")
-
-
-def _sentencepiece_bytes(token: str) -> bytes:
-    """Raw bytes of a SentencePiece-style BPE token: `<0xNN>` is byte NN (byte fallback), U+2581
-    is a space, the rest is UTF-8 text."""
-    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
-    if m:
-        return bytes([int(m.group(1), 16)])
-    return token.replace("\u2581", " ").encode("utf-8")
 
 
 def _has_component(node: Any, kind: str) -> bool:
@@ -128,31 +54,37 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_gguf_tokenizer(path: str | os.PathLike) -> dict[str, Any]:
-    from shardline.model_file import open_gguf
+def read_gguf_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The `tokenizer.*` metadata and `general.architecture` of a GGUF file, as plain values.
 
-    reader = open_gguf(path)
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.") or key == "general.architecture":
-            meta[key] = field.contents()
-    return meta
+    Raises:
+        ModelError: the file is not a readable GGUF file.
+    """
+    from shardline.model_file import ModelError, open_gguf
+
+    try:
+        reader = open_gguf(path)
+    except Exception as exc:  # gguf raises ValueError/struct errors on a bad magic or truncation
+        raise ModelError(f"{path}: not a readable GGUF file ({exc})") from exc
+    return {key: field.contents() for key, field in reader.fields.items()
+            if key.startswith("tokenizer.") or key == "general.architecture"}
 
 
 class Tokenizer:
-    """Byte-level BPE tokenizer rebuilt from GGUF metadata, plus the model's chat template.
+    """The model's tokenizer: text <-> token ids, token bytes for streaming, and its chat template.
 
-    Build it with `Tokenizer.from_gguf(path)`. Token ids are ints in `[0, vocab_size)`.
-    Control tokens (GGUF token type 3, e.g. `<|im_start|>`) are special tokens: they are matched
+    Build it with `Tokenizer.from_model_path(path)` (a GGUF file or a Hugging Face checkpoint
+    directory). Token ids are ints in `[0, vocab_size)`. Special tokens (GGUF token types control
+    and unknown, e.g. `<|im_start|>`; tokenizer.json's added tokens marked special) are matched
     whole in input text and dropped by `decode(..., skip_special_tokens=True)`. User-defined tokens
-    (type 4) are matched whole too but are not special.
+    (GGUF type 4, e.g. `<think>`) are matched whole too but are not special.
     """
 
     def __init__(
         self,
         hf_tokenizer: _HFTokenizer,
         tokens: list[str],
-        special_ids: set[int],
+        special_ids: set[int] | frozenset[int],
         *,
         bos_token_id: int | None,
         eos_token_id: int | None,
@@ -176,9 +108,10 @@ class Tokenizer:
         self.chat_template = chat_template
         self.pre = pre
         # token id -> raw bytes; special tokens are spelled by their text (as in decode()).
-        # Byte-level BPE unless the caller gives them (SentencePiece-style vocabularies).
-        self._token_bytes: list[bytes] = token_bytes if token_bytes is not None else [_spelled_bytes(t) for t in tokens]
-        self._compiled_template = None
+        # Byte-level BPE unless the caller gives them (SentencePiece vocabularies).
+        self._token_bytes: list[bytes] = (token_bytes if token_bytes is not None
+                                          else [byte_level_bytes(t) for t in tokens])
+        self._compiled_template: ChatTemplate | None = None
         # No token stands for more characters than it has bytes (a character is >= 1 UTF-8 byte),
         # so a text of more than n * max_token_chars characters encodes to more than n tokens:
         # `max_chars_for` lets a caller refuse such a text without tokenizing it.
@@ -192,70 +125,38 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read `tokenizer.ggml.*` and `tokenizer.chat_template` from a GGUF file.
-
-        Supports `tokenizer.ggml.model == "gpt2"` (byte-level BPE). The pre-tokenizer follows
-        `tokenizer.ggml.pre` (see `PRE_TOKENIZER_SPLITS`); an unknown value falls back to GPT-2's
-        regex with a logged warning.
+        """The tokenizer and chat template (`tokenizer.chat_template`) of a GGUF file; see
+        `from_gguf_metadata`.
 
         Raises:
-            ValueError: the file has no tokenizer, a tokenizer model other than "gpt2" (e.g.
-                "llama" sentencepiece), or no merges.
+            ModelError: the file is not GGUF, or its tokenizer is missing or unsupported.
         """
-        meta = _read_gguf_tokenizer(path)
-        model = meta.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ValueError(
-                f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported"
-            )
-        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-        merges_raw = meta.get("tokenizer.ggml.merges")
-        if not merges_raw:
-            raise ValueError(f"{path}: byte-level BPE tokenizer without tokenizer.ggml.merges")
-        token_types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-        pre = meta.get("tokenizer.ggml.pre") or "default"
+        return cls.from_gguf_metadata(read_gguf_tokenizer_metadata(path), source=str(path))
 
-        vocab: dict[str, int] = {}
-        for i, t in enumerate(tokens):
-            if t in vocab:
-                logger.warning("GGUF vocab: token %r appears at ids %d and %d; keeping %d", t, vocab[t], i, vocab[t])
-                continue
-            vocab[t] = i
-        merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "GGUF") -> "Tokenizer":
+        """The tokenizer described by GGUF `tokenizer.*` metadata (see `gguf_vocab.build_gguf_vocab`
+        for the vocabulary kinds and pre-tokenizers: byte-level BPE "gpt2" with its
+        `tokenizer.ggml.pre`, SentencePiece "llama").
 
-        if pre not in PRE_TOKENIZER_SPLITS:
-            logger.warning(
-                "tokenizer.ggml.pre=%r is not known; falling back to the GPT-2 pre-tokenizer regex", pre
-            )
-        splits, ignore_merges = PRE_TOKENIZER_SPLITS.get(pre, PRE_TOKENIZER_SPLITS[_FALLBACK_PRE])
-
-        unk = meta.get("tokenizer.ggml.unknown_token_id")
-        hf = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-        hf.decoder = decoders.ByteLevel()
-
-        special_ids = {i for i, ty in enumerate(token_types) if ty == TOKEN_TYPE_CONTROL}
-        user_ids = [i for i, ty in enumerate(token_types) if ty == TOKEN_TYPE_USER_DEFINED]
-        hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special_ids)])
-        if user_ids:
-            hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_ids])
-        assert hf.get_vocab_size(with_added_tokens=True) == len(vocab), "added tokens grew the vocab"
-
+        Raises:
+            ModelError: no vocabulary, or a tokenizer model or pre-tokenizer that is not supported
+                (named in the message, with `source`).
+        """
+        vocab = build_gguf_vocab(meta, source)
         return cls(
-            hf,
-            tokens,
-            special_ids,
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            unk_token_id=unk,
-            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-            add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+            vocab.tokenizer,
+            vocab.tokens,
+            vocab.special_ids,
+            bos_token_id=vocab.bos_token_id,
+            eos_token_id=vocab.eos_token_id,
+            unk_token_id=vocab.unk_token_id,
+            pad_token_id=vocab.pad_token_id,
+            add_bos_token=vocab.add_bos_token,
+            add_eos_token=vocab.add_eos_token,
             chat_template=meta.get("tokenizer.chat_template"),
-            pre=pre,
+            pre=vocab.pre if vocab.model == "gpt2" else "sentencepiece",
+            token_bytes=vocab.token_bytes,
         )
 
     @classmethod
@@ -328,7 +229,7 @@ class Tokenizer:
         add_bos = tcfg.get("add_bos_token", bos is not None and probe[:1] == [bos])
         add_eos = tcfg.get("add_eos_token", eos is not None and probe[-1:] == [eos])
         token_bytes = None if byte_level else [
-            t.encode("utf-8") if i in special_ids else _sentencepiece_bytes(t) for i, t in enumerate(tokens)]
+            t.encode("utf-8") if i in special_ids else sentencepiece_bytes(t) for i, t in enumerate(tokens)]
         return cls(hf, tokens, special_ids, bos_token_id=bos, eos_token_id=eos,
                    unk_token_id=token_id("unk_token"), pad_token_id=token_id("pad_token"),
                    add_bos_token=bool(add_bos), add_eos_token=bool(add_eos), chat_template=template,
@@ -390,59 +291,42 @@ class Tokenizer:
 
     # ---- chat template ------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the GGUF's
-        `tokenizer.chat_template`, the way transformers renders it: a sandboxed jinja2
-        environment with trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson`
-        filter, and the special tokens as `bos_token`, `eos_token`, `unk_token`, `pad_token`.
-        Extra keyword arguments become template variables.
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's chat template,
+        as transformers' `apply_chat_template(..., tokenize=False)` renders it (see
+        `chat_template.ChatTemplate`): `bos_token`, `eos_token`, `unk_token` and `pad_token` are
+        the model's, `tools` and `documents` are passed through, further keyword arguments become
+        template variables.
 
         Raises:
-            ValueError: the GGUF has no chat template, or the template raised (raise_exception).
+            ValueError: the model has no chat template, or the template does not parse, raised
+                (`raise_exception`) or failed.
         """
         if not self.chat_template:
-            raise ValueError("this GGUF has no tokenizer.chat_template")
-        import jinja2
-
-        template = self._compile_template()
-        variables = {
+            raise ValueError("this model has no chat template (GGUF tokenizer.chat_template, "
+                             "tokenizer_config.json chat_template)")
+        if self._compiled_template is None:
+            self._compiled_template = ChatTemplate(self.chat_template)
+        special_tokens = {
             "bos_token": self._token_text(self._bos_token_id),
             "eos_token": self._token_text(self._eos_token_id),
             "unk_token": self._token_text(self.unk_token_id),
             "pad_token": self._token_text(self.pad_token_id),
         }
-        variables.update(kwargs)
-        try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template failed: {e}") from e
+        return self._compiled_template.render(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents,
+            special_tokens=special_tokens, **kwargs)
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._tokens[token_id]
-
-    def _compile_template(self):
-        if self._compiled_template is None:
-            import jinja2
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise jinja2.exceptions.TemplateError(message)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                return json.dumps(
-                    x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-                )
-
-            def strftime_now(fmt):
-                return datetime.now().strftime(fmt)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = strftime_now
-            self._compiled_template = env.from_string(self.chat_template)
-        return self._compiled_template
 
 
 class IncrementalDetokenizer:

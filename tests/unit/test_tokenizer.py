@@ -6,8 +6,6 @@ pre-tokenizer table and the error paths.
 
 from __future__ import annotations
 
-import logging
-
 import gguf
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -19,7 +17,7 @@ from shardline.coordinator.tokenizer import (
     Tokenizer,
     bytes_to_unicode,
 )
-from shardline.model_file import resolve_model_path
+from shardline.model_file import ModelError, resolve_model_path
 
 HYPO = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -88,12 +86,11 @@ def test_pre_tokenizer_follows_gguf_pre(tmp_path, pre, expected):
     assert pieces(t, "12345") == expected
 
 
-def test_unknown_pre_falls_back_to_gpt2_with_warning(tmp_path, caplog):
+def test_unknown_pre_is_refused(tmp_path):
+    # No other regex splits text the way the merges were learned: refused, by name.
     path = write_tiny_gguf(tmp_path / "t.gguf", pre="no-such-pre")
-    with caplog.at_level(logging.WARNING, logger="shardline.coordinator.tokenizer"):
-        t = Tokenizer.from_gguf(path)
-    assert any("no-such-pre" in r.getMessage() for r in caplog.records)
-    assert pieces(t, "12345") == ["12", "34", "5"]
+    with pytest.raises(ModelError, match="tokenizer.ggml.pre 'no-such-pre' is not a known pre-tokenizer"):
+        Tokenizer.from_gguf(path)
 
 
 def test_chat_template_helpers(tmp_path):
