@@ -348,7 +348,7 @@ class Worker:
         self.sampled.clear()
         self.comm = StageComm(a["rank"], a["world_size"], self.stage, self.pp_size, self.tp_rank, self.tp_size,
                               a["store_host"], a["store_port"], a["store_prefix"], backend, self.host,
-                              timeout_s=a.get("data_plane_timeout_s", 60.0), token_ring=bool(a.get("token_ring")))
+                              timeout_s=a.get("data_plane_timeout_s", 60.0), token_stream=bool(a.get("token_ring")))
         bar.next()
         local = self._local_model(a)
         if local is not None:
@@ -388,7 +388,7 @@ class Worker:
                                    "rss_bytes": rss_bytes(),
                                    "kv_bytes": self.kv_cache.nbytes, "load_s": load_s,
                                    # continuations need the sampled tokens at the first stage
-                                   "lookahead_ok": self.tp_size == 1 and (self.pp_size == 1 or self.comm.has_token_ring)})
+                                   "lookahead_ok": self.tp_size == 1 and (self.pp_size == 1 or self.comm.has_token_stream)})
 
     # ---- where the weights come from -----------------------------------------------------
     def _digest(self, path: str) -> str:
@@ -454,9 +454,9 @@ class Worker:
             self.block_tables.pop(seq_id, None)
             self.params.pop(seq_id, None)
             self.sampled.pop(seq_id, None)
-        ring_in = self.shard.is_first and self.comm.has_token_ring
+        ring_in = self.shard.is_first and self.comm.has_token_stream
         if ring_in:  # take the tokens the last stage has sent so far (its sends never wait on us)
-            self._note_sampled(self.comm.recv_tokens(block=False))
+            self._note_sampled(self.comm.recv_sampled_tokens(block=False))
         seqs = plan["seqs"]
         if not seqs:
             return
@@ -505,8 +505,8 @@ class Worker:
             sampled_ids = [s["seq_id"] for s in sampled]
             if self.shard.is_first:  # one stage: continuations read the tokens here
                 self._note_sampled([(plan["step_id"], sampled_ids, res.token_ids)])
-            elif self.comm.has_token_ring:  # before the result: the first stage may be waiting for them
-                self.comm.send_tokens(plan["step_id"], sampled_ids, res.token_ids)
+            elif self.comm.has_token_stream:  # before the result: the first stage may be waiting for them
+                self.comm.send_sampled_tokens(plan["step_id"], sampled_ids, res.token_ids)
             body = {"step_id": plan["step_id"], "seq_ids": P.pack_ids(sampled_ids),
                     "tokens": P.pack_ids(res.token_ids), "forward_s": time.perf_counter() - t0}
             if any(nlp):
@@ -535,7 +535,7 @@ class Worker:
         while got is None or got[0] < step_id:
             if not ring_in:
                 raise RuntimeError(f"continuation of sequence {seq_id}: step {step_id}'s token is not here")
-            self._note_sampled(self.comm.recv_tokens(block=True))
+            self._note_sampled(self.comm.recv_sampled_tokens(block=True))
             got = self.sampled.get(seq_id)
         if got[0] != step_id:
             raise RuntimeError(f"continuation of sequence {seq_id}: expected step {step_id}'s token, "
