@@ -118,13 +118,13 @@ class Worker:
                  *, speed: float = 1.0, model_path: str | None = None, use_local_model: bool = True):
         """`speed`: relative speed declared to the planner (> 0). `model_path`: this host's copy of
         the model (its digest goes into REGISTER; a mismatch is refused by the coordinator).
-        `use_local_model` False (or SHARDLINE_NO_LOCAL_MODEL=1): never read a model file here,
-        always receive the shard from the coordinator."""
+        `use_local_model` False: never read a model file here, always receive the shard from
+        the coordinator."""
         if not speed > 0:
             raise ValueError(f"speed={speed}: must be > 0")
         self.speed = speed
         self.model_path = model_path
-        self.use_local_model = use_local_model and os.environ.get("SHARDLINE_NO_LOCAL_MODEL", "") in ("", "0")
+        self.use_local_model = use_local_model
         self._digests: dict[str, str] = {}  # local model path -> sha256, computed once
         self.transfer_stats: dict | None = None
         if price_per_hour is not None and not price_per_hour >= 0:
