@@ -31,56 +31,12 @@ from shardline import protocol as P
 from shardline.model_file import ModelSpec
 from shardline.protocol import MsgType
 from shardline.sampling import SamplingParams
+from shardline.worker.process import default_memory_bytes, keep_freed_memory, local_ip_towards, rss_bytes
 from shardline.worker.sampler import SequenceSampling
 
 log = logging.getLogger("shardline.worker")
 
 MAX_STEP_TIMES = 4096  # forward-pass durations kept between two heartbeats (the coordinator takes no more)
-
-
-def local_ip_towards(address: str) -> str:
-    """The local IPv4 address this host uses to reach tcp://HOST:PORT (no packet is sent)."""
-    host, port = address.removeprefix("tcp://").rsplit(":", 1)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((socket.gethostbyname(host), int(port)))
-        return s.getsockname()[0]
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process in bytes (Linux /proc)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-# glibc mallopt(3) parameters (malloc.h)
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 << 20  # the largest value glibc accepts (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
-TRIM_THRESHOLD_BYTES = 256 << 20
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed step buffers instead of returning them to the kernel.
-
-    A prefill step allocates and frees activations of several MB per layer ([512, 3072] float32 is
-    6 MB). With glibc's defaults each one above the dynamic mmap threshold is a fresh mmap whose
-    pages fault in (zeroed) on first touch and are unmapped on free: a 512-token step of 15 layers
-    on one core measured 506 ms, 374 ms with allocations served from the heap (the same remedy as
-    the tcmalloc/jemalloc preload that CPU inference servers recommend, without the preload).
-    Allocations of 32 MiB and more (the KV pool, weights) are still mapped on their own; up to
-    256 MiB freed at the top of the heap stays with the process. Returns False where the C
-    library has no mallopt (not glibc)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-                    and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 class LoadProgress:
@@ -106,10 +62,6 @@ class LoadProgress:
 
     def close(self) -> None:
         self.progress.stop()
-
-
-def default_memory_bytes() -> int:
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
 
 class Worker:
