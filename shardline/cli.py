@@ -363,7 +363,7 @@ def gateway(cluster_yaml, address, host, port, api_key_env, timeout):
 @click.option("--model-path", type=click.Path(exists=True), help="This host's copy of the model; its digest must "
               "match the coordinator's (default: use the coordinator's path if the same file is here).")
 @click.option("--no-local-model", is_flag=True, help="Never read a model file on this host: receive the shard's "
-              "tensors from the coordinator (also SHARDLINE_NO_LOCAL_MODEL=1).")
+              "tensors from the coordinator.")
 @_curve_options
 def worker(address, device, threads, memory_gb, worker_id, host, price_per_hour, speed, model_path, no_local_model,
            server_key_file, key_file):

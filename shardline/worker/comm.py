@@ -8,16 +8,18 @@ all-reduces over the stage's TP subgroup after each row-parallel linear and afte
 vocabulary-parallel embedding, and all-gathers the vocabulary-parallel logits.
 The coordinator hosts the rendezvous `TCPStore`; control never rides on this plane.
 
-With async scheduling (shardline/coordinator/scheduler.py, `lookahead`) a TCP stream also closes the
-ring: the last stage sends each step's sampled token ids to the first stage (`send_tokens` /
-`recv_tokens`), which feeds them to the sequences' next steps, planned before the tokens were
-known. It is a plain socket on any device (tensor_parallel 1 only).
+Async scheduling (shardline/coordinator/scheduler.py, `lookahead`) plans a sequence's next step
+before its sampled token is known. With several stages the token stream, a TCP stream from the
+last stage to the first, carries each step's sampled token ids (`send_sampled_tokens` /
+`recv_sampled_tokens`) to the first stage, which feeds them to those steps. It is a plain socket
+on any device (tensor_parallel 1 only).
 """
 
 from __future__ import annotations
 
 import datetime
 import fcntl
+import logging
 import os
 import select
 import socket
@@ -27,6 +29,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("shardline.worker")
 
 
 def interface_for_address(ip: str) -> str | None:
@@ -46,6 +50,8 @@ def interface_for_address(ip: str) -> str | None:
 
 STREAM_MAGIC = b"shardline-pp-stream/1 "
 HELLO_TIMEOUT_S = 5.0  # seconds a connection to a stage's listener has to send its HELLO
+MAX_PENDING_SENDS = 4  # NCCL: sends in flight before the oldest is waited for
+ALL_REDUCE_IMPLS = ("p2p", "collective")
 
 
 def _recv_exact(sock: socket.socket, n: int, into=None) -> bytes | None:
@@ -77,28 +83,49 @@ class StageComm:
     (the receiver listens on the worker's address and publishes it in the store). A send is
     a length header and the tensor's bytes; it returns once the kernel has them, and the next
     stage finds them in its socket when it asks. gloo's send/recv is a rendezvous instead: the
-    receiver posts its recv, the sender's gloo I/O thread is woken to write, and the receiver's
-    to read. On the 2-core VM (PP=2, 64 concurrent requests) the last stage, the pipeline's
-    slower one, waited a median 2.6 ms per ~53 ms decode step for hidden states the first stage
-    had finished ~5 ms earlier; with the stream, 0.3 ms. Three interleaved pairs of
-    `bench/throughput.py --concurrency 64`: gloo 352 / 353 / 387, stream 367 / 371 / 387
-    generated tokens/s. A frozen peer fails a receive after `timeout_s` (TimeoutError), a dead
-    one at once (ConnectionError).
-    SHARDLINE_PP_TRANSPORT=gloo sends over gloo instead (blocking `dist.send`: with `isend` the
-    transfer also waited for the sender's I/O thread to get a core while it computed its next
-    micro-batch: 358 / 333 / 338 / 343 -> 387 / 362 / 365 / 366 tokens/s blocking).
-    The process group stays: it is the rendezvous, and it carries the TP collectives.
+    receiver posts its recv, then the sender's and the receiver's gloo I/O threads must each get
+    a core to move the bytes, which on a CPU host busy with the next micro-batch keeps a stage
+    waiting for hidden states finished long before. A frozen peer fails a receive after
+    `timeout_s` (TimeoutError), a dead one at once (ConnectionError). The process group stays:
+    it is the rendezvous, and it carries the TP collectives.
 
     CUDA (NCCL): sends are asynchronous (`isend`): a stage moves on to its next micro-batch
-    while the previous one's hidden states are in transit; `wait_sends` is called before a
-    buffer is reused and at shutdown.
+    while the previous one's hidden states are in transit. Each sent tensor is kept alive until
+    its send completes (at most MAX_PENDING_SENDS in flight); `close` waits for them.
     """
 
     def __init__(self, rank: int, world_size: int, stage: int, pp_size: int, tp_rank: int, tp_size: int,
                  store_host: str, store_port: int, prefix: str, backend: str, local_ip: str | None,
-                 timeout_s: float = 60.0, token_ring: bool = False):
-        """token_ring: open the last stage -> first stage stream of sampled tokens (pp_size > 1,
-        tp_size 1 and a local address needed; `has_token_ring` says whether it was opened)."""
+                 timeout_s: float = 60.0, token_stream: bool = False, all_reduce_impl: str | None = None):
+        """Join the group `prefix` names in the store at store_host:store_port (every rank of
+        `world_size` must), create the TP subgroups and open the streams. `local_ip`: this
+        worker's address, where its stream listeners bind (needed on CPU with pp_size > 1).
+        `timeout_s`: seconds any operation of the group may wait on a peer.
+
+        token_stream: open the last stage -> first stage stream of sampled tokens (pp_size > 1,
+        tp_size 1 and a local address needed; `has_token_stream` says whether it was opened).
+
+        all_reduce_impl: how `all_reduce` and `all_gather` run under TP: "p2p" (one round of
+        isend/irecv inside the group, `_all_reduce_p2p`), "collective" (torch.distributed's), or
+        None: "p2p" on gloo, whose own collectives run several rounds and for a step's few rows
+        on a CPU host cost more than one round of messages; "collective" on NCCL.
+
+        Raises:
+            ValueError: an unknown `all_reduce_impl`, or a CPU pipeline (gloo, pp_size > 1)
+                without `local_ip`.
+            torch.distributed.DistError (a RuntimeError): the store or a peer did not answer
+                within `timeout_s`.
+            OSError: a stream could not be opened within `timeout_s`.
+        """
+        if all_reduce_impl is None:
+            all_reduce_impl = "p2p" if backend == "gloo" else "collective"
+        if all_reduce_impl not in ALL_REDUCE_IMPLS:
+            raise ValueError(f"all_reduce_impl={all_reduce_impl!r}: expected one of {', '.join(ALL_REDUCE_IMPLS)}")
+        hidden_stream = backend == "gloo" and pp_size > 1
+        if hidden_stream and not local_ip:
+            raise ValueError("a CPU pipeline (gloo, pp_size > 1) needs local_ip: the address its hidden-state "
+                             "streams listen on")
+        self.all_reduce_impl = all_reduce_impl
         self.rank, self.world_size = rank, world_size
         self.stage, self.pp_size = stage, pp_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -118,30 +145,21 @@ class StageComm:
         dist.init_process_group(backend, store=self.store, rank=rank, world_size=world_size, timeout=timeout)
         self.tp_group = None
         self.tp_ranks = list(range(stage * tp_size, (stage + 1) * tp_size))  # global ranks of this stage's group
-        # gloo's own all-reduce of a decode step's [T, hidden] is slow on CPU (2-rank [1, 576]:
-        # 0.7-1.8 ms vs 0.2-0.3 ms for `_all_reduce_p2p`; 3 ranks: 2.4-2.8 vs 0.7-0.9 ms, measured on
-        # the 2-core machine); NCCL's stays. SHARDLINE_ALLREDUCE=collective forces the collective.
-        self.all_reduce_impl = ("p2p" if backend == "gloo" and os.environ.get("SHARDLINE_ALLREDUCE") != "collective"
-                                else "collective")
         if tp_size > 1:
             for s in range(pp_size):  # every rank must create every group, in the same order
                 ranks = list(range(s * tp_size, (s + 1) * tp_size))
                 g = dist.new_group(ranks, backend=backend, timeout=timeout)
                 if s == stage:
                     self.tp_group = g
-        self._pending = []
-        self.blocking_sends = backend == "gloo"
-        # pipeline hand-off on CPU: a TCP stream per (stage s, tp_rank r) -> (s + 1, r) pair
+        self._pending = []  # NCCL: (work, tensor) of sends in flight, oldest first
         self.timeout_s = timeout_s
-        self._send_sock: socket.socket | None = None
-        self._recv_sock: socket.socket | None = None
-        self._token_send_sock: socket.socket | None = None  # last stage -> first stage (the ring)
+        self._send_sock: socket.socket | None = None  # CPU: hidden states to the next stage
+        self._recv_sock: socket.socket | None = None  # CPU: hidden states from the previous stage
+        self._token_send_sock: socket.socket | None = None  # the token stream: last stage -> first stage
         self._token_recv_sock: socket.socket | None = None
-        hidden = (backend == "gloo" and pp_size > 1 and bool(local_ip)
-                  and os.environ.get("SHARDLINE_PP_TRANSPORT", "socket") == "socket")
-        ring = token_ring and pp_size > 1 and tp_size == 1 and bool(local_ip)
-        if hidden or ring:
-            self._connect_stream(local_ip, prefix, hidden, ring)
+        token_stream = token_stream and pp_size > 1 and tp_size == 1 and bool(local_ip)
+        if hidden_stream or token_stream:
+            self._connect_streams(local_ip, prefix, hidden_stream, token_stream)
 
     @property
     def prev_rank(self) -> int:
@@ -152,15 +170,16 @@ class StageComm:
         return (self.stage + 1) * self.tp_size + self.tp_rank
 
     @property
-    def has_token_ring(self) -> bool:
+    def has_token_stream(self) -> bool:
+        """Whether this rank sends (last stage) or receives (first stage) the token stream."""
         return self._token_send_sock is not None or self._token_recv_sock is not None
 
-    def _connect_stream(self, local_ip: str, prefix: str, hidden: bool, ring: bool) -> None:
+    def _connect_streams(self, local_ip: str, prefix: str, hidden: bool, token_stream: bool) -> None:
         """Open the streams: with `hidden`, to the next stage and from the previous one; with
-        `ring`, from the last stage to the first. Every receiving rank first listens on
+        `token_stream`, from the last stage to the first. Every receiving rank first listens on
         `local_ip` and publishes host:port in the store; then each sender connects (the listen
         backlog takes the connection before the accept), then each receiver accepts. A rank
-        receives one stream at most (the first stage: the ring's; the others: the hidden
+        receives one stream at most (the first stage: the token stream; the others: the hidden
         states'). A connection that does not open with this group's HELLO and the expected
         sender's rank is refused."""
         hello = STREAM_MAGIC + prefix.encode()
@@ -168,7 +187,7 @@ class StageComm:
         expect = None  # the rank this one accepts a stream from
         if hidden and self.stage > 0:
             expect = self.prev_rank
-        elif ring and self.stage == 0:
+        elif token_stream and self.stage == 0:
             expect = (self.pp_size - 1) * self.tp_size + self.tp_rank
         listener = None
         if expect is not None:
@@ -186,7 +205,7 @@ class StageComm:
         try:
             if hidden and not last:
                 self._send_sock = connect(self.next_rank)
-            if ring and last:
+            if token_stream and last:
                 self._token_send_sock = connect(self.tp_rank)  # the first stage's rank
             if listener is not None:
                 deadline = time.monotonic() + self.timeout_s
@@ -214,27 +233,25 @@ class StageComm:
                 listener.close()
 
     def send_hidden(self, x: torch.Tensor) -> None:
+        """Send the hidden states x [num_tokens, hidden] to the next stage: on CPU over the
+        stream (returns once the kernel has the bytes), on CUDA an `isend` kept in flight."""
         t0 = time.perf_counter()
         x = x.contiguous()
         if self._send_sock is not None:
             data = x.view(torch.uint8).numpy() if x.numel() else b""
             self._send_sock.sendall(struct.pack("<Q", x.numel() * x.element_size()))
             self._send_sock.sendall(data)
-            self.send_s += time.perf_counter() - t0
-            self.num_send += 1
-            return
-        if self.blocking_sends:
-            dist.send(x, self.next_rank)
-            self.send_s += time.perf_counter() - t0
-            self.num_send += 1
-            return
-        self._pending.append((dist.isend(x, self.next_rank), x))  # keep x alive until sent
-        if len(self._pending) > 4:
-            self._pending.pop(0)[0].wait()
+        else:
+            self._pending.append((dist.isend(x, self.next_rank), x))  # keep x alive until sent
+            if len(self._pending) > MAX_PENDING_SENDS:
+                self._pending.pop(0)[0].wait()
         self.send_s += time.perf_counter() - t0
         self.num_send += 1
 
     def recv_hidden(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The previous stage's hidden states, a new tensor of `shape` ([num_tokens, hidden])
+        and `dtype`. Raises ConnectionError when the stream carries another size (out of step)
+        or the peer is gone, TimeoutError after `timeout_s`."""
         t0 = time.perf_counter()
         buf = torch.empty(shape, dtype=dtype)
         if self._recv_sock is not None:
@@ -244,25 +261,26 @@ class StageComm:
                                       f"{buf.numel() * buf.element_size()} expected for {list(shape)} {dtype}")
             if nbytes:
                 _recv_exact(self._recv_sock, nbytes, buf.view(torch.uint8).numpy())
-        else:
+        else:  # NCCL
             dist.recv(buf, self.prev_rank)
         self.recv_s += time.perf_counter() - t0
         self.num_recv += 1
         return buf
 
-    def send_tokens(self, step_id: int, seq_ids: list[int], token_ids: list[int]) -> None:
-        """Last stage: hand a step's sampled tokens (one per sampling sequence) to the first stage.
-        Message: uint64 length, then int64 step_id, uint32 count, count int32 seq ids, count
-        int32 token ids (little-endian). Returns once the kernel has the bytes."""
+    def send_sampled_tokens(self, step_id: int, seq_ids: list[int], token_ids: list[int]) -> None:
+        """Last stage: hand a step's sampled tokens (one per sampling sequence) to the first
+        stage over the token stream. Message: uint64 length, then int64 step_id, uint32 count,
+        count int32 seq ids, count int32 token ids (little-endian). Returns once the kernel has
+        the bytes."""
         n = len(seq_ids)
         payload = (struct.pack("<qI", step_id, n) + np.asarray(seq_ids, dtype="<i4").tobytes()
                    + np.asarray(token_ids, dtype="<i4").tobytes())
         self._token_send_sock.sendall(struct.pack("<Q", len(payload)) + payload)
 
-    def recv_tokens(self, block: bool) -> list[tuple[int, list[int], list[int]]]:
-        """First stage: the token messages that have arrived, as (step_id, seq_ids, token_ids);
-        with `block`, waits for one at least (TimeoutError after the data-plane timeout,
-        ConnectionError if the last stage is gone)."""
+    def recv_sampled_tokens(self, block: bool) -> list[tuple[int, list[int], list[int]]]:
+        """First stage: the token stream's messages that have arrived, as (step_id, seq_ids,
+        token_ids); with `block`, waits for one at least (TimeoutError after the data-plane
+        timeout, ConnectionError if the last stage is gone or the stream is out of step)."""
         sock, out = self._token_recv_sock, []
         while block or select.select([sock], [], [], 0)[0]:
             t0 = time.perf_counter()
@@ -281,6 +299,8 @@ class StageComm:
         return out
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x [T, n] float32 over the stage's TP group (`all_reduce_impl`); tp_size 1: x
+        itself. The collective sums in place; "p2p" returns a new tensor."""
         if self.tp_size > 1:
             t0 = time.perf_counter()
             if self.all_reduce_impl == "p2p":
@@ -294,8 +314,8 @@ class StageComm:
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """The TP ranks' tensors side by side along the last dimension, in rank order, on every
         rank (the vocabulary-parallel logits). x: [T, n] float32, the same shape on every rank ->
-        [T, tp_size * n]. On gloo one round of isend/irecv inside the group (as `_all_reduce_p2p`),
-        on NCCL its collective; tp_size 1: x itself."""
+        [T, tp_size * n]. With `all_reduce_impl` "p2p" one round of isend/irecv inside the group
+        (as `_all_reduce_p2p`), else the collective; tp_size 1: x itself."""
         if self.tp_size == 1:
             return x
         t0 = time.perf_counter()
@@ -346,17 +366,22 @@ class StageComm:
                 "num_send": self.num_send, "recv_s": self.recv_s, "num_recv": self.num_recv}
 
     def wait_sends(self) -> None:
+        """Wait until every send in flight (NCCL) has completed; the error of a failed one is raised."""
         while self._pending:
             self._pending.pop(0)[0].wait()
 
     def abort(self) -> None:
         """Leave a broken group (a peer died or the plan changed) without waiting for pending
         sends; the next plan joins a new group under a new store prefix. Every operation of the
-        old group has `timeout_s`, so nothing waits on a dead peer for longer than that."""
+        old group has `timeout_s`, so nothing waits on a dead peer for longer than that. Never
+        raises: a half-broken group that fails to tear down is logged and dropped all the same."""
         self._pending.clear()
         self._close_streams()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:
+                log.warning("leaving the torch.distributed group: %s", exc)
 
     def _close_streams(self) -> None:
         for sock in (self._send_sock, self._recv_sock, self._token_send_sock, self._token_recv_sock):
@@ -369,9 +394,9 @@ class StageComm:
         self._send_sock = self._recv_sock = self._token_send_sock = self._token_recv_sock = None
 
     def close(self) -> None:
+        """Wait for the sends in flight, then leave the group (as `abort`). Raises what a failed
+        send raises (a peer that is gone); the group is left all the same."""
         try:
             self.wait_sends()
         finally:
-            self._close_streams()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            self.abort()

@@ -28,7 +28,7 @@ class KVCache:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # the per-layer flat views, made once (a step asks for every layer's: ~10 us per layer)
+        # the per-layer flat views, made once (a step asks for every layer's, and a view is not free)
         self._layers = [(self.k[i].flatten(0, 1), self.v[i].flatten(0, 1)) for i in range(num_layers)]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -209,7 +209,7 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda and x.is_contiguous():
-            # one compiled loop (shardline/kernels/fused.py) instead of torch's ~6 ops: 65 -> ~10 us for [32, 576]
+            # one compiled loop (shardline/kernels/fused.py) instead of torch's ~6 ops, each a pass over x
             out = torch.empty_like(x)
             fused._rms_norm(x.numpy(), self.weight.numpy(), np.float32(self.eps), out.numpy())
             return out
@@ -351,7 +351,7 @@ class DecoderLayer(torch.nn.Module):
         the output projection's bfloat16 input, and the residual adds widen the projections'
         outputs (shardline.kernels.fused.add_rms_norm, add_to). The same numbers as `forward` bit for bit
         (it rounds and widens at the same points, through torch's conversions), with 8 fewer
-        torch calls a layer: a 32-sequence decode step of 17 layers, one core, 42.6 -> 39.1 ms.
+        torch calls a layer.
         x: float32 [T, hidden] contiguous, updated in place and returned. Needs
         `takes_bf16_path(x)`."""
         n, hidden = x.shape
@@ -477,7 +477,7 @@ class StageModel(torch.nn.Module):
             # outside the fused layers, and a decode step of 32 sequences the RoPE/cache/attention
             # kernel between torch GEMMs (bf16 copies from 8 rows, packed weights from their
             # crossover); without these steps each compiled during the first such step of a
-            # fresh install, a 10-30 s stall of the whole pipeline
+            # fresh install, a stall of the whole pipeline
             steps.append([(0, 4, True), (8, 1, True)])
             steps.append([(p, 1, True) for p in range(16, 48)])
         for entries in steps:

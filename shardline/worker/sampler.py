@@ -86,9 +86,9 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: lis
 
 def _argmax_rows(logits: torch.Tensor) -> list[int]:
     """Index of each row's largest logit (the first of equal ones; a NaN counts as largest, as in
-    torch). logits [rows, vocab]. NumPy's argmax on a CPU float32 array (SIMD): 32 x 49152 in
-    0.10 ms against 1.41 ms for torch's `argmax(dim=-1)` on one thread, which the last stage
-    paid on every decode step; elsewhere torch's."""
+    torch). logits [rows, vocab]. NumPy's argmax on a CPU float32 array (SIMD), which on one
+    thread costs a fraction of torch's `argmax(dim=-1)` (the last stage runs it on every decode
+    step); elsewhere torch's."""
     if not logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]:
         return logits.detach().contiguous().numpy().argmax(axis=1).tolist()
     return logits.argmax(dim=-1).tolist()
@@ -161,11 +161,8 @@ class Sampler:
         top-k -> top-p, then one Gumbel-max draw per row with noise from the row's generator
         ((seed, position) for a seeded row, so its token depends on nothing else in the batch).
         top-p takes the 64 most probable tokens of each row first and sorts the whole row only
-        when their mass is below top_p (`_top_p`). 32 rows of SmolLM2's 49152 tokens (random
-        logits, scale 3), one thread, against the row-by-row version this replaced (a full sort
-        per top-p row; `exponential_`, 4.5x the cost of `uniform_` and a log): temperature 0.7
-        35 -> 15 ms; with top_p 0.9 153 -> 34 ms; top_k 50, top_p 0.95, min_p 0.05 68 -> 32 ms;
-        a top_p that needs the full sort (0.999) stays ~150 ms."""
+        when their mass is below top_p (`_top_p`): a sort of the vocabulary costs far more than
+        a top-k of a few candidates."""
         x = logits.float() / torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
         neg_inf = float("-inf")
         min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)[:, None]
@@ -186,19 +183,19 @@ class Sampler:
         # Gumbel-max in exponential form: argmax(p / E), E = -log U ~ Exp(1), one U per token of
         # the vocabulary from the row's generator. Each token keeps its own noise, so logits that
         # differ in the last bits (another batch size takes another GEMM path) change the draw
-        # only on a near-tie; an inverse-CDF draw (one U against the cumulative sum) flipped 8 of
-        # 300 seeded draws under 1e-3 logit noise where this flipped none.
+        # only on a near-tie; an inverse-CDF draw (one U against the cumulative sum) moves with
+        # every change of the mass ahead of the token, so it flips far more often.
         noise = torch.empty_like(probs)
         for r, p in enumerate(params):
             gen = self._generator
             if p.seed is not None:
                 gen = torch.Generator().manual_seed(position_seed(p.seed, positions[r]))
-            noise[r].uniform_(generator=gen)  # [0, 1): 4.5x faster than exponential_ here
+            noise[r].uniform_(generator=gen)  # [0, 1); uniform_ and one log below cost less than exponential_
         noise.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()  # (0, 87.4]: never 0 or inf
         return _argmax_rows(probs / noise)
 
 
-TOP_P_CANDIDATES = (64, 1024)  # 49152 tokens, one thread: topk 64 0.09 ms, 1024 ~0.3 ms, sort 3.6 ms
+TOP_P_CANDIDATES = (64, 1024)  # top-k sizes tried before a full sort of the vocabulary (`_top_p`)
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_same_output_with_one_seat_and_small_chunks(clusters, reference):
 @pytest.mark.parametrize("pp", [1, 2])
 def test_async_scheduling_gives_the_outputs_of_synchronous_steps(clusters, pp):
     """Async scheduling (continuations: a decode step planned before its input token is known;
-    with two stages the last hands its samples to the first over the token ring) against the
+    with two stages the last hands its samples to the first over the token stream) against the
     same layout with it off: same greedy tokens for eight concurrent requests, and a stop found
     on a token (a stop string, EOS-like) ends the request with the same text although its
     continuation was already computed; every block comes back."""

@@ -78,35 +78,35 @@ def test_layout_matches_tp1_and_transformers(layout, clusters, tokenizer, tp1_ou
                                        err_msg=f"{layout} {prompt!r} token {i}")
 
 
-def _rank_main(rank: int, world: int, port: int, impl: str, shapes, q) -> None:
-    """One TP rank: all-reduce tensors seeded by its rank, then all-gather each of them; put
-    (rank, inputs, results, calls, gathered) on q."""
-    import os
-
+def _rank_main(rank: int, world: int, port: int, impl: str | None, shapes, q) -> None:
+    """One TP rank with StageComm(all_reduce_impl=impl): all-reduce tensors seeded by its rank,
+    then all-gather each of them; put (rank, inputs, results, calls, gathered, the impl in use)
+    on q."""
     import torch
 
-    os.environ["SHARDLINE_ALLREDUCE"] = impl
     from shardline.worker.comm import StageComm
 
     torch.set_num_threads(1)
-    comm = StageComm(rank, world, 0, 1, rank, world, "127.0.0.1", port, f"{impl}/", "gloo", "127.0.0.1")
+    comm = StageComm(rank, world, 0, 1, rank, world, "127.0.0.1", port, f"{impl}/", "gloo", "127.0.0.1",
+                     all_reduce_impl=impl)
     try:
-        assert comm.all_reduce_impl == ("p2p" if impl == "p2p" else "collective")
         ins = [torch.randn(*shape, generator=torch.Generator().manual_seed(100 * rank + i))
                for i, shape in enumerate(shapes)]
         outs = [comm.all_reduce(x.clone()) for x in ins]  # several in a row: messages must not mix
         gathered = [comm.all_gather(x.clone()).numpy() for x in ins]
         assert comm.stats()["num_all_gather"] == len(shapes)
-        q.put((rank, [x.numpy() for x in ins], [o.numpy() for o in outs], comm.stats()["num_all_reduce"], gathered))
+        q.put((rank, [x.numpy() for x in ins], [o.numpy() for o in outs], comm.stats()["num_all_reduce"], gathered,
+               comm.all_reduce_impl))
     finally:
         comm.close()
 
 
-@pytest.mark.parametrize("impl", ["p2p", "collective"])
-def test_tp_all_reduce_sums_over_the_group(impl):
+@pytest.mark.parametrize("impl, used", [(None, "p2p"), ("collective", "collective")], ids=["default", "collective"])
+def test_tp_all_reduce_sums_over_the_group(impl, used):
     """The data plane's all-reduce against NumPy: three ranks, decode- and prefill-sized tensors;
-    the point-to-point version gives every rank bit-identical sums. The all-gather (the
-    vocabulary-parallel logits) puts the ranks' tensors side by side in rank order on every rank."""
+    the point-to-point version (gloo's default) gives every rank bit-identical sums. The
+    all-gather (the vocabulary-parallel logits) puts the ranks' tensors side by side in rank
+    order on every rank."""
     import datetime
     import multiprocessing as mp
 
@@ -129,13 +129,14 @@ def test_tp_all_reduce_sums_over_the_group(impl):
         for p in procs:
             p.join(30)
     assert all(p.exitcode == 0 for p in procs)
+    assert [g[5] for g in got] == [used] * 3
     for i in range(len(shapes)):
         want = sum(np.float64(g[1][i]) for g in got)
-        for rank, _, outs, calls, gathered in got:
+        for rank, _, outs, calls, gathered, _ in got:
             assert calls == len(shapes)
             np.testing.assert_allclose(outs[i], want, rtol=0, atol=1e-5)
             assert np.array_equal(gathered[i], np.concatenate([g[1][i] for g in got], axis=-1))
-        if impl == "p2p":
+        if used == "p2p":
             assert all(np.array_equal(got[0][2][i], g[2][i]) for g in got)
     del store
 
@@ -277,34 +278,34 @@ def test_pipeline_stream_refuses_a_stranger_that_connects_first():
     del store
 
 
-def _ring_main(stage: int, pp: int, port: int, q) -> None:
-    """A TP=1 pipeline with the token ring: the last stage sends three token messages (one
+def _token_stream_main(stage: int, pp: int, port: int, q) -> None:
+    """A TP=1 pipeline with the token stream: the last stage sends three token messages (one
     empty) after a hidden-state tensor has passed down the stages; stage 0 reads them back."""
     import torch
 
     from shardline.worker.comm import StageComm
 
     torch.set_num_threads(1)
-    comm = StageComm(stage, pp, stage, pp, 0, 1, "127.0.0.1", port, "ring/", "gloo", "127.0.0.1", timeout_s=30,
-                     token_ring=True)
+    comm = StageComm(stage, pp, stage, pp, 0, 1, "127.0.0.1", port, "tokens/", "gloo", "127.0.0.1", timeout_s=30,
+                     token_stream=True)
     try:
-        assert comm.has_token_ring == (stage in (0, pp - 1))
+        assert comm.has_token_stream == (stage in (0, pp - 1))
         x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
         if stage == 0:
             comm.send_hidden(x)
             msgs = []
             while len(msgs) < 3:  # blocking once, then what has arrived
-                msgs += comm.recv_tokens(block=not msgs)
-            q.put(msgs + comm.recv_tokens(block=False))
+                msgs += comm.recv_sampled_tokens(block=not msgs)
+            q.put(msgs + comm.recv_sampled_tokens(block=False))
         else:
             y = comm.recv_hidden((3, 4), torch.float32)
             if stage < pp - 1:
                 comm.send_hidden(y)
             else:
                 assert torch.equal(y, x)
-                comm.send_tokens(7, [1001, 1002], [42, 43])
-                comm.send_tokens(8, [], [])
-                comm.send_tokens(9, [1003], [2 ** 31 - 1])
+                comm.send_sampled_tokens(7, [1001, 1002], [42, 43])
+                comm.send_sampled_tokens(8, [], [])
+                comm.send_sampled_tokens(9, [1003], [2 ** 31 - 1])
             comm.store.wait(["done"])  # stage 0 has read everything
     finally:
         if stage == 0:
@@ -313,9 +314,9 @@ def _ring_main(stage: int, pp: int, port: int, q) -> None:
 
 
 @pytest.mark.parametrize("pp", [2, 3])
-def test_token_ring_carries_samples_from_the_last_stage_to_the_first(pp):
-    """Async scheduling's token ring (last stage -> first stage TCP stream) next to the
+def test_token_stream_carries_samples_from_the_last_stage_to_the_first(pp):
+    """Async scheduling's token stream (last stage -> first stage TCP stream) next to the
     pipeline streams: messages arrive whole, in order, with their step ids; a non-blocking read
     with nothing pending returns nothing."""
-    got = _run_stages(_ring_main, pp)
+    got = _run_stages(_token_stream_main, pp)
     assert got == [(7, [1001, 1002], [42, 43]), (8, [], []), (9, [1003], [2 ** 31 - 1])]

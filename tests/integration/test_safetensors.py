@@ -174,22 +174,35 @@ def test_quantized_on_load(clusters, hf_checkpoint, tokenizer, quantization, gro
     assert w["rss_bytes"] > w["weight_bytes"]
 
 
-def test_workers_without_the_checkpoint_receive_their_shard(clusters, hf_checkpoint, tokenizer, tmp_path,
-                                                           monkeypatch):
-    """Three TP workers that may not read the checkpoint (SHARDLINE_NO_LOCAL_MODEL=1) receive their
-    slices from the coordinator in the stored float32 (each rank a third of every layer and of the
-    embedding's vocabulary rows), quantize them to int8 on receipt, and generate the greedy tokens
-    of a one-worker cluster that read the directory itself, with logprobs within LOGPROB_ATOL (only the TP
-    summation order differs)."""
+def test_workers_without_the_checkpoint_receive_their_shard(clusters, hf_checkpoint, tokenizer, tmp_path):
+    """Three TP workers that may not read the checkpoint (`shardline worker --no-local-model`)
+    receive their slices from the coordinator in the stored float32 (each rank a third of every
+    layer and of the embedding's vocabulary rows), quantize them to int8 on receipt, and generate
+    the greedy tokens of a one-worker cluster that read the directory itself, with logprobs within
+    LOGPROB_ATOL (only the TP summation order differs)."""
+    import subprocess
+    import sys
+
+    from shardline.cli import _die_with_parent
+    from shardline.client import UnavailableError
     from shardline.local import LocalCluster
 
     local = clusters.get(hf_config(hf_checkpoint, 1, "int8")).client
-    monkeypatch.setenv("SHARDLINE_NO_LOCAL_MODEL", "1")
     cfg = hf_config(hf_checkpoint, 3, "int8")
     cfg["parallel"] = {"pipeline_parallel": 1, "tensor_parallel": 3}
-    log = tmp_path / "cluster.log"
-    cluster = LocalCluster(cfg, log_path=str(log)).start()
+    cfg["workers"]["launch_local"] = False
+    cluster = LocalCluster(cfg, log_path=str(tmp_path / "cluster.log")).start(wait_ready=False)
+    logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
+    workers = [subprocess.Popen([sys.executable, "-m", "shardline.cli", "worker", "--coordinator",
+                                 cluster.config.worker_address, "--threads", "1", "--memory-gb", "2",
+                                 "--worker-id", f"remote-{i}", "--no-local-model"],
+                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+               for i, log in enumerate(logs)]
     try:
+        try:
+            cluster.client.wait_ready(300)
+        except UnavailableError as exc:
+            pytest.fail(f"{exc}\n{cluster.output()[-2000:]}\n" + "\n".join(log.read_text()[-2000:] for log in logs))
         for prompt in PROMPTS[:2]:
             ids = tokenizer.encode(prompt)
             want = local.generate(prompt_token_ids=ids, max_tokens=6, ignore_eos=True, logprobs=5)
@@ -197,7 +210,13 @@ def test_workers_without_the_checkpoint_receive_their_shard(clusters, hf_checkpo
             assert_same_greedy(want, got)
             if got.token_ids == want.token_ids:
                 np.testing.assert_allclose([lp for lp, _ in got.logprobs], [lp for lp, _ in want.logprobs], atol=LOGPROB_ATOL)
-        text = log.read_text(errors="replace")
+        text = "".join(log.read_text(errors="replace") for log in logs)
         assert text.count("receiving stage 0 tp") == 3 and text.count("received ") >= 3, text[-3000:]
     finally:
         cluster.stop()
+        for w in workers:  # the coordinator's SHUTDOWN ends them; a straggler is killed
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()

@@ -1,4 +1,4 @@
-"""shardline.worker.worker.keep_freed_memory on a real prefill step: with glibc's defaults, the MB-sized
+"""shardline.worker.process.keep_freed_memory on a real prefill step: with glibc's defaults, the MB-sized
 activations of a step were fresh memory maps whose pages faulted in on first touch (~58,000
 page faults in a 512-token step of 15 layers); the worker keeps freed blocks in the heap."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 STEP = r"""
 import resource, sys
 import torch, numba
-from shardline.worker.worker import keep_freed_memory
+from shardline.worker.process import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(1)
