@@ -11,9 +11,9 @@ Tensors are named in the GGUF vocabulary throughout Shardline (llama.cpp's LLM_T
     token_embd, output_norm, output                            (whole model)
     blk.{i}.attn_norm  attn_q attn_k attn_v (+ .bias)  attn_output      (attention)
     blk.{i}.attn_q_norm attn_k_norm                    per-head q/k RMSNorm (qk_norm)
-    blk.{i}.attn_post_norm                             norm of the attention output (post_norms)
+    blk.{i}.post_attention_norm                        norm of the attention output (post_norms)
     blk.{i}.ffn_norm  ffn_gate ffn_up ffn_down                          (gated MLP)
-    blk.{i}.ffn_post_norm                              norm of the MLP output (post_norms)
+    blk.{i}.post_ffw_norm                              norm of the MLP output (post_norms)
 
 These are the *logical* tensors the model reads. A family may store several of them in one
 tensor (Phi-3: `attn_qkv` holds Q, K and V rows; its stored `ffn_up` holds the gate rows and then
@@ -38,8 +38,10 @@ Options (each a switch of the one forward pass):
                     here uses NEOX RoPE (rotate-half, as Hugging Face) and keeps Hugging Face's
                     rows, which the loader permutes
     sliding_window_pattern  GGUF files of the family do not list their sliding-window layers;
-                    llama.cpp hard-codes them: every n-th layer (n-1, 2n-1, ...) is global, the
-                    others slide (Gemma 2: 2, Gemma 3: 6; 1: every layer slides, Mistral, Phi-3)
+                    llama.cpp hard-codes them (`set_swa_pattern(n)`): layer i slides when n is 0
+                    or i % n < n - 1, so every n-th layer is global (Gemma 2: 2, Gemma 3: 6; 0:
+                    every layer slides once the file gives a window, as Mistral's and Phi-3's
+                    configs mean it)
     tied_embeddings the lm_head is always the token embedding (Gemma)
 """
 
@@ -59,8 +61,8 @@ _LLAMA_HF = {
 }
 # Gemma 2/3 (modeling_gemma2.py): four norms; post_attention_layernorm normalizes the attention
 # output, pre_feedforward_layernorm is the MLP's input norm.
-_GEMMA_HF = {**_LLAMA_HF, "attn_post_norm": "post_attention_layernorm",
-             "ffn_norm": "pre_feedforward_layernorm", "ffn_post_norm": "post_feedforward_layernorm"}
+_GEMMA_HF = {**_LLAMA_HF, "post_attention_norm": "post_attention_layernorm",
+             "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 # Phi-3 (modeling_phi3.py): fused projections.
 _PHI3_HF = {**_LLAMA_HF, "attn_qkv": "self_attn.qkv_proj", "ffn_gate_up": "mlp.gate_up_proj"}
 
@@ -88,7 +90,7 @@ class Architecture:
     activation: str = "silu"
     fused_qkv: bool = False
     fused_gate_up: bool = False
-    sliding_window_pattern: int = 1
+    sliding_window_pattern: int = 0
     tied_embeddings: bool = False
 
     @property
@@ -105,7 +107,7 @@ class Architecture:
         if self.qk_norm:
             names += ["attn_q_norm", "attn_k_norm"]
         if self.post_norms:
-            names += ["attn_post_norm", "ffn_post_norm"]
+            names += ["post_attention_norm", "post_ffw_norm"]
         return tuple(names)
 
     def _fused(self, short: str):

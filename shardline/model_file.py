@@ -414,7 +414,7 @@ def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
     shapes = {"attn_norm": (h,), "ffn_norm": (h,), "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h),
               "attn_output": (h, q), "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f),
-              "attn_q_norm": (d,), "attn_k_norm": (d,), "attn_post_norm": (h,), "ffn_post_norm": (h,)}
+              "attn_q_norm": (d,), "attn_k_norm": (d,), "post_attention_norm": (h,), "post_ffw_norm": (h,)}
     out: dict[str, tuple[int, ...]] = {"token_embd.weight": (spec.vocab_size, h), "output_norm.weight": (h,)}
     if not spec.tie_word_embeddings:
         out["output.weight"] = (spec.vocab_size, h)

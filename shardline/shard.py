@@ -12,7 +12,7 @@ its loader for (logical GGUF tensor names, shardline/architectures.py):
                     blk.i.ffn_gate / ffn_up                         rows of this rank's FFN slice
                     blk.i.ffn_down                                  cols of this rank's FFN slice
                     blk.i.attn_q_norm / attn_k_norm                 whole (families with q/k norms)
-                    blk.i.attn_post_norm / ffn_post_norm            whole (families with post-norms)
+                    blk.i.post_attention_norm / post_ffw_norm       whole (families with post-norms)
     last stage:     output_norm.weight                              whole
                     output.weight (or the tied token_embd.weight)   rows of this rank's vocabulary slice
 
@@ -88,7 +88,7 @@ def shard_tensor_slices(spec: ModelSpec, layer_start: int, layer_end: int, is_fi
     vocab = part(vocab_range(spec.vocab_size, tp_rank, tp_size), spec.vocab_size)
     fam = architecture(spec.architecture)
     extra = (["attn_q_norm", "attn_k_norm"] if fam.qk_norm else []) + (
-        ["attn_post_norm", "ffn_post_norm"] if fam.post_norms else [])
+        ["post_attention_norm", "post_ffw_norm"] if fam.post_norms else [])
     out: list[TensorSlice] = []
     if is_first:
         out.append(TensorSlice("token_embd.weight", rows=vocab))

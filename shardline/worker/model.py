@@ -337,9 +337,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 class DecoderLayer(torch.nn.Module):
     """One decoder layer of any family in shardline/architectures.py (see the module doc for the
-    options and which paths they take). Modules: input_norm (attn_norm), qkv_proj, q_norm /
-    k_norm (or None), o_proj, attn_post_norm (or None), post_attention_norm (the MLP's input
-    norm: ffn_norm), gate_up_proj, down_proj, ffn_post_norm (or None)."""
+    options and which paths they take). Modules, with the GGUF tensors they hold: input_norm
+    (attn_norm), qkv_proj (attn_q, attn_k, attn_v), q_norm / k_norm (attn_q_norm / attn_k_norm,
+    or None), o_proj (attn_output), attn_out_norm (Gemma's post_attention_norm, or None),
+    post_attention_norm (ffn_norm: the MLP's input norm, Llama's post_attention_layernorm),
+    gate_up_proj (ffn_gate, ffn_up), down_proj (ffn_down), ffn_out_norm (post_ffw_norm, or None)."""
 
     def __init__(self, spec: ModelSpec, loader: GGUFShardLoader, layer: int, all_reduce):
         super().__init__()
@@ -359,8 +361,8 @@ class DecoderLayer(torch.nn.Module):
 
         self.input_norm = norm("attn_norm")
         self.post_attention_norm = norm("ffn_norm")
-        self.attn_post_norm = norm("attn_post_norm") if fam.post_norms else None
-        self.ffn_post_norm = norm("ffn_post_norm") if fam.post_norms else None
+        self.attn_out_norm = norm("post_attention_norm") if fam.post_norms else None
+        self.ffn_out_norm = norm("post_ffw_norm") if fam.post_norms else None
         # rows of Q/K (and their norms) in the rotate-half order go into the adjacent-pair order
         order = None if loader.rope_rows_adjacent else (lambda n: rope_row_order(n, d, spec.rotary_dim))  # noqa: E731
         self.q_norm = self.k_norm = None
@@ -572,9 +574,9 @@ class DecoderLayer(torch.nn.Module):
         else:
             attn = self._attention_torch(qkv, meta, kv, rot)
         o = self.all_reduce(self.o_proj(attn))
-        x = x + (o if self.attn_post_norm is None else self.attn_post_norm(o))
+        x = x + (o if self.attn_out_norm is None else self.attn_out_norm(o))
         d = self.all_reduce(self.down_proj(self._mlp(self.post_attention_norm(x))))
-        return x + (d if self.ffn_post_norm is None else self.ffn_post_norm(d))
+        return x + (d if self.ffn_out_norm is None else self.ffn_out_norm(d))
 
 
 class StageModel(torch.nn.Module):
