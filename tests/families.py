@@ -222,6 +222,24 @@ def reference_logits(model, ids: list[int], chunks: list[int]) -> np.ndarray:
     return torch.cat(rows).numpy()
 
 
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`: n tokens, the prompt in one forward pass,
+    then one token a pass through its cache (as `generate` does; EOS does not stop it)."""
+    import torch
+
+    ids, cache = list(prompt), None
+    with torch.inference_mode():
+        step = ids
+        for _ in range(n):
+            start = len(ids) - len(step)
+            out = model(torch.tensor([step]), cache=cache, use_cache=True,
+                        position_ids=torch.arange(start, len(ids))[None])
+            cache = out.cache
+            step = [int(out.logits[0, -1].argmax())]
+            ids += step
+    return ids[len(prompt):]
+
+
 # ---- GGUF, as convert_hf_to_gguf.py writes it ------------------------------------------------------
 
 

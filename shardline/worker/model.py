@@ -148,15 +148,17 @@ def make_linear(
 
 def linear_nbytes(layer: torch.nn.Module) -> int:
     """Bytes a linear layer's weight holds: the packed file bytes, plus the row-interleaved copy
-    the CPU kernels build on first use (shardline/kernels/cpu.py), when there is one."""
+    the CPU kernels build on first use (shardline/kernels/cpu.py), when there is one; and its
+    float32 bias (Qwen2's q/k/v), as the planner counts it."""
+    bias = 0 if layer.bias is None else layer.bias.numel() * 4
     if hasattr(layer, "qweight"):
         from shardline.kernels import cpu
 
         packed = cpu._pack_cache.get(layer.qweight)
         copy = getattr(layer, "weight_bf16", None)
         return (layer.qweight.nbytes + (sum(a.nbytes for a in packed[1:]) if packed else 0)
-                + (layer.out_features * layer.in_features * 2 if copy is not None else 0))
-    return layer.nbytes
+                + (layer.out_features * layer.in_features * 2 if copy is not None else 0)) + bias
+    return layer.nbytes + bias
 
 
 # ---- step metadata ----------------------------------------------------------------------

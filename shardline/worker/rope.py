@@ -134,9 +134,12 @@ class RotaryEmbedding:
             inv = dynamic_base(self.theta, r, self.scaling, seq_lens)[:, None] ** -exponent[None, :]
             return positions[:, None] * inv
         out = np.empty((len(positions), r // 2))
-        for length in np.unique(seq_lens):  # longrope: two sets of factors at most
-            rows = seq_lens == length
-            out[rows] = np.outer(positions[rows], inv_frequencies(self.theta, r, self.scaling, int(length)))
+        original = self.scaling.original_max_position_embeddings
+        long = seq_lens > original
+        for flag, length in ((False, original), (True, original + 1)):  # LongRoPE: short or long factors
+            rows = long == flag
+            if rows.any():
+                out[rows] = np.outer(positions[rows], inv_frequencies(self.theta, r, self.scaling, length))
         return out
 
     def _polar(self, angles: np.ndarray) -> torch.Tensor:

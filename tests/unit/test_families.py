@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from shardline.model_file import ModelError, read_model_spec
+from shardline.model_file import ModelError, ModelSpec, read_model_spec
 from shardline.worker.kv_cache import KVCache
 from shardline.worker.loader import ShardSpec, open_shard_loader
 from shardline.worker.model import StageModel, build_attention_metadata
@@ -145,6 +145,41 @@ def test_gguf_and_config_json_give_the_same_spec(family_dir):
                 assert y == pytest.approx(x, rel=1e-6), (name, field.name)
             else:
                 assert x == y, (name, field.name)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "safetensors"])
+def test_planner_sizes_equal_what_the_worker_holds(family_dir, fmt):
+    """The planner's bytes for one worker (ModelSizes from the GGUF tensor table or the
+    safetensors headers) equal what the stage built from the file holds, for every family:
+    fused tensors, extra norms, biases, tied heads; GGUF's rope_freqs / rope_factors are not
+    held (they are read into the spec)."""
+    from shardline.coordinator.planner import ModelSizes, WorkerOffer, make_plan
+
+    for name in FAMILIES:
+        f = family_dir(name)
+        path = str(f.gguf_path if fmt == "gguf" else f.hf_dir)
+        spec = read_model_spec(path)
+        model = StageModel(spec, open_shard_loader(path, spec, ShardSpec(0, spec.num_layers, True, True)), 64)
+        plan = make_plan(spec, ModelSizes.from_model(path, spec), [WorkerOffer("w0", "127.0.0.1", 2**30)], 1, 1, 16)
+        assert model.weight_bytes() == plan.assignments[0].weight_bytes, name
+
+
+def test_spec_travels_through_assign_and_old_dicts_still_load(family_dir):
+    """ModelSpec.to_dict -> msgpack (the ASSIGN body) -> from_dict gives the same spec (tuples
+    come back as lists), and a dict without the fields added for the families loads with their
+    defaults (plain RoPE, no windows, no soft-capping)."""
+    import msgpack
+
+    for name in ("phi3", "gemma3", "llama3.2"):
+        spec = read_model_spec(family_dir(name).gguf_path)
+        wire = msgpack.unpackb(msgpack.packb(spec.to_dict()))
+        assert ModelSpec.from_dict(wire) == spec
+    old = {k: v for k, v in read_model_spec(family_dir("mistral").hf_dir).to_dict().items()
+           if k in ModelSpec.__dataclass_fields__ and k not in (
+               "rope_scaling", "rotary_dim", "sliding_window", "layer_types", "sliding_rope_theta", "attention_scale",
+               "attn_logit_softcapping", "final_logit_softcapping")}
+    spec = ModelSpec.from_dict(old)
+    assert spec.rope_scaling.rope_type == "default" and spec.layer_types == () and not spec.is_sliding(0)
 
 
 def test_fast_paths_where_they_fit_and_the_general_path_where_they_do_not(family_dir, monkeypatch):
