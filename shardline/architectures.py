@@ -36,7 +36,7 @@ Options (each a switch of the one forward pass):
     gguf_qk_permuted GGUF Q/K rows are already in the adjacent-pair RoPE order: llama.cpp's
                     converter permutes Q and K for its LLAMA architecture only; every other family
                     here uses NEOX RoPE (rotate-half, as Hugging Face) and keeps Hugging Face's
-                    rows, which the loader permutes
+                    rows, which are permuted on load (shardline/worker/loader.py rope_row_order)
     sliding_window_pattern  GGUF files of the family do not list their sliding-window layers;
                     llama.cpp hard-codes them (`set_swa_pattern(n)`): layer i slides when n is 0
                     or i % n < n - 1, so every n-th layer is global (Gemma 2: 2, Gemma 3: 6; 0:
@@ -176,24 +176,20 @@ def _part_rows(spec, parts: tuple[str, ...], short: str) -> tuple[int, int]:
     raise AssertionError(f"{short} is not a part of {parts}")
 
 
-def _row(**kw) -> Architecture:
-    return Architecture(**kw)
-
-
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
-    _row(name="llama", hf_architectures=("LlamaForCausalLM",), gguf_qk_permuted=True),
+    Architecture(name="llama", hf_architectures=("LlamaForCausalLM",), gguf_qk_permuted=True),
     # Mistral's checkpoints convert to GGUF architecture "llama"; "mistral" is kept for GGUF files
     # that name it.
-    _row(name="mistral", hf_architectures=("MistralForCausalLM",), gguf_qk_permuted=True),
-    _row(name="qwen2", hf_architectures=("Qwen2ForCausalLM",), qkv_bias=True),
-    _row(name="qwen3", hf_architectures=("Qwen3ForCausalLM",), qk_norm=True),
-    _row(name="gemma2", hf_architectures=("Gemma2ForCausalLM",), hf_names=MappingProxyType(_GEMMA_HF),
+    Architecture(name="mistral", hf_architectures=("MistralForCausalLM",), gguf_qk_permuted=True),
+    Architecture(name="qwen2", hf_architectures=("Qwen2ForCausalLM",), qkv_bias=True),
+    Architecture(name="qwen3", hf_architectures=("Qwen3ForCausalLM",), qk_norm=True),
+    Architecture(name="gemma2", hf_architectures=("Gemma2ForCausalLM",), hf_names=MappingProxyType(_GEMMA_HF),
          norm_offset=True, post_norms=True, embedding_scale=True, activation="gelu_tanh",
          sliding_window_pattern=2, tied_embeddings=True),
-    _row(name="gemma3", hf_architectures=("Gemma3ForCausalLM",), hf_names=MappingProxyType(_GEMMA_HF),
+    Architecture(name="gemma3", hf_architectures=("Gemma3ForCausalLM",), hf_names=MappingProxyType(_GEMMA_HF),
          qk_norm=True, norm_offset=True, post_norms=True, embedding_scale=True, activation="gelu_tanh",
          sliding_window_pattern=6, tied_embeddings=True),
-    _row(name="phi3", hf_architectures=("Phi3ForCausalLM",), hf_names=MappingProxyType(_PHI3_HF),
+    Architecture(name="phi3", hf_architectures=("Phi3ForCausalLM",), hf_names=MappingProxyType(_PHI3_HF),
          fused_qkv=True, fused_gate_up=True),
 )}
 

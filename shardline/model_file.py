@@ -20,7 +20,7 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shardline.architectures import (ARCHITECTURES, HF_ARCHITECTURES, MOE_CONFIG_KEYS, MOE_HF_ARCHITECTURES,
@@ -353,6 +353,12 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
         scale = 1.0 / math.sqrt(hidden // heads if layers == _GGUF_27B_LAYERS[arch] else head_dim)
     soft = {k: _field(reader, f"{a}.{k}", defaults.get(k)) for k in ("attn_logit_softcapping",
                                                                     "final_logit_softcapping")}
+    rope = _gguf_rope(reader, a, tensors, context, path)
+    for what, factors in (("rope_freqs", rope.freq_factors), ("rope_factors_short", rope.short_factor),
+                          ("rope_factors_long", rope.long_factor)):
+        if factors and len(factors) != rot // 2:
+            raise ModelError(f"{path}: {what}.weight has {len(factors)} values; {a}.rope.dimension_count {rot} "
+                             f"needs {rot // 2}")
     return ModelSpec(
         architecture=arch,
         name=str(_field(reader, "general.name", Path(path).stem)),
@@ -370,7 +376,7 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
         attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=int(eos),
-        rope_scaling=_gguf_rope(reader, a, tensors, context, path),
+        rope_scaling=rope,
         rotary_dim=rot if rot != head_dim else None,
         sliding_window=window or None,
         layer_types=layer_types,
@@ -635,10 +641,11 @@ def _hf_rope(cfg: dict, rope: dict, rotary_dim: int, max_pos: int, path) -> tupl
             mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
             attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
                          else _yarn_mscale(factor))
-        return RopeScaling("yarn", factor=factor, original_max_position_embeddings=original,
-                           beta_fast=float(rope.get("beta_fast") or 32.0), beta_slow=float(rope.get("beta_slow") or 1.0),
-                           truncate=bool(rope.get("truncate", True)), attention_factor=float(attention)), \
-            max(max_pos, int(original * factor))
+        yarn = RopeScaling("yarn", factor=factor, original_max_position_embeddings=original,
+                           beta_fast=float(rope.get("beta_fast") or 32.0),
+                           beta_slow=float(rope.get("beta_slow") or 1.0), truncate=bool(rope.get("truncate", True)),
+                           attention_factor=float(attention))
+        return yarn, max(max_pos, int(original * factor))
     short, long = tuple(float(x) for x in need("short_factor")), tuple(float(x) for x in need("long_factor"))
     if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
         raise ModelError(f"{path}: LongRoPE short_factor and long_factor need {rotary_dim // 2} values each "

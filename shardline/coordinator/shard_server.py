@@ -251,8 +251,8 @@ class ShardServer:
         if shard is None:
             raise ShardError(f"worker {worker_id} has no assignment in the current plan")
         if self._source is None:
-            self._source = (SafetensorsTensorSource(self.model_path, self.spec)
-                            if is_safetensors_checkpoint(self.model_path) else GGUFTensorSource(self.model_path, self.spec))
+            source = SafetensorsTensorSource if is_safetensors_checkpoint(self.model_path) else GGUFTensorSource
+            self._source = source(self.model_path, self.spec)
         layout = ShardLayout(self._source, shard_tensor_slices(self.spec, *shard))
         self.layouts[worker_id] = layout
         self.bytes_sent[worker_id] = 0

@@ -33,8 +33,11 @@ Otherwise the layer runs torch GEMMs and `masked_attention` / `paged_attention` 
 
 Sliding windows and the KV cache: a sliding layer keeps every position's K and V in the pool
 like the others and reads only its window through the full block table, so the worker needs
-nothing from the coordinator beyond today's plan; freeing blocks that fell out of every sliding
-layer's window would be the block manager's business (blocks shared with full layers stay).
+nothing from the coordinator beyond today's plan. A block id names the same slots in every
+layer, so a block leaves the pool only when no layer reads it: for a model whose layers all
+slide (Mistral with a window, Phi-3) the blocks wholly before a sequence's window could be
+freed by the block manager; with global layers beside (Gemma 2/3) only per-layer-group block
+tables (vLLM's hybrid KV cache manager) would free the sliding layers' share.
 
 Activations inside a step are packed: all scheduled sequences' new tokens are concatenated into
 one `[num_tokens, hidden]` tensor; `AttentionMetadata` says which rows belong to which sequence.
@@ -53,7 +56,7 @@ import torch.nn.functional as F
 from shardline.architectures import architecture
 from shardline.kernels import fused
 from shardline.kernels.attention import PagedDecodePlan, cache_array, causal_attention
-from shardline.model_file import RopeScaling, ModelSpec
+from shardline.model_file import ModelSpec, RopeScaling
 from shardline.worker.kv_cache import KVCache
 from shardline.worker.loader import GGUFShardLoader, ShardSpec, rope_row_order
 from shardline.worker.rope import RotaryEmbedding
@@ -190,9 +193,10 @@ class AttentionMetadata:
         self.decode_plan = None if self.decode_rows is None else PagedDecodePlan(
             self.decode_block_tables, self.decode_context_lens, self.block_size)
         self.decode_rows_all = self.decode_rows is not None and len(self.decode_rows) == self.num_tokens
-        # the longest context any token of the step attends to (sliding windows shorter than it bite)
-        self.max_context_len = max([int(ctx.shape[0]) for _, _, ctx in self.prefills]
-                                   + ([int(self.decode_context_lens.max())] if self.decode_rows is not None else [0]))
+        # the longest context a decode row / any token of the step attends to (sliding windows
+        # shorter than it bite)
+        self.max_decode_context_len = 0 if self.decode_rows is None else int(self.decode_context_lens.max())
+        self.max_context_len = max([int(ctx.shape[0]) for _, _, ctx in self.prefills] + [self.max_decode_context_len])
 
     def seq_lens(self) -> torch.Tensor:
         """[num_tokens] int64: the length of each token's sequence at the end of the step (a decode
@@ -299,6 +303,9 @@ def _grouped_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.reshape(b, n, hq, d)
 
 
+MASKED_QUERY_ROWS = 256  # query rows per pass of `masked_attention` (bounds its [Hq, rows, L] scores)
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """Causal attention of one sequence's chunk with the options the compiled kernel lacks.
@@ -306,16 +313,22 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     q: float32 [n, Hq, D], the chunk's queries at positions L - n .. L - 1; k, v: [L, Hkv, D],
     the whole context. Query at position i sees key j when j <= i and, with a `window` W,
     i - j < W (transformers' sliding_window_overlay; llama.cpp's is_masked_swa). Returns float32
-    [n, Hq, D]. The keys before the first query's window are not read."""
+    [n, Hq, D]. Queries go MASKED_QUERY_ROWS at a time, each block reading only the keys it can
+    see."""
     n, length = q.shape[0], k.shape[0]
-    start = max(0, length - n - window + 1) if window else 0
-    q_pos = torch.arange(length - n, length)
-    k_pos = torch.arange(start, length)
-    visible = k_pos[None, :] <= q_pos[:, None]
-    if window:
-        visible &= q_pos[:, None] - k_pos[None, :] < window
-    return _grouped_softmax_attention(q[None], k[None, start:].to(q.dtype), v[None, start:].to(q.dtype),
-                                      visible[None], scale, softcap)[0]
+    out = torch.empty_like(q)
+    for r0 in range(0, n, MASKED_QUERY_ROWS):
+        r1 = min(n, r0 + MASKED_QUERY_ROWS)
+        first, end = length - n + r0, length - n + r1  # query positions [first, end)
+        start = max(0, first - window + 1) if window else 0
+        q_pos = torch.arange(first, end, device=q.device)
+        k_pos = torch.arange(start, end, device=q.device)
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if window:
+            visible &= q_pos[:, None] - k_pos[None, :] < window
+        out[r0:r1] = _grouped_softmax_attention(q[None, r0:r1], k[None, start:end].to(q.dtype),
+                                                v[None, start:end].to(q.dtype), visible[None], scale, softcap)[0]
+    return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -327,12 +340,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [B, max_blocks]; context_lens int [B] (position + 1). Each query sees its sequence's last
     min(context_len, window) positions, gathered through the block table. Returns float32
     [B, Hq, D]."""
-    lens = context_lens.to(torch.int64)
+    lens = context_lens.to(device=q.device, dtype=torch.int64)
     n_keys = lens.clamp(max=window) if window else lens
-    idx = torch.arange(int(n_keys.max()))
+    idx = torch.arange(int(n_keys.max()), device=q.device)
     visible = idx[None, :] < n_keys[:, None]  # [B, L]
     pos = torch.where(visible, (lens - n_keys)[:, None] + idx[None, :], 0)
-    slots = block_tables.to(torch.int64).gather(1, pos // block_size) * block_size + pos % block_size
+    slots = block_tables.to(device=q.device, dtype=torch.int64).gather(1, pos // block_size) * block_size \
+        + pos % block_size
     return _grouped_softmax_attention(q[:, None], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype),
                                       visible[:, None], scale, softcap)[:, 0]
 
@@ -469,12 +483,11 @@ class DecoderLayer(torch.nn.Module):
         if meta.decode_rows is not None:
             rows = None if meta.decode_rows_all else meta.decode_rows  # a pure decode step: rows 0..T-1 in order
             qd = q if rows is None else q[rows]
-            lens = meta.decode_context_lens
-            if self._kernel_exact(int(lens.max())):
+            if self._kernel_exact(meta.max_decode_context_len):
                 o = meta.decode_plan.run(qd, k_cache, v_cache, self.scale)
             else:
-                o = paged_attention(qd, k_cache, v_cache, meta.decode_block_tables, lens, meta.block_size,
-                                    self.scale, self.softcap, self.window)
+                o = paged_attention(qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                    meta.block_size, self.scale, self.softcap, self.window)
             if rows is None:
                 out = o
             else:

@@ -192,7 +192,8 @@ def test_fast_paths_where_they_fit_and_the_general_path_where_they_do_not(family
 
     seen: list[str] = []
     for mod, fn, tag in ((fused, "decode_layer", "layer"), (fused, "rope_cache_attention", "rope_cache"),
-                         (model_mod, "paged_attention", "paged_torch"), (model_mod, "masked_attention", "masked_torch")):
+                         (model_mod, "paged_attention", "paged_torch"),
+                         (model_mod, "masked_attention", "masked_torch")):
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _r=real, _t=tag, **k: seen.append(_t) or _r(*a, **k))
 
@@ -237,6 +238,46 @@ def test_bf16_path_with_qk_norms_gives_the_float32_glue_numbers(family_dir):
     for r, g in zip(*outs):
         assert torch.equal(r, g)
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+def _attention_definition(q, k, v, q_pos, scale, softcap, window):
+    """softmax(cap(q k^T * scale) + causal/window mask) v written out per query head (GQA by repeating K/V)."""
+    group = q.shape[1] // k.shape[1]
+    s = torch.einsum("nhd,lhd->hnl", q, k.repeat_interleave(group, 1)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    k_pos = torch.arange(k.shape[0])[None, :]
+    visible = (k_pos <= q_pos[:, None]) & ((q_pos[:, None] - k_pos < window) if window else True)
+    return torch.einsum("hnl,lhd->nhd", s.masked_fill(~visible, float("-inf")).softmax(-1),
+                        v.repeat_interleave(group, 1))
+
+
+@pytest.mark.parametrize("n,length,window,softcap", [(300, 700, None, None), (600, 600, 100, 5.0), (5, 900, 50, None)])
+def test_general_attention_against_the_definition(n, length, window, softcap):
+    """masked_attention (a prompt chunk: queries in blocks of MASKED_QUERY_ROWS, only the keys a
+    block sees) and paged_attention (decode rows through block tables) with grouped-query heads,
+    windows and soft-capping, against the formula written out."""
+    from shardline.worker.model import masked_attention, paged_attention
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = torch.randn(n, 8, 16, generator=g), torch.randn(length, 2, 16, generator=g), torch.randn(length, 2, 16,
+                                                                                                       generator=g)
+    want = _attention_definition(q, k, v, torch.arange(length - n, length), 0.25, softcap, window)
+    torch.testing.assert_close(masked_attention(q, k, v, 0.25, softcap, window), want, atol=1e-5, rtol=1e-5)
+    # decode: three sequences of lengths 1, length // 2, length on permuted blocks of 16 slots
+    blocks = -(-length // 16)
+    perm = torch.randperm(3 * blocks, generator=g)
+    tables = perm.view(3, blocks).to(torch.int32)
+    lens = torch.tensor([1, length // 2, length], dtype=torch.int32)
+    k_cache, v_cache = torch.zeros(3 * blocks * 16, 2, 16), torch.zeros(3 * blocks * 16, 2, 16)
+    for b in range(3):
+        slots = (tables[b].long()[:, None] * 16 + torch.arange(16)).reshape(-1)[:length]
+        k_cache[slots], v_cache[slots] = k, v
+    got = paged_attention(q[:3], k_cache, v_cache, tables, lens, 16, 0.25, softcap, window)
+    for b in range(3):
+        ref = _attention_definition(q[b:b + 1], k[:lens[b]], v[:lens[b]], lens[b:b + 1].long() - 1, 0.25, softcap,
+                                    window)
+        torch.testing.assert_close(got[b:b + 1], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_rope_frequencies_equal_transformers():
