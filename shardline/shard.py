@@ -3,7 +3,7 @@ and the model digest the join handshake compares.
 
 Both sides of a shard transfer use `shard_tensor_slices`: the coordinator to stream exactly
 these bytes, the worker to check that it received them. It mirrors what `shardline/worker/model.py` asks
-its loader for (GGUF tensor names):
+its loader for (logical GGUF tensor names, shardline/architectures.py):
 
     stage 0:        token_embd.weight                               rows of this rank's vocabulary slice
     every layer i:  blk.i.attn_norm / ffn_norm                      whole
@@ -11,8 +11,14 @@ its loader for (GGUF tensor names):
                     blk.i.attn_output                               cols of this rank's heads   (row-parallel)
                     blk.i.ffn_gate / ffn_up                         rows of this rank's FFN slice
                     blk.i.ffn_down                                  cols of this rank's FFN slice
+                    blk.i.attn_q_norm / attn_k_norm                 whole (families with q/k norms)
+                    blk.i.post_attention_norm / post_ffw_norm       whole (families with post-norms)
     last stage:     output_norm.weight                              whole
                     output.weight (or the tied token_embd.weight)   rows of this rank's vocabulary slice
+
+The names are logical: where a family stores several of these in one tensor (Phi-3's attn_qkv,
+its gate+up ffn_up), the coordinator's sources cut the part out (`Architecture.locate`), so the
+worker receives the same logical tensors it would read from the file.
 
 Rows are output features ([out, in] weights), columns input features; a 1-D bias is sliced like
 its weight's rows. The embedding and lm_head are vocabulary-parallel (Megatron-LM, Shoeybi et
@@ -26,6 +32,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardline.architectures import architecture
 from shardline.model_file import ModelSpec
 
 
@@ -79,6 +86,9 @@ def shard_tensor_slices(spec: ModelSpec, layer_start: int, layer_end: int, is_fi
     kv_rows = part(head_rows(spec, spec.num_kv_heads, tp_rank, tp_size), spec.num_kv_heads * spec.head_dim)
     f = part(ffn_range(spec, tp_rank, tp_size), spec.intermediate_size)
     vocab = part(vocab_range(spec.vocab_size, tp_rank, tp_size), spec.vocab_size)
+    fam = architecture(spec.architecture)
+    extra = (["attn_q_norm", "attn_k_norm"] if fam.qk_norm else []) + (
+        ["post_attention_norm", "post_ffw_norm"] if fam.post_norms else [])
     out: list[TensorSlice] = []
     if is_first:
         out.append(TensorSlice("token_embd.weight", rows=vocab))
@@ -92,6 +102,7 @@ def shard_tensor_slices(spec: ModelSpec, layer_start: int, layer_end: int, is_fi
         out += [TensorSlice(p + "attn_output.weight", cols=q_rows),
                 TensorSlice(p + "ffn_gate.weight", rows=f), TensorSlice(p + "ffn_up.weight", rows=f),
                 TensorSlice(p + "ffn_down.weight", cols=f)]
+        out += [TensorSlice(f"{p}{t}.weight") for t in extra]
     if is_last:
         out.append(TensorSlice("output_norm.weight"))
         head = "token_embd.weight" if spec.tie_word_embeddings else "output.weight"

@@ -107,9 +107,10 @@ class ModelSizes:
                 layer[int(t.name.split(".")[1])] += size(t)
             elif t.name == "token_embd.weight":
                 embed = size(t)
-            else:  # output.weight, output_norm.weight
+            elif t.name in ("output.weight", "output_norm.weight"):
                 head += size(t)
                 norm += size(t) if t.name == "output_norm.weight" else 0
+            # others (llama3's rope_freqs, LongRoPE's rope_factors_*) are read into the spec, not held
         if spec.tie_word_embeddings:
             head += embed
         return cls(tuple(layer), embed, head, norm)

@@ -35,7 +35,8 @@ import os
 import numpy as np
 
 from shardline import protocol as P
-from shardline.model_file import SafetensorsCheckpoint, hf_tensor_name, is_safetensors_checkpoint
+from shardline.architectures import architecture
+from shardline.model_file import SafetensorsCheckpoint, is_safetensors_checkpoint
 from shardline.shard import TensorSlice, shard_tensor_slices
 
 
@@ -44,16 +45,19 @@ class ShardError(ValueError):
 
 
 class GGUFTensorSource:
-    """Cuts tensor slices out of a memory-mapped GGUF file as C-contiguous NumPy arrays."""
+    """Cuts tensor slices out of a memory-mapped GGUF file as C-contiguous NumPy arrays. Slices
+    name logical tensors; with `spec`, a family's fused tensors are cut into their parts
+    (`Architecture.locate`); without, names are taken as stored."""
 
     format = "gguf"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, spec=None):
         import gguf
 
         from shardline.model_file import open_gguf
 
         self.reader = open_gguf(path)
+        self.spec = spec
         self.tensors = {t.name: t for t in self.reader.tensors}
         self._block = gguf.constants.GGML_QUANT_SIZES  # type -> (elements per block, bytes per block)
 
@@ -63,17 +67,21 @@ class GGUFTensorSource:
         Raises:
             ShardError: unknown tensor, a slice out of range or not aligned to quant blocks.
         """
-        t = self.tensors.get(ts.name)
+        stored, first, part = (ts.name, 0, None) if self.spec is None else \
+            architecture(self.spec.architecture).locate(ts.name, self.spec)
+        t = self.tensors.get(stored)
         if t is None:
-            raise ShardError(f"tensor {ts.name!r} is not in the model file")
+            raise ShardError(f"tensor {stored!r} is not in the model file")
         data = t.data
         ne = [int(n) for n in t.shape]  # ggml order: ne[0] = input features (columns)
         block, type_bytes = self._block[t.tensor_type]
-        if ts.rows is not None:
-            r0, r1 = ts.rows
-            if not 0 <= r0 < r1 <= data.shape[0]:
-                raise ShardError(f"{ts.name}: rows {ts.rows} out of range for {data.shape[0]} rows")
-            data = data[r0:r1]
+        n_rows = data.shape[0] if part is None else part
+        rows = ts.rows if ts.rows is not None or part is None else (0, part)
+        if rows is not None:
+            r0, r1 = rows
+            if not 0 <= r0 < r1 <= n_rows:
+                raise ShardError(f"{ts.name}: rows {list(rows)} out of range for {n_rows} rows")
+            data = data[first + r0:first + r1]
             ne[-1] = r1 - r0
         if ts.cols is not None:
             c0, c1 = ts.cols
@@ -99,8 +107,11 @@ class SafetensorsTensorSource:
     # stored dtype -> NumPy type string on the wire (BF16: raw 16-bit patterns)
     WIRE_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, spec=None):
+        """`spec`: the served model's, to find logical tensors (fused ones in their parts); None:
+        Llama's names."""
         self.ckpt = SafetensorsCheckpoint(directory)
+        self.spec = spec
 
     def describe(self, ts: TensorSlice):
         """(manifest entry without offset, a function returning the slice as a C-contiguous NumPy
@@ -114,13 +125,17 @@ class SafetensorsTensorSource:
 
         import torch
 
+        from shardline.model_file import hf_locate
+
         try:
-            hf = hf_tensor_name(ts.name)
+            hf, first, part = hf_locate(ts.name, self.spec)
         except KeyError:
             raise ShardError(f"tensor {ts.name!r} has no Hugging Face counterpart") from None
         if hf not in self.ckpt:
             raise ShardError(f"tensor {hf} (for {ts.name}) is not in the checkpoint {self.ckpt.directory}")
         full, st_dtype = list(self.ckpt.shapes[hf]), self.ckpt.dtypes[hf]
+        if part is not None:  # a part of a fused tensor: its rows, in the part's coordinates
+            full[0] = part
         if st_dtype not in self.WIRE_DTYPES:
             raise ShardError(f"tensor {hf}: stored dtype {st_dtype}; shard transfer sends F32, F16 and BF16")
         shape = list(full)
@@ -132,8 +147,11 @@ class SafetensorsTensorSource:
                 shape[dim] = rng[1] - rng[0]
         dtype = self.WIRE_DTYPES[st_dtype]
 
+        rows = ts.rows if ts.rows is not None or part is None else (0, part)
+        stored_rows = None if rows is None else (first + rows[0], first + rows[1])
+
         def read() -> np.ndarray:
-            t = self.ckpt.read_stored(hf, ts.rows, ts.cols)
+            t = self.ckpt.read_stored(hf, stored_rows, ts.cols)
             if t.dtype == torch.bfloat16:
                 t = t.view(torch.int16)
             return t.numpy().view(np.dtype(dtype))
@@ -233,8 +251,8 @@ class ShardServer:
         if shard is None:
             raise ShardError(f"worker {worker_id} has no assignment in the current plan")
         if self._source is None:
-            self._source = (SafetensorsTensorSource(self.model_path) if is_safetensors_checkpoint(self.model_path)
-                            else GGUFTensorSource(self.model_path))
+            source = SafetensorsTensorSource if is_safetensors_checkpoint(self.model_path) else GGUFTensorSource
+            self._source = source(self.model_path, self.spec)
         layout = ShardLayout(self._source, shard_tensor_slices(self.spec, *shard))
         self.layouts[worker_id] = layout
         self.bytes_sent[worker_id] = 0

@@ -1,20 +1,26 @@
-"""Load one stage's shard of a Llama-family model: only its layers, only its TP slice.
+"""Load one stage's shard of a dense decoder: only its layers, only its TP slice.
 
 Two sources, one interface (`has`, `dense`, `rows`, `cols`, `quantized`, `linear_weight`,
-`head_rows`, `ffn_range`; tensors named as in GGUF): `GGUFShardLoader` keeps a GGUF file's
-quantized weights packed as stored, and `SafetensorsShardLoader` reads a Hugging Face checkpoint
-and quantizes it on load. `open_shard_loader` picks one by the model path.
+`head_rows`, `ffn_range`, `rope_rows_adjacent`; tensors named by their logical GGUF names,
+shardline/architectures.py): `GGUFShardLoader` keeps a GGUF file's quantized weights packed as
+stored, and `SafetensorsShardLoader` reads a Hugging Face checkpoint and quantizes it on load.
+`open_shard_loader` picks one by the model path. A family that stores several logical tensors in
+one (Phi-3's `attn_qkv`, its gate+up `ffn_up`) is read part by part: the loaders resolve each
+logical name to its stored tensor and rows (`Architecture.locate` / `hf_locate`).
 
 GGUF tensor names (llama.cpp): token_embd, blk.{i}.attn_norm / attn_q / attn_k / attn_v /
-attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down, output_norm, output (absent when tied).
-A 2-D weight with GGUF shape [in, out] is a NumPy array [out, in] of quant blocks along `in`.
+attn_output / ffn_norm / ffn_gate / ffn_up / ffn_down (+ the families' q/k and post norms),
+output_norm, output (absent when tied). A 2-D weight with GGUF shape [in, out] is a NumPy array
+[out, in] of quant blocks along `in`.
 
-llama.cpp's converter permutes the rows of Q and K inside each head so that RoPE rotates
-adjacent pairs (x[2i], x[2i+1]) instead of HF's halves; the model here rotates adjacent pairs,
-so the rows are used as stored. The permutation stays inside a head, so slicing by head for
-tensor parallelism is still exact. Hugging Face checkpoints keep Q and K in the rotate-half
-layout, so `SafetensorsShardLoader` applies the converter's permutation on load (see
-`permute_rope_rows`).
+RoPE layout. The model rotates adjacent pairs (x[2i], x[2i+1]). llama.cpp's converter permutes
+the rows of Q and K inside each head into that order for its LLAMA architecture (Llama, Mistral),
+so those rows are used as stored. Every other family here is NEOX RoPE in llama.cpp (rotate-half,
+x[i] with x[i + rotary_dim/2]) and its GGUF keeps Hugging Face's row order, as every Hugging
+Face checkpoint does; `rope_rows_adjacent` says which a loader delivers, and rows in the
+rotate-half order are put into the adjacent-pair order with `rope_row_order` (on load for
+safetensors; by the model for such GGUF files). The permutation stays inside a head, so slicing
+by head for tensor parallelism is still exact.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shardline.architectures import architecture
 from shardline.model_file import (ModelError, ModelSpec, SafetensorsCheckpoint, embedding_quantization,
-                                  hf_tensor_name, is_safetensors_checkpoint)
+                                  is_safetensors_checkpoint)
 
 # Float32 values read (and quantized) at a time when loading a safetensors weight: 16 MiB, so the
 # float copy held while loading stays far below one layer's, whatever the tensor's size.
@@ -68,8 +75,17 @@ class GGUFShardLoader:
         self.reader = gguf.GGUFReader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
 
+    @property
+    def rope_rows_adjacent(self) -> bool:
+        """Whether Q/K rows (and q/k norm weights) come in the adjacent-pair RoPE order: as stored
+        for the families llama.cpp permutes (see the module doc), else Hugging Face's order."""
+        return architecture(self.spec.architecture).gguf_qk_permuted
+
     def has(self, name: str) -> bool:
-        return name in self.tensors
+        try:
+            return self._part(name)[0] is not None
+        except KeyError:
+            return False
 
     def close(self) -> None:
         """Nothing to release: the packed weights are views of the file's memory map, which must
@@ -80,11 +96,18 @@ class GGUFShardLoader:
             raise KeyError(f"tensor {name!r} not in the model file")
         return self.tensors[name]
 
+    def _part(self, name: str):
+        """(stored tensor, first row, rows or None) of logical tensor `name` (see the module doc)."""
+        stored, start, rows = architecture(self.spec.architecture).locate(name, self.spec)
+        return self.raw(stored), start, rows
+
     def quantized(self, name: str):
         """A 2-D weight kept packed as stored (shardline.kernels.formats.QuantizedWeight, a memmap view)."""
         from shardline.kernels.formats import QuantizedWeight
 
-        return QuantizedWeight.from_gguf(self.raw(name))
+        t, start, rows = self._part(name)
+        q = QuantizedWeight.from_gguf(t)
+        return q if rows is None else q.row_slice(start, start + rows)
 
     def linear_weight(self, name: str, rows: tuple[int, int] | None = None,
                       cols: tuple[int, int] | None = None):
@@ -99,7 +122,11 @@ class GGUFShardLoader:
 
     def dense(self, name: str) -> torch.Tensor:
         """Whole tensor as float32 (norm weights, biases, embeddings)."""
-        return torch.from_numpy(np.require(_dequantize(self.raw(name)), requirements=["C", "W"]))
+        t, start, rows = self._part(name)
+        w = _dequantize(t)
+        if rows is not None:
+            w = w[start:start + rows]
+        return torch.from_numpy(np.require(w, requirements=["C", "W"]))
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Output rows [start, stop) of a 2-D weight (or elements of a 1-D bias), float32."""
@@ -128,31 +155,45 @@ class GGUFShardLoader:
         return vocab_range(self.spec.vocab_size, self.shard.tp_rank, self.shard.tp_size)
 
 
-def permute_rope_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
-    """Hugging Face Q/K rows (or biases) -> the adjacent-pair RoPE layout the model uses.
+def rope_row_order(num_rows: int, head_dim: int, rotary_dim: int | None = None) -> np.ndarray:
+    """Row indices that put Q/K rows of whole heads from the rotate-half RoPE order (Hugging
+    Face; llama.cpp's NEOX) into the adjacent-pair order the model rotates: `w[order]`.
 
-    w: [n_heads * head_dim, ...] float32, whole heads. Within each head, HF rotates the halves
-    (x[i], x[i + head_dim/2]); llama.cpp's convert_hf_to_gguf.py `permute` interleaves them so
-    that row 2i is HF row i and row 2i+1 is HF row i + head_dim/2:
+    Within each head, rotate-half pairs row i with row i + r/2 (r = rotary_dim, default
+    head_dim); llama.cpp's convert_hf_to_gguf.py `permute` interleaves them, so that row 2i is
+    rotate-half row i and row 2i+1 is row i + r/2; rows r .. head_dim-1 (not rotated: partial
+    rotary) stay:
 
-        HF head rows:   0 1 2 ... d/2-1 | d/2 d/2+1 ... d-1
-        ours:           0 d/2 1 d/2+1 2 ... d/2-1 d-1
+        rotate-half head rows:  0 1 2 ... r/2-1 | r/2 r/2+1 ... r-1 | r ... d-1
+        adjacent-pair order:    0 r/2 1 r/2+1 2 ... r/2-1 r-1       | r ... d-1
 
-    (`reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`, the converter's formula.)
+    Returns int64 [num_rows]. (For r = d this is the converter's `reshape(n_head, 2, d/2, ...)
+    .swapaxes(1, 2)`.)
     """
-    assert w.shape[0] % head_dim == 0, f"{w.shape[0]} rows are not whole heads of {head_dim}"
-    return np.ascontiguousarray(
-        w.reshape(-1, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+    assert num_rows % head_dim == 0, f"{num_rows} rows are not whole heads of {head_dim}"
+    r = rotary_dim or head_dim
+    one = np.arange(head_dim)
+    one[0:r:2] = np.arange(r // 2)
+    one[1:r:2] = r // 2 + np.arange(r // 2)
+    return (np.arange(num_rows // head_dim)[:, None] * head_dim + one[None, :]).reshape(-1)
+
+
+def permute_rope_rows(w: np.ndarray, head_dim: int, rotary_dim: int | None = None) -> np.ndarray:
+    """Hugging Face Q/K rows (or biases, or a q/k norm weight) -> the adjacent-pair RoPE layout
+    the model uses: `w[rope_row_order(...)]`, whole heads [n_heads * head_dim, ...]."""
+    return np.ascontiguousarray(w[rope_row_order(w.shape[0], head_dim, rotary_dim)])
 
 
 class SafetensorsShardLoader:
     """Reads one shard of a Hugging Face checkpoint (config.json + *.safetensors) and quantizes it
     on load.
 
-    Tensors are asked for by their GGUF names (shardline/worker/model.py's vocabulary) and mapped to HF names
-    (`shardline.model_file.hf_tensor_name`). Each 2-D weight is read in chunks of about
-    LOAD_CHUNK_FLOATS values (only this shard's rows / columns), Q and K rows permuted into the
-    adjacent-pair RoPE layout, and each chunk encoded by `shardline.kernels.formats.quantize`:
+    Tensors are asked for by their logical GGUF names (shardline/worker/model.py's vocabulary) and
+    found through the checkpoint's `locate` (HF name and rows, `shardline.model_file.hf_locate`).
+    Each 2-D weight is read in chunks of about LOAD_CHUNK_FLOATS values (only this shard's rows /
+    columns), Q and K rows (and biases, q/k norm weights) permuted into the adjacent-pair RoPE
+    layout (`rope_row_order`, with the spec's rotary_dim), and each chunk encoded by
+    `shardline.kernels.formats.quantize`:
 
         quantization  2-D weights                                    embedding, lm_head
         none          f32 (dtype float32) / bf16                     same
@@ -164,7 +205,8 @@ class SafetensorsShardLoader:
     amax/14; int8 has levels to spare and stays symmetric.
 
     so the float copy held while loading is one chunk, not a layer. Norms and biases stay
-    float32. A tied lm_head shares the embedding's encoded weight.
+    float32; a family whose RMSNorm scales by (1 + w) (Gemma) gets 1 + w, the form GGUF stores and
+    the model multiplies by. A tied lm_head shares the embedding's encoded weight.
 
     Raises:
         ModelError: a tensor the model needs is missing.
@@ -187,21 +229,27 @@ class SafetensorsShardLoader:
         self.ckpt = checkpoint if checkpoint is not None else SafetensorsCheckpoint(path)
         self._embedding = None  # (rows, the encoded token embedding's rows), shared with a tied lm_head
 
-    def _hf(self, name: str) -> str:
+    rope_rows_adjacent = True  # Q/K rows are permuted on load
+
+    def _hf(self, name: str) -> tuple[str, int, int]:
+        """(HF tensor, first row, rows) holding logical tensor `name`."""
         try:
-            hf = hf_tensor_name(name)
+            hf, start, rows = self.ckpt.locate(name, self.spec)
         except KeyError:
             raise KeyError(f"tensor {name!r} has no Hugging Face counterpart") from None
         if hf not in self.ckpt:
             raise ModelError(f"{self.ckpt.directory}: tensor {hf} (for {name}) is missing")
-        return hf
+        return hf, start, self.ckpt.shapes[hf][0] if rows is None else rows
 
     def _is_rope(self, name: str) -> bool:
-        return ".attn_q." in name or ".attn_k." in name
+        return any(f".{t}." in name for t in ("attn_q", "attn_k", "attn_q_norm", "attn_k_norm"))
+
+    def _norm_offset(self, name: str) -> bool:
+        return architecture(self.spec.architecture).norm_offset and name.endswith("norm.weight")
 
     def has(self, name: str) -> bool:
         try:
-            return hf_tensor_name(name) in self.ckpt
+            return self.ckpt.locate(name, self.spec)[0] in self.ckpt
         except KeyError:
             return False
 
@@ -210,20 +258,25 @@ class SafetensorsShardLoader:
         self.ckpt.close()
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Output rows [start, stop) of a 2-D weight (or elements of a 1-D bias), float32; Q/K
-        rows in the adjacent-pair RoPE layout (start, stop: whole heads)."""
-        w = self.ckpt.read(self._hf(name), rows=(start, stop))
+        """Output rows [start, stop) of a 2-D weight (or elements of a 1-D tensor), float32; Q/K
+        rows in the adjacent-pair RoPE layout (start, stop: whole heads); norm weights as the
+        model multiplies by them."""
+        hf, first, _ = self._hf(name)
+        w = self.ckpt.read(hf, rows=(first + start, first + stop))
         if self._is_rope(name):
-            w = permute_rope_rows(w, self.spec.head_dim)
+            w = permute_rope_rows(w, self.spec.head_dim, self.spec.rotary_dim)
+        if self._norm_offset(name):
+            w = w + np.float32(1.0)
         return torch.from_numpy(np.ascontiguousarray(w))
 
     def dense(self, name: str) -> torch.Tensor:
         """Whole tensor as float32 (norm weights, biases)."""
-        return self.rows(name, 0, self.ckpt.shapes[self._hf(name)][0])
+        return self.rows(name, 0, self._hf(name)[2])
 
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Input columns [start, stop) of a 2-D weight, float32."""
-        return torch.from_numpy(self.ckpt.read(self._hf(name), cols=(start, stop)))
+        hf, first, n = self._hf(name)
+        return torch.from_numpy(self.ckpt.read(hf, rows=(first, first + n), cols=(start, stop)))
 
     def quantized(self, name: str):
         """A whole 2-D weight, encoded as `quantization` says (shardline.kernels.formats.QuantizedWeight)."""
@@ -239,8 +292,8 @@ class SafetensorsShardLoader:
         embedding = name == "token_embd.weight" and cols is None  # kept: a tied lm_head asks for the same rows
         if embedding and self._embedding is not None and self._embedding[0] == rows:
             return self._embedding[1]
-        hf = self._hf(name)
-        out_all, in_all = self.ckpt.shapes[hf]
+        hf, first, out_all = self._hf(name)
+        in_all = self.ckpt.shapes[hf][1]
         r0, r1 = rows or (0, out_all)
         c0, c1 = cols or (0, in_all)
         method = self.quantization
@@ -255,9 +308,9 @@ class SafetensorsShardLoader:
         data = scales = mins = None
         for a in range(r0, r1, step):
             b = min(r1, a + step)
-            w = self.ckpt.read(hf, (a, b), (c0, c1))
+            w = self.ckpt.read(hf, (first + a, first + b), (c0, c1))
             if rope:
-                w = permute_rope_rows(w, self.spec.head_dim)
+                w = permute_rope_rows(w, self.spec.head_dim, self.spec.rotary_dim)
             q = quantize(w, qtype, group_size=self.group_size, symmetric=qtype != "int4")
             del w
             if data is None:  # one allocation per weight: chunks are copied in, never concatenated

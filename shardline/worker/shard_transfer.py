@@ -19,8 +19,9 @@ written to disk. By the manifest's `format`:
                  `GGUFShardLoader`'s interface over them.
     safetensors  the views hold the checkpoint's values in the stored dtype (F32, F16, BF16 as raw
                  16-bit patterns); `ReceivedCheckpoint` serves `SafetensorsCheckpoint`'s reads over
-                 them, and `SafetensorsShardLoader` permutes Q/K and quantizes (`none|int8|int4`)
-                 exactly as from the files. The buffer is dropped when the stage is built.
+                 them (keyed by logical tensor name), and `SafetensorsShardLoader` permutes Q/K
+                 and quantizes (`none|int8|int4`) exactly as from the files. The buffer is
+                 dropped when the stage is built.
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class ReceivedShardLoader(GGUFShardLoader):
             raise KeyError(f"tensor {name!r}: all columns asked for, only {t.cols} received")
         return q if r is None or r == (0, q.out_features) else q.row_slice(*r)
 
+    def _part(self, name: str):
+        """Received tensors are the logical ones (the coordinator cut fused tensors into parts)."""
+        return self.raw(name), 0, None
+
     def quantized(self, name: str):
         return self.linear_weight(name)
 
@@ -123,21 +128,25 @@ class ReceivedCheckpoint:
     """`shardline.model_file.SafetensorsCheckpoint`'s reading interface (`__contains__`,
     `shapes`, `read`, `close`, `directory`) over received slices of a checkpoint's tensors.
 
-    tensors: Hugging Face name -> (array in the wire dtype, st_dtype, rows, cols), rows/cols the
+    tensors: logical GGUF name -> (array in the wire dtype, st_dtype, rows, cols), rows/cols the
     slice held in whole-tensor coordinates (None: all). Whole shapes come from the spec
-    (`hf_expected_tensors`). Reading outside a held slice raises KeyError naming the tensor.
+    (`expected_tensors`). Reading outside a held slice raises KeyError naming the tensor.
     """
 
     def __init__(self, spec, tensors: dict[str, tuple[np.ndarray, str, tuple | None, tuple | None]]):
-        from shardline.model_file import hf_expected_tensors
+        from shardline.model_file import expected_tensors
 
         self.directory = "<received from the coordinator>"
         self.tensors = tensors
-        expected = hf_expected_tensors(spec)
+        expected = expected_tensors(spec)
         self.shapes = {name: expected[name] for name in tensors}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
+
+    def locate(self, name: str, spec) -> tuple[str, int, None]:
+        """Received tensors are keyed by their logical names (fused parts already cut)."""
+        return name, 0, None
 
     def close(self) -> None:
         """Drop the received arrays (the stage holds its own encoded copies)."""
@@ -269,13 +278,11 @@ def fetch_shard(sock, worker_id: str, model_digest: str, spec, shard: ShardSpec,
     views = [(e, buf[e["offset"]:e["offset"] + e["nbytes"]].view(np.dtype(e["dtype"])).reshape(e["shape"]))
              for e in manifest["tensors"]]
     if fmt == "safetensors":
-        from shardline.model_file import hf_tensor_name
-
         if any(e.get("st_dtype") not in ("F32", "F16", "BF16") for e, _ in views):
             raise ShardTransferError("manifest: a safetensors tensor without st_dtype F32, F16 or BF16")
-        ckpt = ReceivedCheckpoint(spec, {hf_tensor_name(e["name"]): (arr, e["st_dtype"],
-                                                                     tuple(e["rows"]) if e.get("rows") else None,
-                                                                     tuple(e["cols"]) if e.get("cols") else None)
+        ckpt = ReceivedCheckpoint(spec, {e["name"]: (arr, e["st_dtype"],
+                                                     tuple(e["rows"]) if e.get("rows") else None,
+                                                     tuple(e["cols"]) if e.get("cols") else None)
                                          for e, arr in views})
         return SafetensorsShardLoader(ckpt.directory, spec, shard, quantization, group_size, dtype,
                                       checkpoint=ckpt), stats

@@ -129,7 +129,10 @@ def test_directory_errors_name_what_is_missing(tmp_path, tiny_untied):
         read_model_spec(d)
     d = _copy(tiny_untied, tmp_path / "scaled")
     _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
-    with pytest.raises(ModelError, match="rope_type 'llama3'"):
+    with pytest.raises(ModelError, match="rope_type 'llama3' needs low_freq_factor"):
+        read_model_spec(d)
+    _edit_config(d, rope_parameters={"rope_type": "proportional", "rope_theta": 5e5, "factor": 8.0})
+    with pytest.raises(ModelError, match="rope_type 'proportional' is not supported"):
         read_model_spec(d)
     d = _copy(tiny_untied, tmp_path / "gelu")
     _edit_config(d, hidden_act="gelu")
