@@ -36,7 +36,7 @@ from shardline.coordinator.planner import (ModelSizes, Plan, PlanError, WorkerOf
                                  plan_for_config)
 from shardline.coordinator.shard_server import ShardError, ShardServer
 from shardline.coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
-from shardline.coordinator.sequence import Sequence, SequenceStatus
+from shardline.coordinator.sequence import Sequence
 from shardline.coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 from shardline import __version__
 from shardline import protocol as P
@@ -620,8 +620,7 @@ class Coordinator:
                                        micro_batches, lookahead=lookahead)
             self.scheduler.eos_token_id = self.spec.eos_token_id
             if old is not None:  # step ids stay unique across plans (a late result never matches)
-                self.scheduler._next_step_id = old._next_step_id
-                self.scheduler.stats.num_preemptions = old.stats.num_preemptions
+                self.scheduler.continue_from(old)
             self.state = "serving"
             resumed = self._resume_requests()
             log.info("serving %s: %d KV blocks of %d tokens, %d micro-batches%s", self.model_id,
@@ -766,13 +765,8 @@ class Coordinator:
         seqs = sorted({r.seq.seq_id: r.seq for r in self.requests.values() if not r.seq.is_finished}.values(),
                       key=lambda s: s.seq_id)
         for seq in seqs:
-            if seq.num_computed_tokens:  # had KV state to lose (not one queued while the plan changed)
-                seq.num_preemptions += 1
-            seq.status = SequenceStatus.WAITING
-            seq.num_computed_tokens = 0
-            seq.block_table, seq.block_hashes, seq.num_blocks_sent = [], [], 0
             try:
-                self.scheduler.add(seq)
+                self.scheduler.requeue(seq)
             except RequestTooLarge as exc:
                 self._finish(seq.seq_id, "error", ErrorCode.UNAVAILABLE, f"after re-planning: {exc}")
         if seqs:
@@ -863,7 +857,7 @@ class Coordinator:
     def _can_dispatch(self) -> bool:
         return (self.state == "serving" and len(self.in_flight) < self.max_in_flight
                 and (self.worker_drain is None or self.worker_drain.phase != "quiesce")
-                and (self.scheduler.has_work() or bool(self.scheduler._freed)))
+                and self.scheduler.has_work())
 
     def _dispatch(self, out: SchedulerOutput) -> None:
         seqs = []
