@@ -3,7 +3,7 @@
 Lifecycle: bind sockets and the rendezvous store -> wait for `workers.count` REGISTERs -> plan ->
 ASSIGN each worker -> wait for every READY -> serve. The busy loop:
 
-    1. drain the inbox (client requests, worker results and heartbeats)
+    1. read the inbox (client requests, worker results and heartbeats)
     2. schedule: while fewer than `pipeline_micro_batches` steps are in flight (twice that with
        async scheduling: each micro-batch's continuation too), ask the scheduler
     3. dispatch each new step plan to every worker
@@ -153,10 +153,10 @@ class Coordinator:
         self.step_started: dict[int, float] = {}
         self._next_seq_id = 0
         self._stop = False
-        self._draining = False  # SIGTERM: admission stopped, running requests finishing
+        self._shutting_down = False  # SIGTERM/SIGINT: admission stopped, running requests finishing
         self._reload_keys = False  # SIGHUP: re-read the allow-lists at the next loop turn
         self._refused_keys: set[str] = set()  # revoked keys whose messages were dropped (logged once)
-        self.drain_deadline: float | None = None
+        self.shutdown_deadline: float | None = None
         self.recovery_deadline: float | None = None  # a plan was lost: serve again before this
         self.replan_at: float | None = None  # after a reported data-plane failure: re-plan no sooner
         self.worker_drain: WorkerDrain | None = None  # DRAIN_WORKER in progress (at most one)
@@ -272,23 +272,23 @@ class Coordinator:
         self.metrics.stop_http_server()
         del self.store
 
-    def begin_drain(self) -> None:
-        """Graceful drain (SIGTERM/SIGINT): refuse new requests at once, let running ones finish
-        within `coordinator.drain_timeout_s`, then stop. A second signal stops at once."""
-        if self._draining:
+    def begin_shutdown(self) -> None:
+        """Graceful shutdown (SIGTERM/SIGINT): refuse new requests at once, let running ones finish
+        within `coordinator.shutdown_timeout_s`, then stop. A second signal stops at once."""
+        if self._shutting_down:
             self._stop = True
             return
-        self._draining = True
-        self.drain_deadline = time.monotonic() + self.config.coordinator.drain_timeout_s
-        log.info("draining: admission stopped; %d requests running (at most %.0f s)",
-                 len({id(r.choices) for r in self.requests.values()}), self.config.coordinator.drain_timeout_s)
+        self._shutting_down = True
+        self.shutdown_deadline = time.monotonic() + self.config.coordinator.shutdown_timeout_s
+        log.info("shutting down: admission stopped; %d requests running (at most %.0f s)",
+                 len({id(r.choices) for r in self.requests.values()}), self.config.coordinator.shutdown_timeout_s)
 
     def serve_forever(self, install_signals: bool = True) -> int:
-        """Serve until stopped. Returns the exit code: 0, or 3 when a drain timed out and running
+        """Serve until stopped. Returns the exit code: 0, or 3 when a shutdown timed out and running
         requests had to be ended with ERROR UNAVAILABLE."""
         if install_signals:
-            signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
-            signal.signal(signal.SIGINT, lambda *_: self.begin_drain())
+            signal.signal(signal.SIGTERM, lambda *_: self.begin_shutdown())
+            signal.signal(signal.SIGINT, lambda *_: self.begin_shutdown())
             signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_keys", True))
         self.exit_code = 0
         self.start()
@@ -306,13 +306,13 @@ class Coordinator:
             hb = self.config.heartbeat.interval_s
             last_hb = last_metrics = 0.0
             while not self._stop:
-                # 1. drain the inbox
+                # 1. read the inbox
                 timeout_ms = 0 if self._can_dispatch() else int(hb * 1000 / 4)
                 events = dict(poller.poll(timeout_ms))
                 if self.worker_sock in events:
-                    self._drain(self.worker_sock, self._on_worker_frame)
+                    self._read_all(self.worker_sock, self._on_worker_frame)
                 if self.client_sock in events:
-                    self._drain(self.client_sock, self._on_client_frame)
+                    self._read_all(self.client_sock, self._on_client_frame)
                 # 2-3. schedule and dispatch
                 while self._can_dispatch():
                     out = self.scheduler.schedule()
@@ -332,9 +332,9 @@ class Coordinator:
                 if self._reload_keys:  # SIGHUP
                     self._reload_keys = False
                     self.reload_allow_lists()
-                if self._draining and (not self.requests or now > self.drain_deadline):
+                if self._shutting_down and (not self.requests or now > self.shutdown_deadline):
                     if self.requests:
-                        log.error("drain timed out with %d sequences running", len(self.requests))
+                        log.error("shutdown timed out with %d sequences running", len(self.requests))
                         self.exit_code = 3
                     self._stop = True
                 # 6. stats: throughput window and Prometheus gauges
@@ -346,7 +346,7 @@ class Coordinator:
             self.close()
         return self.exit_code
 
-    def _drain(self, sock, handler, limit: int = 1000) -> None:
+    def _read_all(self, sock, handler, limit: int = 1000) -> None:
         for _ in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=self.authenticator is None)
@@ -523,7 +523,7 @@ class Coordinator:
         registered, or after a loss (`recovering`/`degraded`) whenever the live workers may fit.
         `fewer`: re-plan onto fewer workers even without `replan_on_fewer_workers` (a drain)."""
         alive = sum(1 for w in self.workers.values() if w.alive)
-        if self.state in ("serving", "loading") or self._draining:
+        if self.state in ("serving", "loading") or self._shutting_down:
             return
         if self.replan_at is not None:
             if time.monotonic() < self.replan_at:
@@ -637,7 +637,7 @@ class Coordinator:
         cfg = self.config.heartbeat
         # Heartbeats queued while the loop was busy (a long request parse, a big step) are read
         # before anyone is judged: a stalled coordinator must not declare its workers dead.
-        self._drain(self.worker_sock, self._on_worker_frame)
+        self._read_all(self.worker_sock, self._on_worker_frame)
         for w in list(self.workers.values()):
             if not w.alive:
                 continue
@@ -791,7 +791,7 @@ class Coordinator:
             live = ", ".join(sorted(x.worker_id for x in self.workers.values() if x.alive)) or "none"
             why = "is not registered" if w is None else "has already left (drained or lost)"
             raise ProtocolError(f"worker {wid!r} {why}; live workers: {live}", ErrorCode.NOT_FOUND)
-        if self._draining:
+        if self._shutting_down:
             raise ProtocolError("coordinator is draining (shutting down)", ErrorCode.UNAVAILABLE)
         if self.worker_drain is not None:
             raise ProtocolError(f"a drain of worker {self.worker_drain.worker_id} is in progress", ErrorCode.UNAVAILABLE)
@@ -1108,8 +1108,8 @@ class Coordinator:
         if not 0 < len(request_id) <= 128:
             raise ProtocolError("GENERATE: request_id must be 1..128 characters", ErrorCode.INVALID_REQUEST)
         # during a worker drain requests queue (the new plan runs them); otherwise only a serving plan admits
-        if (self.state != "serving" and self.worker_drain is None) or self._draining:
-            why = "draining (shutting down): not accepting requests" if self._draining else self.state
+        if (self.state != "serving" and self.worker_drain is None) or self._shutting_down:
+            why = "draining (shutting down): not accepting requests" if self._shutting_down else self.state
             self._send_error(client, request_id, ErrorCode.UNAVAILABLE, f"cluster not serving: {why}")
             return
         if (client, request_id) in self.by_client:
@@ -1179,7 +1179,7 @@ class Coordinator:
     # ---- introspection -------------------------------------------------------------------
     def health(self) -> dict:
         up = sum(1 for w in self.workers.values() if w.alive)
-        status = "draining" if self._draining else "ok" if self.state == "serving" else self.state
+        status = "draining" if self._shutting_down else "ok" if self.state == "serving" else self.state
         # a worker an operator drained is not missing: expect one fewer per drained worker
         drained = sum(1 for w in self.workers.values() if w.drained and not w.alive)
         return {"status": status, "workers_up": up,
