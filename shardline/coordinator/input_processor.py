@@ -32,7 +32,7 @@ class Request:
     stop_matcher: StopStringMatcher
     num_logprobs: int
     text: str = ""
-    num_tokens_sent: int = 0
+    num_tokens_emitted: int = 0  # output tokens detokenized (and, when streaming, sent in DELTAs)
     last_token_time: float | None = None  # monotonic time of the previous token (inter-token latency)
     index: int = 0  # choice index within the client's request (params.n > 1)
     choices: list["Request"] = field(default_factory=list)  # all choices of the request, shared, index order

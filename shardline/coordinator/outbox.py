@@ -87,7 +87,7 @@ class ZmqOutbox(Outbox):
 
     def to_client(self, client: bytes, msg_type: MsgType, body: dict) -> None:
         if msg_type is MsgType.ERROR:
-            self.metrics.on_error(ErrorCode(body["code"]).name)
+            self.metrics.on_error(body["code_name"])
         try:
             self.client_sock.send_multipart([client, P.encode(msg_type, body)], zmq.NOBLOCK)
         except zmq.ZMQError:  # unroutable (gone) or at the high-water mark: drop its requests

@@ -36,21 +36,26 @@ class OutputProcessor:
         self.stats = stats
 
     def emit(self, seq: Sequence, scheduler: Scheduler) -> None:
-        """`seq` has a new token (its last output token): detokenize it, end the sequence on a
-        stop string, send the DELTA (streaming requests) and, when the request has ended, DONE."""
+        """`seq` has new output tokens: detokenize them, end the sequence on a stop string, send
+        the DELTA (streaming requests) and, when the request has ended, DONE. A sequence whose
+        step and continuation both returned before this runs is listed twice: its first call
+        takes both tokens, the second finds none new and sends nothing."""
         req = self.requests.get(seq.seq_id)
         if req is None:
             return
-        self.stats.generation_tokens_total += 1
+        n = req.num_tokens_emitted
+        new = seq.output_token_ids[n:]
+        if not new:
+            return
+        self.stats.generation_tokens_total += len(new)
         t = seq.last_token_time
-        if req.last_token_time is None:
-            self.metrics.on_token(ttft_s=_dt(seq.arrival_time, t), itl_s=None)
-        else:
-            self.metrics.on_token(ttft_s=None, itl_s=_dt(req.last_token_time, t))
-        req.last_token_time = t
-        token = seq.output_token_ids[-1]
-        delta = req.detokenizer.push([token])
-        match = req.stop_matcher.push(delta)
+        for _ in new:
+            if req.last_token_time is None:
+                self.metrics.on_token(ttft_s=_dt(seq.arrival_time, t), itl_s=None)
+            else:
+                self.metrics.on_token(ttft_s=None, itl_s=_dt(req.last_token_time, t))
+            req.last_token_time = t
+        match = req.stop_matcher.push(req.detokenizer.push(new))
         text = match.text
         if match.stopped and not seq.is_finished:
             seq.stop_reason = match.stop
@@ -58,19 +63,18 @@ class OutputProcessor:
         if seq.is_finished and not match.stopped:
             text += req.stop_matcher.push(req.detokenizer.flush()).text + req.stop_matcher.flush()
         req.text += text
+        req.num_tokens_emitted = seq.num_output_tokens
         if req.stream:
-            n = req.num_tokens_sent
             body = {"request_id": req.request_id, "index": req.index, "text": text,
-                    "token_ids": P.pack_ids(seq.output_token_ids[n:])}
+                    "token_ids": P.pack_ids(new)}
             if req.num_logprobs:
                 body["logprobs"] = seq.output_logprobs[n:]
             if req.prompt_logprobs is not None and n == 0:
                 body["prompt_logprobs"] = req.prompt_logprobs
                 body["prompt_token_ids"] = P.pack_ids(seq.prompt_token_ids)
             if req.num_logprobs or "prompt_logprobs" in body:
-                body["token_bytes"] = self.token_bytes(seq.output_token_ids[n:], body.get("logprobs"),
-                                                       body.get("prompt_logprobs"), seq.prompt_token_ids)
-            req.num_tokens_sent = seq.num_output_tokens
+                body["token_bytes"] = self.token_bytes(new, body.get("logprobs"), body.get("prompt_logprobs"),
+                                                       seq.prompt_token_ids)
             self.outbox.to_client(req.client, MsgType.DELTA, body)
         if seq.is_finished:
             self._send_done(req)

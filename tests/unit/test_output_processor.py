@@ -24,7 +24,7 @@ CLIENT = b"client-1"
 class Processors:
     """An input and an output processor over one request table, scheduler and recording outbox."""
 
-    def __init__(self, num_blocks: int = 256, max_model_len: int = 1 << 20):
+    def __init__(self, num_blocks: int = 256, max_model_len: int = 1 << 20, lookahead: bool = False):
         self.model = served_model()
         self.outbox = RecordingOutbox()
         self.requests = RequestTable()
@@ -33,7 +33,8 @@ class Processors:
         self.input = InputProcessor(self.model, self.requests, self.outbox, metrics, self.stats)
         self.output = OutputProcessor(self.model.tokenizer, self.requests, self.outbox, metrics, self.stats)
         self.scheduler = make_scheduler(num_blocks=num_blocks, block_size=16, max_num_batched_tokens=256,
-                                        max_model_len=max_model_len, eos_token_id=self.model.spec.eos_token_id)
+                                        max_model_len=max_model_len, eos_token_id=self.model.spec.eos_token_id,
+                                        lookahead=lookahead)
         self.outbox.on_client_gone = lambda client: self.output.client_gone(client, self.scheduler)
 
     def generate(self, request_id: str, prompt: str = "Say it", stream: bool = True, client: bytes = CLIENT,
@@ -79,6 +80,27 @@ def test_text_streams_until_a_stop_string_which_is_held_back(p):
     assert [i for d in deltas for i in P.unpack_ids(d["token_ids"])] == sent_ids
     assert p.scheduler.seqs == {} and len(p.requests) == 0 and p.stats.requests_finished == 1
     assert p.stats.generation_tokens_total == len(sent_ids)
+
+
+@pytest.mark.parametrize("max_tokens", [2, 8])
+def test_two_results_of_one_sequence_before_its_output_is_emitted(max_tokens):
+    """Async scheduling keeps a sequence's step and its continuation in flight; both results can
+    be read in one pass of the inbox, listing the sequence twice before its output is emitted.
+    Every token goes out once, in order, whether or not the second one ends the sequence."""
+    p = Processors(lookahead=True)
+    (sid,) = p.generate("r1", params={"max_tokens": max_tokens})
+    first, second = p.scheduler.schedule(), p.scheduler.schedule()
+    assert second.scheduled[0].prev_step == first.step_id
+    pending = p.scheduler.update(first, {sid: 100}) + p.scheduler.update(second, {sid: 101})
+    assert [s.seq_id for s in pending] == [sid, sid]
+    for seq in pending:
+        p.output.emit(seq, p.scheduler)
+    deltas = p.sent(MsgType.DELTA)
+    assert [P.unpack_ids(d["token_ids"]) for d in deltas] == [[100, 101]]
+    assert deltas[0]["text"] == p.model.tokenizer.decode([100, 101]) and p.stats.generation_tokens_total == 2
+    if max_tokens == 2:
+        (done,) = p.sent(MsgType.DONE)
+        assert done["text"] == deltas[0]["text"] and done["finish_reason"] == "length"
 
 
 def test_include_stop_str_in_output_keeps_it(p):
