@@ -195,7 +195,7 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                     raise click.ClickException("a cluster process exited during start-up (see its log above)")
                 if exited:  # rc 0: the coordinator was stopped (SIGTERM) and told its workers to shut down
                     try:
-                        rc = procs[0].wait(cfg.coordinator.drain_timeout_s + 10)
+                        rc = procs[0].wait(cfg.coordinator.shutdown_timeout_s + 10)
                     except subprocess.TimeoutExpired:
                         raise click.ClickException("a worker exited during start-up (see its log above)") from None
                     click.echo(f"shardline: coordinator exited during start-up (rc={rc}); stopping", err=True)
@@ -228,7 +228,7 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                                    f"{t.get('decode_tokens_per_s') or 0:.1f} tokens/s]", err=True)
                 return
         while not stopping:
-            if procs[0].poll() is not None:  # e.g. drained after a SIGTERM of its own: its rc is ours
+            if procs[0].poll() is not None:  # e.g. shut down after a SIGTERM of its own: its rc is ours
                 rc = procs[0].returncode
                 click.echo(f"shardline: coordinator exited (rc={rc}); stopping workers", err=True)
                 break
@@ -236,10 +236,10 @@ def launch(cluster_yaml, model, workers, pp, tp, port, prompt, max_tokens, ready
                 click.echo(f"shardline: worker {worker_names.pop(p)} exited (rc={p.returncode})", err=True)
             time.sleep(0.2)  # poll interval
     finally:
-        _stop_all(procs, drain_timeout_s=cfg.coordinator.drain_timeout_s)
+        _stop_all(procs, shutdown_timeout_s=cfg.coordinator.shutdown_timeout_s)
         os.unlink(cfg_path)
         # Everything is stopped: ignore SIGINT/SIGTERM until the process is gone, so that one
-        # arriving now (a supervisor, or LocalCluster.stop right after the coordinator drained)
+        # arriving now (a supervisor, or LocalCluster.stop right after the coordinator shut down)
         # cannot turn a clean exit into death by signal (rc -15). Keeping on_signal is not
         # enough: CPython's finalization resets Python-level handlers to SIG_DFL (not SIG_IGN)
         # before the interpreter is gone, and that window was hit in CI.
@@ -267,11 +267,11 @@ def _launch_keys(cfg: ClusterConfig) -> tuple[dict, list[str]]:
     return _curve_kwargs(server_public, sec.client_key), workers
 
 
-def _stop_all(procs: list[subprocess.Popen], timeout_s: float = 10.0, drain_timeout_s: float = 0.0) -> None:
+def _stop_all(procs: list[subprocess.Popen], timeout_s: float = 10.0, shutdown_timeout_s: float = 0.0) -> None:
     """SIGTERM the coordinator first (it stops admission, lets running requests finish for up to
-    `drain_timeout_s`, then tells the workers to shut down), then the rest; SIGKILL whatever is
-    still running `timeout_s` seconds (plus the drain time, for the coordinator) later."""
-    for group, limit in ((procs[:1], timeout_s + drain_timeout_s), (procs[1:], timeout_s)):
+    `shutdown_timeout_s`, then tells the workers to shut down), then the rest; SIGKILL whatever is
+    still running `timeout_s` seconds (plus the shutdown time, for the coordinator) later."""
+    for group, limit in ((procs[:1], timeout_s + shutdown_timeout_s), (procs[1:], timeout_s)):
         for p in group:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

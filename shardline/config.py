@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from shardline.model_file import PACKAGED_MODELS
 
@@ -42,8 +42,10 @@ class CoordinatorConfig(_Frozen):
     max_spare_workers: int = Field(
         8, ge=0, le=64, description="Workers beyond workers.count kept registered as replacements."
     )
-    drain_timeout_s: float = Field(
-        30.0, ge=0, description="On SIGTERM: seconds running requests get to finish (admission stops at once)."
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, validation_alias=AliasChoices("shutdown_timeout_s", "drain_timeout_s"),
+        description="On SIGTERM/SIGINT (graceful shutdown): seconds running requests get to finish (admission "
+                    "stops at once). `drain_timeout_s` is accepted as an alias."
     )
 
 

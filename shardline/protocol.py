@@ -63,7 +63,6 @@ class MsgType(enum.IntEnum):
     STEP = 67
     STEP_RESULT = 68
     HEARTBEAT = 69
-    DRAIN = 70
     SHUTDOWN = 71
     SHARD_REQUEST = 72  # worker -> coordinator: send me my shard's tensors
     SHARD_MANIFEST = 73  # coordinator -> worker: the tensors, their slices and offsets, digests

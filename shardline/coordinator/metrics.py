@@ -1,6 +1,6 @@
 """Prometheus exporter of the coordinator: the only module that imports `prometheus_client`.
 
-The serving loop keeps plain data (counters in `Coordinator.stats`, `WorkerInfo` fields, the
+The serving loop keeps plain data (counters in `CoordinatorStats`, `WorkerInfo` fields, the
 scheduler's queues) and calls the small `on_*` hooks below at the events that feed histograms
 and counters; gauges are copied from `Coordinator.stats_snapshot()` a few times a second
 (`set_state`), so `shardline status` and Prometheus read the same numbers.
@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections import deque
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -77,6 +79,31 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
 def _or_nan(x: float | None) -> float:
     """None (not known: no price configured, no samples yet) is exported as NaN, never as 0."""
     return math.nan if x is None else x
+
+
+@dataclass
+class CoordinatorStats:
+    """The serving loop's counters since start (plain data: STATS_REPLY carries them as they are,
+    and `set_state` copies them to Prometheus)."""
+
+    requests_total: int = 0  # requests accepted (a request with n > 1 choices counts once)
+    requests_finished: int = 0  # requests answered with DONE
+    generation_tokens_total: int = 0
+    prompt_tokens_total: int = 0
+    steps_total: int = 0  # steps whose result came back
+    step_time_s_total: float = 0.0  # seconds from dispatch to result, summed over those steps
+
+
+def process_stats() -> dict:
+    """This process: `pid`, resident memory `rss_bytes` and open file descriptors `num_fds`
+    (Linux /proc; zeros elsewhere), for leak checks under load and fuzzing."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        rss = fds = 0
+    return {"pid": os.getpid(), "rss_bytes": rss, "num_fds": fds}
 
 
 class RateWindow:

@@ -151,8 +151,33 @@ class Scheduler:
         self.block_manager.free(seq)
         self.seqs.pop(seq.seq_id, None)
 
+    def requeue(self, seq: Sequence) -> None:
+        """Queue a sequence of an abandoned plan (a worker lost or drained) under this scheduler,
+        to be recomputed from its token history (prompt + output so far): its KV state is gone, so
+        it starts over as a waiting sequence with no blocks, like a preempted one; a sequence that
+        had computed tokens counts one more preemption.
+
+        Raises:
+            RequestTooLarge: it cannot fit this plan's context length or KV pool (see `add`).
+        """
+        if seq.num_computed_tokens:
+            seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.block_table, seq.block_hashes, seq.num_blocks_sent = [], [], 0
+        self.add(seq)
+
+    def continue_from(self, previous: Scheduler) -> None:
+        """Take over from the scheduler of the previous plan: step ids go on after its last one,
+        so a late result of a step it dispatched never matches a step of this one, and its
+        preemption count carries on."""
+        self._next_step_id = previous._next_step_id
+        self.stats.num_preemptions = previous.stats.num_preemptions
+
     def has_work(self) -> bool:
-        return self._other_work() or bool(self._continuations()[1])
+        """Whether `schedule()` has anything to consider: a sequence not in flight, a step in
+        flight whose sequences may be continued, or frees the workers have not been told."""
+        return self._other_work() or bool(self._continuations()[1]) or bool(self._freed)
 
     def _continuations(self) -> tuple[SchedulerOutput | None, dict[int, ScheduledSeq]]:
         """The oldest step in flight not yet continued, and its entries that may get a
@@ -345,15 +370,6 @@ class Scheduler:
             if reason is not None:
                 self.finish(seq.seq_id, reason)
         return updated
-
-    def abort_step(self, out: SchedulerOutput) -> None:
-        """A step that will never return (a worker died): release its sequences so they can be
-        rescheduled from their token history."""
-        self._forget_step(out)
-        for s in out.scheduled:
-            self._leave_step(s.seq)
-            if s.seq.is_finished and s.seq.seq_id not in self.in_flight:
-                self._release(s.seq)
 
     def _forget_step(self, out: SchedulerOutput) -> None:
         try:

@@ -37,7 +37,6 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of this sequence's full blocks
     num_blocks_sent: int = 0  # block-table entries already sent to the workers (diffs after)
-    params_sent: bool = False
     use_prefix_cache: bool = True  # False when every prompt position must be computed (prompt logprobs)
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -37,7 +38,10 @@ import numpy as np
 from shardline import protocol as P
 from shardline.architectures import architecture
 from shardline.model_file import SafetensorsCheckpoint, is_safetensors_checkpoint
+from shardline.protocol import ErrorCode, MsgType
 from shardline.shard import TensorSlice, shard_tensor_slices
+
+log = logging.getLogger("shardline.coordinator")
 
 
 class ShardError(ValueError):
@@ -101,7 +105,7 @@ class GGUFTensorSource:
 class SafetensorsTensorSource:
     """Cuts tensor slices out of a Hugging Face checkpoint directory, in the stored dtype. Tensors
     are named by their GGUF names (as `shard_tensor_slices` lists them) and looked up by their
-    Hugging Face names (`hf_tensor_name`); each slice is read only when its bytes are needed."""
+    Hugging Face names; each slice is read only when its bytes are needed."""
 
     format = "safetensors"
     # stored dtype -> NumPy type string on the wire (BF16: raw 16-bit patterns)
@@ -225,8 +229,8 @@ class ShardLayout:
 class ShardServer:
     """Serves SHARD_REQUEST / SHARD_FETCH for the workers of the current plan.
 
-    `shard_of(worker_id)` gives the worker's (layer_start, layer_end, is_first, is_last, tp_rank,
-    tp_size), or None when it has no assignment.
+    A worker's `shard` is its (layer_start, layer_end, is_first, is_last, tp_rank, tp_size), or
+    None when it has no assignment (`PlanLifecycle.shard_of`).
     """
 
     def __init__(self, model_path: str, spec, model_digest: str):
@@ -236,6 +240,21 @@ class ShardServer:
         self._source: GGUFTensorSource | SafetensorsTensorSource | None = None
         self.layouts: dict[str, ShardLayout] = {}
         self.bytes_sent: dict[str, int] = {}
+
+    def answer(self, worker_id: str, msg_type: MsgType, body: dict, shard) -> tuple[MsgType, dict]:
+        """The reply to a worker's SHARD_REQUEST (SHARD_MANIFEST) or SHARD_FETCH (SHARD_CHUNK); to
+        one that cannot be served, ERROR INVALID_REQUEST naming why."""
+        try:
+            if msg_type is MsgType.SHARD_REQUEST:
+                manifest = self.on_request(worker_id, body, shard)
+                log.info("worker %s: sending its shard (%s): %d tensors, %.1f MB in %d chunks", worker_id,
+                         body.get("reason", ""), len(manifest["tensors"]), manifest["total_bytes"] / 1e6,
+                         manifest["num_chunks"])
+                return MsgType.SHARD_MANIFEST, manifest
+            return MsgType.SHARD_CHUNK, self.on_fetch(worker_id, body)
+        except ShardError as exc:
+            log.error("shard transfer to worker %s refused: %s", worker_id, exc)
+            return MsgType.ERROR, P.error_body(ErrorCode.INVALID_REQUEST, str(exc))
 
     def on_request(self, worker_id: str, body: dict, shard) -> dict:
         """SHARD_REQUEST -> SHARD_MANIFEST body.

@@ -224,7 +224,7 @@ def test_sigterm_drains_running_requests_then_exits():
     the running request still completes in full, then the coordinator shuts the workers down and
     exits 0 (reported by the launcher), leaving no process behind."""
     cfg = pp_config(1)
-    cfg["coordinator"] = {"drain_timeout_s": 60.0}
+    cfg["coordinator"] = {"shutdown_timeout_s": 60.0}
     cluster = LocalCluster(cfg).start()
     client = cluster.client
     coordinator = client.stats()["coordinator"]["pid"]

@@ -54,6 +54,19 @@ def test_config_values_are_validated_and_frozen():
         cfg.scheduler.block_size = 8  # type: ignore[misc]
 
 
+def test_shutdown_timeout_accepts_its_old_name():
+    """`coordinator.drain_timeout_s` (the old name) still sets `shutdown_timeout_s`, so existing
+    cluster.yaml files keep working; the launcher's dump uses the new name and loads back."""
+    assert load_config(overrides={"coordinator": {"drain_timeout_s": 5.0}}).coordinator.shutdown_timeout_s == 5.0
+    cfg = load_config(overrides={"coordinator": {"shutdown_timeout_s": 7.0}})
+    assert cfg.coordinator.shutdown_timeout_s == 7.0
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["coordinator"]["shutdown_timeout_s"] == 7.0 and "drain_timeout_s" not in dumped["coordinator"]
+    assert load_config(overrides=dumped) == cfg
+    with pytest.raises(ConfigError, match="shutdown_timeout_s"):
+        load_config(overrides={"coordinator": {"shutdown_timeout_s": -1}})
+
+
 def test_unknown_field_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"scheduler\.max_num_seq\b.*[Ee]xtra"):
         load_config(overrides={"scheduler": {"max_num_seq": 3}})

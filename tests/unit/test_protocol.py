@@ -41,7 +41,6 @@ BODIES = {
                                                        "blocks": P.pack_ids([0]), "reset": True, "sample": True}]},
     MsgType.STEP_RESULT: {"step_id": 7, "seq_ids": P.pack_ids([4]), "tokens": P.pack_ids([17]), "forward_s": 0.01},
     MsgType.HEARTBEAT: {"worker_id": "w0", "num_steps": 7, "time": 1.7e9},
-    MsgType.DRAIN: {},
     MsgType.SHUTDOWN: {"reason": "drained"},
     MsgType.SHARD_REQUEST: {"worker_id": "w0", "model_digest": "ab" * 32, "reason": "no local model file"},
     MsgType.SHARD_MANIFEST: {"model_digest": "ab" * 32, "total_bytes": 8, "chunk_bytes": 4, "num_chunks": 2,

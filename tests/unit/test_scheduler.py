@@ -333,6 +333,67 @@ def test_cancel_preempted_sequence():
     assert a.finish_reason == "length" and sched.block_manager.num_free_blocks == 6
 
 
+def test_pending_frees_are_work_until_a_step_carries_them():
+    sched = make_scheduler(num_blocks=16)
+    a = make_seq(9)
+    sched.add(a)
+    sched.update(sched.schedule(), {a.seq_id: 1})
+    sched.finish(a.seq_id, "abort")
+    assert sched.has_work()  # nothing to compute, but the workers must drop a's block table
+    assert sched.schedule().freed_seq_ids == [a.seq_id]
+    assert not sched.has_work() and sched.schedule() is None
+
+
+# ---- a new plan --------------------------------------------------------------------------------
+
+
+def test_requeue_under_a_new_scheduler_recomputes_from_the_token_history():
+    """The plan was lost with `a` mid-decode and `b` still waiting: under the next plan's
+    scheduler both start over from their tokens, `a` counting one preemption, and finish with
+    the outputs of a run without the loss."""
+    old = make_scheduler(num_blocks=16, block_size=4)
+    a, b = make_seq(6, max_tokens=5), make_seq(5, max_tokens=5)
+    old.add(a)
+    step = old.schedule()
+    old.update(step, {a.seq_id: fake_token(a, 6)})
+    old.schedule()  # a's next step: in flight when the plan is lost, its result never comes
+    old.add(b)
+    new = make_scheduler(num_blocks=16, block_size=4)
+    new.continue_from(old)
+    for seq in (a, b):
+        new.requeue(seq)
+    assert a.status is SequenceStatus.WAITING and a.num_computed_tokens == 0 and a.block_table == []
+    assert a.num_blocks_sent == 0 and a.num_preemptions == 1 and b.num_preemptions == 0
+    first = run_to_completion(new)[0]
+    assert first.step_id == 2 and all(s.reset and s.start == 0 for s in first.scheduled)
+    assert first.scheduled[0].num_new_tokens == 7  # a's prompt and its sampled token, recomputed
+    assert outputs([a, b]) == reference_outputs([a, b], 4, 1 << 20)
+
+
+def test_requeue_refuses_what_the_new_plan_cannot_hold():
+    old = make_scheduler(num_blocks=16, block_size=4)
+    a = make_seq(10)
+    old.add(a)
+    new = make_scheduler(num_blocks=2, block_size=4)  # a pool of 8 tokens
+    with pytest.raises(RequestTooLarge):
+        new.requeue(a)
+    assert new.seqs == {} and not new.waiting
+
+
+def test_continue_from_carries_step_ids_and_preemptions():
+    old = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=32, prefix_caching=False)
+    for seq in (make_seq(8, max_tokens=12), make_seq(8, max_tokens=12)):
+        old.add(seq)
+    while old.stats.num_preemptions == 0:
+        out = old.schedule()
+        old.update(out, {s.seq.seq_id: 1 for s in out.scheduled if s.sample})
+    last = old.schedule().step_id
+    new = make_scheduler()
+    new.continue_from(old)
+    new.add(make_seq(4))
+    assert new.schedule().step_id == last + 1 and new.stats.num_preemptions == old.stats.num_preemptions
+
+
 # ---- requests that can never run ---------------------------------------------------------------
 
 

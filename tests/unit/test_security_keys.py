@@ -86,16 +86,14 @@ def test_security_config_fields(tmp_path):
 
 
 def test_coordinator_refuses_open_bind_without_keys(tmp_path):
-    """The rule is enforced by the coordinator before anything is bound (no model loaded)."""
-    from shardline.coordinator.server import Coordinator
+    """The rule is enforced by the coordinator's plane security before anything is bound."""
+    from shardline.coordinator.server import PlaneSecurity
 
-    c = Coordinator.__new__(Coordinator)  # only the config is needed before binding
-    c.config = load_config(None, {"coordinator": {"host": "0.0.0.0"}})
-    c.ctx = zmq.Context.instance()
+    ctx = zmq.Context.instance()
     with pytest.raises(SecurityError, match="security.server_key"):
-        c._start_security()
-    c.config = load_config(None, {"coordinator": {"host": "0.0.0.0"}, "security": {"insecure": True}})
-    assert c._start_security() is None
+        PlaneSecurity(load_config(None, {"coordinator": {"host": "0.0.0.0"}})).start(ctx)
+    open_plane = PlaneSecurity(load_config(None, {"coordinator": {"host": "0.0.0.0"}, "security": {"insecure": True}}))
+    assert open_plane.start(ctx) is None and open_plane.authenticator is None
 
 
 def test_client_credentials_needs_both(tmp_path):
