@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
