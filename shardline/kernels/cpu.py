@@ -28,15 +28,14 @@ import weakref
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange, types
+from numba.core.errors import TypingError
+from numba.extending import overload
 
-from .formats import GGML_BLOCK, QType, QuantizedWeight
+from . import blocks
+from .formats import F16_LUT, FMT, QType, QuantizedWeight
 
-# fp16 bit pattern -> float32 value: float32 [65536]
-F16_LUT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-
-# format codes understood by the kernels
-FMT = {QType.Q8_0: 0, QType.Q4_0: 1, QType.Q4_1: 2, QType.INT8: 3, QType.INT4: 4}
+LEGACY_FORMATS = (0, 1, 2, 3, 4)  # q8_0, q4_0, q4_1, int8, int4: one compiled `_dequant_row`
 HALF = 16  # half a 32-value block; passed at run time on purpose (see module doc)
 
 _EMPTY = np.zeros((1, 0), np.float32)  # "no scales/mins": rows of length 0
@@ -180,6 +179,41 @@ def _dot_row(fmt, row, rowi, row16, srow, mrow, g, lut, h, x, xsum):
     return acc
 
 
+def dequant_row(family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out):
+    """Decode one row into out (float32 [in_features]); `family` must be a compile-time
+    literal: 0 for the formats of cpu.py's `_dequant_row` (q8_0, q4_0, q4_1, int8, int4, chosen
+    by `fmt` at run time), else the format code itself (formats.FMT)."""
+    raise NotImplementedError("dequant_row is only callable from Numba-compiled code")
+
+
+@overload(dequant_row, jit_options={"fastmath": True})
+def _dequant_row_overload(family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out):
+    if not isinstance(family, types.IntegerLiteral):
+        raise TypingError("dequant_row: family must be a literal (numba.literally)")
+    f = family.literal_value
+    if f == 0:
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: _dequant_row(
+            fmt, row, rowi, row16, srow, mrow, g, lut, h, out)
+    if f in (5, 6):
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q5(
+            fmt, row, row16, lut, h, out)
+    if f in (7, 8):
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q23_k(
+            fmt, row, row16, lut, h, out)
+    if f in (9, 10):
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q45_k(
+            fmt, row, row16, lut, h, out)
+    if f == 11:
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q6_k(
+            row, rowi, row16, lut, h, out)
+    raise TypingError(f"dequant_row: no decoder for format family {f}")
+
+
+def family(fmt: int) -> int:
+    """The compile-time `family` argument of `dequant_row` and the drivers for format `fmt`."""
+    return 0 if fmt in LEGACY_FORMATS else fmt
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
     """y[t, r] = dot(W[r], x[t]) with the fused per-block loop (best for 1-2 tokens)."""
@@ -205,9 +239,10 @@ def _gemv(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemm(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
+def _gemm(fam, fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
     """y = x @ W.T: each weight row is dequantized once into a float32 buffer [in] and dotted
-    with all n tokens (x: float32 [n, in] stays in L2 for small n)."""
+    with all n tokens (x: float32 [n, in] stays in L2 for small n). `fam`: see dequant_row."""
+    literally(fam)
     n, k = x.shape
     out = data.shape[0]
     per = (out + nchunk - 1) // nchunk
@@ -218,7 +253,7 @@ def _gemm(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
         for r in range(c * per, min(out, (c + 1) * per)):
             srow = scales[r] if has_s else scales[0, :0]
             mrow = mins[r] if has_m else mins[0, :0]
-            _dequant_row(fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, w)
+            dequant_row(fam, fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, w)
             for t in range(n):
                 xt = x[t]
                 s = np.float32(0.0)
@@ -228,15 +263,16 @@ def _gemm(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _dequant(fmt, data, datai, data16, scales, mins, g, lut, h, out):
-    """out: float32 [rows, in] <- packed rows."""
+def _dequant(fam, fmt, data, datai, data16, scales, mins, g, lut, h, out):
+    """out: float32 [rows, in] <- packed rows. `fam`: see dequant_row."""
+    literally(fam)
     rows = data.shape[0]
     has_s = scales.shape[0] == rows
     has_m = mins.shape[0] == rows
     for r in prange(rows):
         srow = scales[r] if has_s else scales[0, :0]
         mrow = mins[r] if has_m else mins[0, :0]
-        _dequant_row(fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, out[r])
+        dequant_row(fam, fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, out[r])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +569,19 @@ def _args(w: QuantizedWeight):
     data16 = data.view(np.uint16) if data.shape[1] % 2 == 0 else np.zeros((data.shape[0], 0), np.uint16)
     sc = _EMPTY if w.scales is None else np.ascontiguousarray(w.scales, dtype=np.float32)
     mn = _EMPTY if w.mins is None else np.ascontiguousarray(w.mins, dtype=np.float32)
-    return FMT[w.qtype], data, datai, data16, sc, mn, int(w.group_size), F16_LUT, HALF
+    fmt = FMT[w.qtype]
+    return family(fmt), fmt, data, datai, data16, sc, mn, int(w.group_size), F16_LUT, HALF
+
+
+def _rowwise_gemv(x: np.ndarray, w: QuantizedWeight, y: np.ndarray) -> np.ndarray:
+    """The fused per-block loop (q8_0/q4_*/int8/int4); the other formats dequantize each row into
+    an L1 buffer and dot it with every token (`_gemm`)."""
+    fam, *args = _args(w)
+    if fam == 0:
+        _gemv(*args, x, y, _nchunk(w.out_features))
+    else:
+        _gemm(fam, *args, x, y, _nchunk(w.out_features))
+    return y
 
 
 def _nchunk(out: int) -> int:
@@ -553,14 +601,14 @@ def gemv(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None) -> np.n
 
     q8_0/q4_0/q4_1: the row-interleaved kernels (weight repacked once, cached per weight
     object); one pass over the weight per 4 tokens. int8/int4: the row-wise fused loop, one pass
-    per token (best for 1-2 tokens). Formats: q8_0, q4_0, q4_1, int8, int4.
+    per token (best for 1-2 tokens). Other GGML types: `gemv_rowwise`. Every qtype of
+    formats.FMT; ValueError for others.
     """
     x = _check_x(x, w)
     y = np.empty((x.shape[0], w.out_features), np.float32) if y is None else y
     if FMT.get(w.qtype) in PACKED_FORMATS and w.in_features % 32 == 0:
         return _packed_matmul(x, w, y)
-    _gemv(*_args(w), x, y, _nchunk(w.out_features))
-    return y
+    return _rowwise_gemv(x, w, y)
 
 
 def gemv_rowwise(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None) -> np.ndarray:
@@ -568,15 +616,15 @@ def gemv_rowwise(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None)
     kept as the simple version the packed kernels are checked and benchmarked against."""
     x = _check_x(x, w)
     y = np.empty((x.shape[0], w.out_features), np.float32) if y is None else y
-    _gemv(*_args(w), x, y, _nchunk(w.out_features))
-    return y
+    return _rowwise_gemv(x, w, y)
 
 
 def gemm(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None) -> np.ndarray:
     """Small-batch quantized GEMM: x float32 [n_tokens, in] -> y float32 [n_tokens, out].
 
     q8_0/q4_0/q4_1: the row-interleaved kernels (as `gemv`). int8/int4: reads the packed
-    weight once, dequantizing row by row into an L1 buffer. Formats: q8_0, q4_0, q4_1, int8, int4.
+    weight once, dequantizing row by row into an L1 buffer; so do the other GGML types.
+    Every qtype of formats.FMT; ValueError for others.
     """
     x = _check_x(x, w)
     y = np.empty((x.shape[0], w.out_features), np.float32) if y is None else y
@@ -595,7 +643,8 @@ def gemm_rowwise(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None)
 
 
 def dequantize(w: QuantizedWeight, out: np.ndarray | None = None) -> np.ndarray:
-    """Parallel dequantization to float32 [out_features, in_features] (q8_0/q4_0/q4_1/int8/int4)."""
+    """Parallel dequantization to float32 [out_features, in_features], every qtype of
+    formats.FMT; ValueError for others or an `out` of the wrong shape or dtype."""
     out = np.empty(w.shape, np.float32) if out is None else out
     if out.shape != w.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"dequantize: out must be contiguous float32 {list(w.shape)}")

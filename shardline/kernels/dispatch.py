@@ -1,9 +1,11 @@
 """Choose a matmul per device and n_tokens, and wrap quantized weights as torch modules.
 
-CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
+CPU, every GGML block type and int8/int4 (cpu.py):
     n_tokens < crossover     the Numba kernel: q8_0/q4_0/q4_1 the row-interleaved kernels (4
                              tokens per pass over the weight); int8/int4 fused GEMV for <= 2
-                             tokens, else the row-wise small GEMM
+                             tokens, else the row-wise small GEMM; q5_0/q5_1 and the K-quants
+                             the row-wise kernels (each row dequantized into L1, dotted with
+                             every token)
     n_tokens >= crossover    dequantize tiles of rows to float32, round tile and x to bfloat16,
                              torch (oneDNN) bf16 GEMM accumulating in float32 (TILE_BF16; False:
                              float32 tiles and fp32 GEMM)
@@ -17,8 +19,8 @@ CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
   top of the packed weight; kept in oneDNN's blocked layout).
 CUDA (cuda.py): n_tokens <= 8 GEMV kernel, <= CUDA_CROSSOVER tiled GEMM kernel, else dequantize
   to bf16 + torch GEMM. CUDA_CROSSOVER is a placeholder until bench/gpu_kernels.py runs on a GPU.
-f32/f16 weights: torch fp32 GEMM; bf16 weights: torch bf16 GEMM on the stored weight (float32 result).
-Q4_K/Q6_K: reference dequantization (gguf) + torch GEMM.
+f32/f16 weights: torch fp32 GEMM; bf16 weights: torch bf16 GEMM on the stored weight (float32
+result); on CUDA the weight is copied to the device once per call.
 """
 from __future__ import annotations
 
@@ -67,10 +69,10 @@ def bf16_copy_min_tokens(out_features: int) -> int:
 
 
 def dequantize(w: QuantizedWeight) -> torch.Tensor:
-    """Weight -> torch float32 [out_features, in_features] on the CPU (any supported qtype)."""
+    """Weight -> torch float32 [out_features, in_features] on the CPU (any qtype)."""
     if cpu.supported(w.qtype):
         return torch.from_numpy(cpu.dequantize(w))
-    return torch.from_numpy(np.ascontiguousarray(reference.dequantize_ref(w)))
+    return torch.from_numpy(np.ascontiguousarray(reference.dequantize_ref(w)))  # f32/f16/bf16
 
 
 def _float_weight(w: QuantizedWeight) -> torch.Tensor:
@@ -174,17 +176,30 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     x = x.contiguous()
     n = x.shape[0]
     if x.is_cuda:
-        from . import cuda as kcuda
-        return kcuda.matmul(x, w)
+        return _cuda_matmul(x, w)
     if w.qtype is QType.BF16:  # bf16 GEMM on the stored weight (no float32 copy per call)
         return (x.bfloat16() @ _float_weight(w).T).float()
     if w.qtype in FLOAT_TYPES:
         return x @ _float_weight(w).float().T
-    if not cpu.supported(w.qtype):
-        return x @ dequantize(w).T  # Q4_K / Q6_K: reference path
     if n <= GEMV_MAX_TOKENS or n < crossover(w):
         return _kernel(x, w)
     return _torch_tiles(x, w, TILE_BF16)
+
+
+def _cuda_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """The CUDA choice (module doc): x float32 [n, in] on a CUDA device -> float32 [n, out]."""
+    from . import cuda as kcuda
+
+    if w.qtype in FLOAT_TYPES:
+        wt = _float_weight(w).to(x.device)
+        return (x.bfloat16() @ wt.T).float() if w.qtype is QType.BF16 else x @ wt.float().T
+    n = x.shape[0]
+    if n <= CUDA_GEMV_MAX_TOKENS:
+        return kcuda.gemv(x, w)
+    if n < CUDA_CROSSOVER:
+        return kcuda.gemm(x, w)
+    wt = kcuda.dequantize(w, x.device).to(torch.bfloat16)
+    return (x.to(torch.bfloat16) @ wt.T).float()
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -218,7 +233,7 @@ class QuantizedLinear(torch.nn.Module):
         21.0 ms; the lm_head 14.9 -> 10.2 ms). With `row_parts` > 1 the copy is kept as that many
         equal row blocks (a fused gate+up: `swiglu` multiplies them with oneDNN's SiLU and
         multiply post-ops). Returns the copy's bytes. Float weights (f32/f16/bf16) get a copy
-        too; Q4_K/Q6_K use the reference dequantizer. Raises ValueError when the rows do not
+        too. Raises ValueError when the rows do not
         split into `row_parts` equal blocks."""
         w = self.qweight
         if w.out_features % self.row_parts:
