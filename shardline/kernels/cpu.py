@@ -28,12 +28,12 @@ import weakref
 
 import numba
 import numpy as np
-from numba import literally, njit, prange, types
-from numba.core.errors import TypingError
+from numba import njit, prange, types
 from numba.extending import overload
 
-from . import blocks
+from . import blocks, qdot
 from .formats import F16_LUT, FMT, QType, QuantizedWeight
+from .specialize import LEGACY, code_of, tag
 
 LEGACY_FORMATS = (0, 1, 2, 3, 4)  # q8_0, q4_0, q4_1, int8, int4: one compiled `_dequant_row`
 HALF = 16  # half a 32-value block; passed at run time on purpose (see module doc)
@@ -180,17 +180,16 @@ def _dot_row(fmt, row, rowi, row16, srow, mrow, g, lut, h, x, xsum):
 
 
 def dequant_row(family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out):
-    """Decode one row into out (float32 [in_features]); `family` must be a compile-time
-    literal: 0 for the formats of cpu.py's `_dequant_row` (q8_0, q4_0, q4_1, int8, int4, chosen
-    by `fmt` at run time), else the format code itself (formats.FMT)."""
+    """Decode one row into out (float32 [in_features]); `family` is a format tag
+    (shardline.kernels.specialize): LEGACY for the formats of `_dequant_row` (q8_0, q4_0, q4_1,
+    int8, int4, chosen by `fmt` at run time), else the format's own code, whose decoder alone
+    is compiled into the caller."""
     raise NotImplementedError("dequant_row is only callable from Numba-compiled code")
 
 
 @overload(dequant_row, jit_options={"fastmath": True})
 def _dequant_row_overload(family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out):
-    if not isinstance(family, types.IntegerLiteral):
-        raise TypingError("dequant_row: family must be a literal (numba.literally)")
-    f = family.literal_value
+    f = code_of(family)
     if f == 0:
         return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: _dequant_row(
             fmt, row, rowi, row16, srow, mrow, g, lut, h, out)
@@ -209,9 +208,9 @@ def _dequant_row_overload(family, fmt, row, rowi, row16, srow, mrow, g, lut, h, 
     raise TypingError(f"dequant_row: no decoder for format family {f}")
 
 
-def family(fmt: int) -> int:
-    """The compile-time `family` argument of `dequant_row` and the drivers for format `fmt`."""
-    return 0 if fmt in LEGACY_FORMATS else fmt
+def family(fmt: int):
+    """The `family` tag of `dequant_row` and the drivers for format code `fmt`."""
+    return tag(LEGACY if fmt in LEGACY_FORMATS else fmt)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -242,7 +241,6 @@ def _gemv(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
 def _gemm(fam, fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
     """y = x @ W.T: each weight row is dequantized once into a float32 buffer [in] and dotted
     with all n tokens (x: float32 [n, in] stays in L2 for small n). `fam`: see dequant_row."""
-    literally(fam)
     n, k = x.shape
     out = data.shape[0]
     per = (out + nchunk - 1) // nchunk
@@ -265,7 +263,6 @@ def _gemm(fam, fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
 @njit(parallel=True, fastmath=True, cache=True)
 def _dequant(fam, fmt, data, datai, data16, scales, mins, g, lut, h, out):
     """out: float32 [rows, in] <- packed rows. `fam`: see dequant_row."""
-    literally(fam)
     rows = data.shape[0]
     has_s = scales.shape[0] == rows
     has_m = mins.shape[0] == rows
@@ -294,7 +291,8 @@ def _dequant(fam, fmt, data, datai, data16, scales, mins, g, lut, h, out):
 # q4_0 would be +33%, q8_0 34 -> 36 (+6%).
 # ---------------------------------------------------------------------------------------------
 PACK_ROWS = 64
-PACKED_FORMATS = (0, 1, 2)  # q8_0, q4_0, q4_1
+FLOAT_PACKED = (0, 1, 2)  # q8_0, q4_0, q4_1: this section; the others of PACKED_FORMATS: qdot.py
+PACKED_FORMATS = FLOAT_PACKED + qdot.QDOT_FORMATS
 _pack_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -321,9 +319,13 @@ def _pack(fmt, data, data16, lut, qs, dd, mm):
 
 
 def _packed(w: QuantizedWeight):
-    """(fmt, qs, d, m) of w in the row-interleaved layout; built once per weight object."""
+    """w in its row-interleaved layout, built once per weight object: (fmt, qs, d, m) for
+    q8_0/q4_0/q4_1 (this section), (tag, codes, hdr, sub) for Q5_0, Q5_1 and the K-quants
+    (shardline/kernels/qdot.py). Either is what `packed_linear` takes."""
     p = _pack_cache.get(w)
-    if p is None:
+    if p is None and FMT[w.qtype] in qdot.QDOT_FORMATS:
+        p = _pack_cache[w] = qdot.pack(w)
+    elif p is None:
         fmt = FMT[w.qtype]
         out, k = w.shape
         groups, nb = -(-out // PACK_ROWS), k // 32
@@ -546,8 +548,37 @@ def _packed_parallel(fmt, qs, dd, mm, x, y, nchunk):
             _q4_groups(qs, dd, mm, x, xsum, y, g0, g1)
 
 
+def packed_linear(fmt, qs, dd, mm, x, y, nchunk):
+    """y float32 [n, out] = x float32 [n, in] @ W.T from `_packed(W)`'s tuple (fmt, qs, dd, mm),
+    serial (nchunk 1) or over `nchunk` prange chunks; callable from Numba code
+    (shardline/kernels/fused.py). q8_0/q4_0/q4_1 run this module's kernels, the tagged formats
+    shardline/kernels/qdot.py's."""
+    raise NotImplementedError("compiled code only; from Python use gemv/gemm")
+
+
+@overload(packed_linear)
+def _packed_linear_overload(fmt, qs, dd, mm, x, y, nchunk):
+    if isinstance(fmt, types.Integer):
+        def float_kernels(fmt, qs, dd, mm, x, y, nchunk):
+            if nchunk > 1:
+                _packed_parallel(fmt, qs, dd, mm, x, y, nchunk)
+            else:
+                _packed_serial(fmt, qs, dd, mm, x, y)
+        return float_kernels
+
+    def int8_kernels(fmt, qs, dd, mm, x, y, nchunk):
+        if nchunk > 1:
+            qdot.qdot_parallel(fmt, qs, dd, mm, x, y, nchunk)
+        else:
+            qdot.qdot_serial(fmt, qs, dd, mm, x, y)
+    return int8_kernels
+
+
 def _packed_matmul(x: np.ndarray, w: QuantizedWeight, y: np.ndarray) -> np.ndarray:
-    fmt, qs, dd, mm = _packed(w)
+    p = _packed(w)
+    if FMT[w.qtype] in qdot.QDOT_FORMATS:
+        return qdot.matmul(p, x, y)
+    fmt, qs, dd, mm = p
     groups = qs.shape[0]
     threads = numba.get_num_threads()
     # one thread, or a weight too small to split (a parallel launch costs more than ~4 groups)
@@ -577,7 +608,7 @@ def _rowwise_gemv(x: np.ndarray, w: QuantizedWeight, y: np.ndarray) -> np.ndarra
     """The fused per-block loop (q8_0/q4_*/int8/int4); the other formats dequantize each row into
     an L1 buffer and dot it with every token (`_gemm`)."""
     fam, *args = _args(w)
-    if fam == 0:
+    if fam is tag(LEGACY):
         _gemv(*args, x, y, _nchunk(w.out_features))
     else:
         _gemm(fam, *args, x, y, _nchunk(w.out_features))

@@ -1,11 +1,11 @@
 """Choose a matmul per device and n_tokens, and wrap quantized weights as torch modules.
 
 CPU, every GGML block type and int8/int4 (cpu.py):
-    n_tokens < crossover     the Numba kernel: q8_0/q4_0/q4_1 the row-interleaved kernels (4
-                             tokens per pass over the weight); int8/int4 fused GEMV for <= 2
-                             tokens, else the row-wise small GEMM; q5_0/q5_1 and the K-quants
-                             the row-wise kernels (each row dequantized into L1, dotted with
-                             every token)
+    n_tokens < crossover     the Numba kernel: q8_0/q4_0/q4_1 the row-interleaved float kernels
+                             (4 tokens per pass over the weight); q5_0/q5_1 and the K-quants the
+                             row-interleaved 8-bit integer kernels (qdot.py: activations
+                             quantized per 32 values, llama.cpp's scheme; 4 tokens per pass);
+                             int8/int4 fused GEMV for <= 2 tokens, else the row-wise small GEMM
     n_tokens >= crossover    dequantize tiles of rows to float32, round tile and x to bfloat16,
                              torch (oneDNN) bf16 GEMM accumulating in float32 (TILE_BF16; False:
                              float32 tiles and fp32 GEMM)
@@ -310,9 +310,9 @@ class QuantizedLinear(torch.nn.Module):
 
     def packed_kernel_args(self, n_tokens: int):
         """(fmt, qs, d, m) of the row-interleaved CPU kernels (shardline.kernels.cpu._packed) when `forward`
-        would run them for `n_tokens` tokens (CPU, q8_0/q4_0/q4_1, no bias, below the crossover
-        and the bf16-copy threshold), so a fused caller (shardline/kernels/fused.py) makes the same
-        choice; else None."""
+        would run them for `n_tokens` tokens (CPU, a GGML block type other than int8/int4, no
+        bias, below the crossover and the bf16-copy threshold), so a fused caller
+        (shardline/kernels/fused.py) makes the same choice; else None."""
         w = self.qweight
         if (self.bias is not None or cpu.FMT.get(w.qtype) not in cpu.PACKED_FORMATS or w.in_features % 32
                 or self.takes_bf16_copy(n_tokens)

@@ -50,11 +50,7 @@ def dequantize_ref(w: QuantizedWeight) -> np.ndarray:
     if q in (QType.Q5_0, QType.Q5_1):
         blk = _blocks(w)
         d = _f16(blk[:, :, 0:2])
-        off = 2 if q is QType.Q5_0 else 4
-        qh = np.ascontiguousarray(blk[:, :, off:off + 4]).view("<u4")      # [out, nb, 1]
-        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [out, nb, 32]
-        qs = blk[:, :, off + 4:]
-        codes = (np.concatenate([qs & 0x0F, qs >> 4], axis=2) | (high << 4)).astype(np.float32)
+        codes = unsigned_codes(w).reshape(out, -1, 32).astype(np.float32)
         if q is QType.Q5_0:
             return ((codes - 16.0) * d[..., None]).reshape(out, inf)
         m = _f16(blk[:, :, 2:4])
@@ -100,20 +96,65 @@ def _two_bit_codes(qs: np.ndarray) -> np.ndarray:
     return (planes & 3).reshape(*qs.shape[:-1], 256)
 
 
+def _codes_q2_k(blk):
+    return _two_bit_codes(blk[..., 16:80])
+
+
+def _codes_q3_k(blk):  # low 2 bits | hmask bit << 2: 0..7, value offset 4
+    low = _two_bit_codes(blk[..., 32:96]).reshape(*blk.shape[:2], 8, 32)
+    hbit = (blk[..., None, 0:32] >> np.arange(8, dtype=np.uint8)[:, None]) & 1     # [.., 8, 32]
+    return (low | (hbit << 2)).reshape(*blk.shape[:2], 256)
+
+
+def _codes_q4_k(blk):
+    return _q4_k_nibbles(blk[..., 16:144]).reshape(*blk.shape[:2], 256)
+
+
+def _codes_q5_k(blk):
+    high = (blk[..., None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1   # [.., 8, 32]
+    return (_q4_k_nibbles(blk[..., 48:176]) | (high << 4)).reshape(*blk.shape[:2], 256)
+
+
+def _codes_q6_k(blk):  # 0..63, value offset 32
+    ql = blk[..., 0:128].reshape(*blk.shape[:2], 2, 2, 32)      # [half, run, l]
+    qh = blk[..., 128:192].reshape(*blk.shape[:2], 2, 1, 32)
+    low = np.stack([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4],
+                   axis=-2)                                         # [half, quarter, l]
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+    return (low | (high << 4)).reshape(*blk.shape[:2], 256)
+
+
+def _codes_q5(blk, off):  # Q5_0 (off 2) / Q5_1 (off 4): nibble | qh bit << 4
+    qh = np.ascontiguousarray(blk[:, :, off:off + 4]).view("<u4")            # [out, nb, 1]
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)     # [out, nb, 32]
+    qs = blk[:, :, off + 4:]
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2) | (high << 4)
+
+
+def unsigned_codes(w: QuantizedWeight) -> np.ndarray:
+    """The integer code of every value of a Q5_0, Q5_1 or K-quant weight, as stored: uint8
+    [out_features, in_features], 0..31 (Q5_*, Q5_K), 0..3 (Q2_K), 0..7 (Q3_K: low bits | hmask
+    bit << 2, value d*sc*(code - 4)), 0..15 (Q4_K), 0..63 (Q6_K, value d*sc*(code - 32))."""
+    blk = _blocks(w)
+    if w.qtype in (QType.Q5_0, QType.Q5_1):
+        return _codes_q5(blk, 2 if w.qtype is QType.Q5_0 else 4).reshape(w.shape)
+    fn = {QType.Q2_K: _codes_q2_k, QType.Q3_K: _codes_q3_k, QType.Q4_K: _codes_q4_k,
+          QType.Q5_K: _codes_q5_k, QType.Q6_K: _codes_q6_k}[w.qtype]
+    return fn(blk).reshape(w.shape)
+
+
 def _dequant_q2_k(blk):  # [out, nsb, 84]
     sc = blk[..., 0:16]
     d, dmin = _f16(blk[..., 80:82]), _f16(blk[..., 82:84])
-    q = _two_bit_codes(blk[..., 16:80]).reshape(*blk.shape[:2], 16, 16).astype(np.float32)
+    q = _codes_q2_k(blk).reshape(*blk.shape[:2], 16, 16).astype(np.float32)
     a = d[..., None] * (sc & 15).astype(np.float32)
     b = dmin[..., None] * (sc >> 4).astype(np.float32)
     return a[..., None] * q - b[..., None]
 
 
 def _dequant_q3_k(blk):  # [out, nsb, 110]
-    hmask, d = blk[..., 0:32], _f16(blk[..., 108:110])
-    low = _two_bit_codes(blk[..., 32:96]).reshape(*blk.shape[:2], 8, 32)
-    hbit = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1     # [.., 8, 32]
-    q = (low.astype(np.int32) - 4 * (1 - hbit.astype(np.int32))).reshape(*blk.shape[:2], 16, 16)
+    d = _f16(blk[..., 108:110])
+    q = _codes_q3_k(blk).astype(np.int32).reshape(*blk.shape[:2], 16, 16) - 4
     a = d[..., None] * q3_scales(blk[..., 96:108]).astype(np.float32)
     return a[..., None] * q.astype(np.float32)
 
@@ -127,26 +168,19 @@ def _q4_k_nibbles(qs):
 def _dequant_q4_k(blk):  # [out, nsb, 144]
     d, dmin = _f16(blk[..., 0:2]), _f16(blk[..., 2:4])
     sc, m = k4_scales(blk[..., 4:16])
-    q = _q4_k_nibbles(blk[..., 16:144]).astype(np.float32)
+    q = _codes_q4_k(blk).reshape(*blk.shape[:2], 8, 32).astype(np.float32)
     return (d[..., None] * sc)[..., None] * q - (dmin[..., None] * m)[..., None]
 
 
 def _dequant_q5_k(blk):  # [out, nsb, 176]
     d, dmin = _f16(blk[..., 0:2]), _f16(blk[..., 2:4])
     sc, m = k4_scales(blk[..., 4:16])
-    qh = blk[..., 16:48]
-    high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1        # [.., 8, 32]
-    q = (_q4_k_nibbles(blk[..., 48:176]) | (high << 4)).astype(np.float32)
+    q = _codes_q5_k(blk).reshape(*blk.shape[:2], 8, 32).astype(np.float32)
     return (d[..., None] * sc)[..., None] * q - (dmin[..., None] * m)[..., None]
 
 
 def _dequant_q6_k(blk):  # [out, nsb, 210]
-    ql = blk[..., 0:128].reshape(*blk.shape[:2], 2, 2, 32)      # [half, run, l]
-    qh = blk[..., 128:192].reshape(*blk.shape[:2], 2, 1, 32)
-    low = np.stack([ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4],
-                   axis=-2)                                         # [half, quarter, l]
-    high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
-    q = (low | (high << 4)).astype(np.float32) - 32.0
+    q = _codes_q6_k(blk).astype(np.float32) - 32.0
     sc = blk[..., 192:208].view(np.int8).astype(np.float32)
     d = _f16(blk[..., 208:210])
     return (d[..., None] * sc)[..., None] * q.reshape(*blk.shape[:2], 16, 16)

@@ -75,3 +75,16 @@ def assert_matmul_close_bf16(y: np.ndarray, x: np.ndarray, wdeq: np.ndarray, ref
     err = np.abs(y.astype(np.float64) - ref)
     assert y.shape == ref.shape
     assert np.all(err <= bound), f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+def assert_matmul_close_q8(y: np.ndarray, x: np.ndarray, wdeq: np.ndarray):
+    """The 8-bit integer kernels (shardline/kernels/qdot.py): |y - x @ W.T| <= sum_i |W[r, i]|
+    dx(i) / 2 + float32 rounding, elementwise, in float64: each x_i is replaced by
+    round(x_i / dx) * dx with dx = max|x| / 127 over its block of 32."""
+    n, k = x.shape
+    x64, w64 = x.astype(np.float64), wdeq.astype(np.float64)
+    dx = np.abs(x64.reshape(n, k // 32, 32)).max(axis=2) / 127
+    bound = 0.5 * np.repeat(dx, 32, axis=1) @ np.abs(w64).T + 1e-5 * np.abs(x64) @ np.abs(w64).T + 1e-6
+    err = np.abs(y.astype(np.float64) - x64 @ w64.T)
+    assert y.shape == (n, wdeq.shape[0])
+    assert np.all(err <= bound), f"max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"

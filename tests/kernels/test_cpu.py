@@ -15,7 +15,7 @@ from shardline.kernels.formats import GGML_BLOCK, QType, QuantizedWeight, quanti
 from shardline.kernels.reference import dequantize_ref, matmul_ref
 
 from .helpers import (KERNEL_FORMATS, MODEL, NEW_GGML, assert_matmul_close, assert_matmul_close_bf16,
-                      random_ggml, random_weight)
+                      assert_matmul_close_q8, random_ggml, random_weight)
 
 # out_features not a multiple of any chunk/tile size; in_features a multiple of 32 (and of the
 # group sizes used).
@@ -114,9 +114,10 @@ def test_errors():
 
 @pytest.mark.parametrize("qtype", NEW_GGML)
 def test_new_ggml_kernels_vs_reference(qtype):
-    """Q5_0, Q5_1 and the K-quants: the CPU dequantizer and every matmul entry point against
-    the NumPy reference (float32 arithmetic throughout: the same bound as the other formats),
-    on odd row counts and one- and several-block rows, and on tensor-parallel shards."""
+    """Q5_0, Q5_1 and the K-quants: the CPU dequantizer and the row-wise kernels (float32
+    arithmetic: the same bound as the other formats) and gemv/gemm (the 8-bit integer kernels:
+    the int8-activation bound) against the NumPy reference, on odd row counts, one- and
+    several-block rows, and tensor-parallel shards."""
     rng = np.random.default_rng(sum(map(ord, qtype)))
     bs = GGML_BLOCK[QType(qtype)][0]
     for shape in ((1, bs), (37, 3 * bs)):
@@ -126,11 +127,14 @@ def test_new_ggml_kernels_vs_reference(qtype):
         for n in (1, 2, 3, 17):
             x = rng.standard_normal((n, shape[1])).astype(np.float32)
             ref = matmul_ref(x, w).astype(np.float64)
-            for fn in (cpu.gemv, cpu.gemm, cpu.gemv_rowwise, cpu.gemm_rowwise):
+            for fn in (cpu.gemv_rowwise, cpu.gemm_rowwise):
                 assert_matmul_close(fn(x, w), x, wdeq, ref)
+            for fn in (cpu.gemv, cpu.gemm):
+                assert_matmul_close_q8(fn(x, w), x, wdeq)
     for shard in (w.row_slice(5, 30), w.col_slice(bs, 3 * bs)):
         x = rng.standard_normal((2, shard.in_features)).astype(np.float32)
-        assert_matmul_close(cpu.gemv(x, shard), x, dequantize_ref(shard), matmul_ref(x, shard).astype(np.float64))
+        assert_matmul_close_q8(cpu.gemv(x, shard), x, dequantize_ref(shard))
+        assert_matmul_close(cpu.gemv_rowwise(x, shard), x, dequantize_ref(shard), matmul_ref(x, shard).astype(np.float64))
 
 
 @pytest.mark.parametrize("qtype", NEW_GGML)
@@ -143,8 +147,11 @@ def test_new_ggml_dispatch(qtype):
     torch.testing.assert_close(dispatch.dequantize(w), torch.from_numpy(wdeq), rtol=1e-6, atol=1e-6 * np.abs(wdeq).max())
     for n in (1, 3, dispatch.crossover(w) + 1):
         x = rng.standard_normal((n, 256)).astype(np.float32)
-        check = assert_matmul_close if n < dispatch.crossover(w) else assert_matmul_close_bf16
-        check(quantized_matmul(torch.from_numpy(x), w).numpy(), x, wdeq, matmul_ref(x, w).astype(np.float64))
+        y = quantized_matmul(torch.from_numpy(x), w).numpy()
+        if n < dispatch.crossover(w):
+            assert_matmul_close_q8(y, x, wdeq)
+        else:
+            assert_matmul_close_bf16(y, x, wdeq, matmul_ref(x, w).astype(np.float64))
     lin = QuantizedLinear(w)
     lin.keep_bf16_copy()
     torch.testing.assert_close(lin.bf16_copy().float(), torch.from_numpy(wdeq), rtol=2.0**-8, atol=1e-7)
