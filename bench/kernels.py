@@ -110,6 +110,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer formats/shapes; under a minute")
     ap.add_argument("--crossover", action="store_true",
                     help="measure kernel vs fp32/bf16 tiles on the model's shapes, n = 4..512")
+    ap.add_argument("--crossover-types", default="",
+                    help="comma-separated qtypes for --crossover alone (skips the other tables)")
     ap.add_argument("--out", default="bench/results/kernels.json")
     args = ap.parse_args()
     shapes, formats, tokens = SHAPES, FORMATS, TOKENS
@@ -130,10 +132,15 @@ def main():
     print(f"memory read {res['read_GBps']:.1f} GB/s | torch fp32 {res['torch_fp32_GFLOPs']:.0f} "
           f"GFLOP/s, bf16 {res['torch_bf16_GFLOPs']:.0f} GFLOP/s | numba threads "
           f"{numba.get_num_threads()}, load avg {os.getloadavg()[0]:.2f}")
+    if args.crossover_types:
+        res["crossover_rows"] = crossover_rows(rng, args.crossover_types.split(","))
+        formats, THREADS_RUN = [], ()
+    else:
+        THREADS_RUN = THREADS
     print(f"{'format':6} {'shape':>12} {'thr':>3} {'n':>4} {'path':10} {'ms':>9} {'GB/s':>7} "
           f"{'%read':>6} {'GFLOP/s':>8}")
     quick_shapes = {(576, 576), (576, 1536), (4096, 4096)}
-    for threads in THREADS:
+    for threads in THREADS_RUN:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         torch.set_num_threads(threads)
         for qtype, sym in formats:
@@ -170,7 +177,7 @@ def main():
     # square and in SmolLM2's layer shapes (qkv, o, gate_up, down)
     res["streaming_gemv"] = []
     stream_formats = ("q4_k", "q6_k", "q5_0", "q8_0", "q4_1")
-    for threads in THREADS:
+    for threads in THREADS_RUN:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         for qtype in stream_formats:
             for label, sh in (("4096x4096", [(4096, 4096)]),
@@ -186,7 +193,7 @@ def main():
                       f"{r['ms']:.2f} ms = {r['GBps']:.1f} GB/s, {100 * r['fraction_of_read']:.0f}% of the "
                       f"measured read bandwidth", flush=True)
     res["crossover_table"] = {q.value: n for q, n in dispatch.CPU_CROSSOVER.items()}
-    if args.crossover:
+    if args.crossover and not args.crossover_types:
         res["crossover_rows"] = crossover_rows(rng)
     print("dispatch.CPU_CROSSOVER (torch bf16 tiles from n_tokens):", res["crossover_table"])
     out_path = Path(args.out)
@@ -196,8 +203,9 @@ def main():
     print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
 
 
-def crossover_rows(rng):
-    """Median ms of the kernel, fp32 tiles and bf16 tiles per (qtype, shape, n)."""
+def crossover_rows(rng, only=()):
+    """Median ms of the kernel, fp32 tiles and bf16 tiles per (qtype, shape, n); `only`: these
+    qtypes alone."""
     from tests.kernels.helpers import random_ggml
 
     def med(fn, reps):
@@ -210,9 +218,13 @@ def crossover_rows(rng):
         return float(np.median(ts))
 
     rows = []
-    for q, o, i in [("q4_1", 960, 576), ("q4_1", 576, 576), ("q4_1", 3072, 576),
-                    ("q4_1", 576, 1536), ("q8_0", 49152, 576)]:
-        w = random_ggml(q, o, i, rng)
+    cases = [("q4_1", 960, 576), ("q4_1", 576, 576), ("q4_1", 3072, 576), ("q4_1", 576, 1536),
+             ("q8_0", 49152, 576), ("q5_0", 960, 576), ("q5_0", 576, 576), ("q5_0", 3072, 576),
+             ("q4_k", 576, 1536), ("q6_k", 576, 1536), ("q4_k", 4096, 4096)]
+    if only:
+        cases = [c for c in cases if c[0] in only]
+    for q, o, i in cases:
+        w = random_ggml(q, o, i, rng, wide=False)
         for n in (4, 8, 16, 32, 64, 128, 512):
             x = torch.from_numpy(rng.standard_normal((n, i)).astype(np.float32))
             reps = max(3, int(40 / (1 + n * o * i / 3e7)))

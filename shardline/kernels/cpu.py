@@ -1,5 +1,6 @@
 """Numba CPU kernels: quantized GEMV / small-batch GEMM straight from packed weights, and a
-parallel dequantizer feeding torch's GEMM for many tokens.
+parallel dequantizer feeding torch's GEMM for many tokens; the entry points (gemv, gemm,
+dequantize) for every qtype of formats.FMT.
 
 Formats as in formats.py (ggml-quants.c `dequantize_row_*`). All kernels compute
 y[t, r] = sum_i x[t, i] * W[r, i] in float32.
@@ -16,8 +17,17 @@ How the inner loops vectorize (the hard part; measured on Zen 4, Numba 0.68 / LL
     gather bytes with vpinsrb across blocks, costing ~40%.
 The GEMV (n_tokens == 1) fuses unpacking and the dot per block; the small GEMM dequantizes one
 weight row into an L1-resident float32 buffer once and dots it with every token.
-An int8-activation (llama.cpp Q8_1-style) inner loop was tried: LLVM emits vpdpwssd but not
-vpmaddubsw and it measured no faster than the float loop, so the exact float loop is kept.
+An int8-activation (llama.cpp Q8_1-style) inner loop written as plain Numba loops was tried: LLVM
+emits vpdpwssd but not vpmaddubsw and it measured no faster than the float loop, so q8_0/q4_0/q4_1
+keep the exact float loop. Q5_0, Q5_1 and the K-quants run shardline/kernels/qdot.py instead, whose
+int8 dot products are written with explicit vector intrinsics (vpdpbusd, shardline/kernels/vnni.py)
+and run 3-4x faster than this module's float loops (bench/kernels.py), within the error of
+8-bit activations.
+
+Compile only what a model needs: the drivers that decode rows (`_gemm`, `_dequant`) take a format
+tag (shardline/kernels/specialize.py), and `dequant_row` resolves the tag while typing, so each
+format's decoder (shardline/kernels/blocks.py for Q5_* and the K-quants) is compiled only into
+the specialization of the formats a model uses; q8_0/q4_0/q4_1/int8/int4 share one, as before.
 
 Threads: Numba's pool (`numba.set_num_threads`, NUMBA_NUM_THREADS); rows are split into chunks
 over `prange`.
@@ -318,6 +328,28 @@ def _pack(fmt, data, data16, lut, qs, dd, mm):
                 qs[g, b, j, rr] = data[r, q0 + j]
 
 
+_MADV_DONTNEED = 4  # linux/mman.h
+
+
+def release_file_pages(a: np.ndarray) -> bool:
+    """Drop the whole memory pages of `a` from this process's resident memory when `a` is a
+    view of a read-only file mapping (a GGUF memmap): the file's bytes stay in the page cache
+    and come back on the next read (madvise(MADV_DONTNEED), Linux). Returns whether it did;
+    arrays of process memory (copies) are left alone, since for them the call would zero them."""
+    if not isinstance(a, np.memmap) or getattr(a, "mode", None) != "r" or not a.flags.c_contiguous:
+        return False
+    import ctypes
+    import mmap
+
+    start = a.ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+
+
 def _packed(w: QuantizedWeight):
     """w in its row-interleaved layout, built once per weight object: (fmt, qs, d, m) for
     q8_0/q4_0/q4_1 (this section), (tag, codes, hdr, sub) for Q5_0, Q5_1 and the K-quants
@@ -325,6 +357,7 @@ def _packed(w: QuantizedWeight):
     p = _pack_cache.get(w)
     if p is None and FMT[w.qtype] in qdot.QDOT_FORMATS:
         p = _pack_cache[w] = qdot.pack(w)
+        release_file_pages(w.data)  # from now on every kernel, dequantize included, reads p
     elif p is None:
         fmt = FMT[w.qtype]
         out, k = w.shape
@@ -676,10 +709,27 @@ def gemm_rowwise(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None)
 def dequantize(w: QuantizedWeight, out: np.ndarray | None = None) -> np.ndarray:
     """Parallel dequantization to float32 [out_features, in_features], every qtype of
     formats.FMT; ValueError for others or an `out` of the wrong shape or dtype."""
-    out = np.empty(w.shape, np.float32) if out is None else out
-    if out.shape != w.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"dequantize: out must be contiguous float32 {list(w.shape)}")
-    _dequant(*_args(w), out)
+    return dequantize_rows(w, 0, w.out_features, out)
+
+
+def dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop) of w as float32 [stop - start, in_features] (into `out` when given):
+    from the 8-bit kernels' packed copy when w has one (its file pages may be released, see
+    `release_file_pages`), else from w's bytes. ValueError for an unsupported qtype, a row range
+    outside w or an `out` of the wrong shape or dtype."""
+    if w.qtype not in FMT:
+        raise ValueError(f"cpu kernels: unsupported qtype {w.qtype.value}")
+    shape = (stop - start, w.in_features)
+    if not 0 <= start < stop <= w.out_features:
+        raise ValueError(f"dequantize_rows({start}, {stop}) out of range for shape {w.shape}")
+    out = np.empty(shape, np.float32) if out is None else out
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"dequantize: out must be contiguous float32 {list(shape)}")
+    p = _pack_cache.get(w)
+    if p is not None and FMT[w.qtype] in qdot.QDOT_FORMATS:
+        return qdot.dequantize(p, start, out)
+    part = w if (start, stop) == (0, w.out_features) else w.row_slice(start, stop)
+    _dequant(*_args(part), out)
     return out
 
 

@@ -44,7 +44,14 @@ GEMV_MAX_TOKENS = 2
 # q8_0 49152x576: n=8 10.2 / 14.4 / 14.3, n=16 20.7 / 19.5 / 17.1 -> bf16 from 16.
 # q4_0 shares q4_1's kernel (fewer bytes: same table). int8/int4: not measured (row-wise kernel,
 # about 3x slower than the packed ones): 8 is a guess; measure with `calibrate`.
-CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, QType.INT4: 8}
+# Q5_0/Q5_1 and the K-quants run the 8-bit integer kernels (qdot.py), which beat the tiles at every
+# n measured, up to 512 (same command with --crossover-types q5_0,q4_k,q6_k, 1 thread, load
+# average ~6), e.g. ms kernel / bf16 tiles: q5_0 3072x576 n=512 20.0 / 22.5, q4_k 576x1536 n=512
+# 9.9 / 14.5, q4_k 4096x4096 n=512 177 / 224; q6_k 576x1536 tied at n=512 (10.1 / 10.1); q2_k,
+# q3_k and q5_k share the kernel.
+CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, QType.INT4: 8,
+                 QType.Q5_0: 1024, QType.Q5_1: 1024, QType.Q2_K: 1024, QType.Q3_K: 1024,
+                 QType.Q4_K: 1024, QType.Q5_K: 1024, QType.Q6_K: 1024}
 # With a resident bf16 copy the GEMM needs no dequantization: it beat the packed kernels from
 # n = 8 on every SmolLM2 shape (1 thread, same machine and command as above, e.g. q4_1 3072x576
 # n=8 kernel 0.433 ms / bf16 copy 0.242 ms; q8_0 49152x576 n=8 10.2 / 8.5 ms).
@@ -91,7 +98,7 @@ def _torch_tiles(x: torch.Tensor, w: QuantizedWeight, bf16: bool = False) -> tor
     xb = x.bfloat16() if bf16 else x
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
-        tile = torch.from_numpy(cpu.dequantize(w.row_slice(r0, r1), buf[: r1 - r0]))
+        tile = torch.from_numpy(cpu.dequantize_rows(w, r0, r1, buf[: r1 - r0]))
         if bf16:
             y[:, r0:r1] = (xb @ tile.bfloat16().T).float()
         else:
@@ -242,7 +249,9 @@ class QuantizedLinear(torch.nn.Module):
         rows = max(16, TILE_FLOATS // w.in_features)
         for r0 in range(0, w.out_features, rows):
             r1 = min(w.out_features, r0 + rows)
-            copy[r0:r1] = dequantize(w.row_slice(r0, r1)).to(torch.bfloat16)
+            tile = (cpu.dequantize_rows(w, r0, r1) if cpu.supported(w.qtype)
+                    else reference.dequantize_ref(w.row_slice(r0, r1)))
+            copy[r0:r1] = torch.from_numpy(tile).to(torch.bfloat16)
         parts = []
         for part in copy.chunk(self.row_parts, 0):
             part, self._bf16_blocked = _onednn_blocked(part.contiguous())

@@ -416,6 +416,53 @@ def qdot_parallel(fmt, codes, hdr, sub, x, y, nchunk):
         _run_groups(fmt, codes, hdr, sub, xq, dx, xsf, y, min(groups, c * per), min(groups, (c + 1) * per))
 
 
+@njit(fastmath=True, cache=True)
+def _dequant_rows(fmt, codes, hdr, sub, r0, out):
+    """out float32 [n, k] = rows r0 .. r0 + n of the packed weight, value = A * code + B (the
+    kernels' A and B, so exactly the values they multiply)."""
+    nb, cb = codes.shape[1], codes.shape[2]
+    n = out.shape[0]
+    tile = np.empty((32, ROWS), np.float32)  # [value of the block, row of the group]
+    m255 = isplat(255)
+    for g in range(r0 // ROWS, (r0 + n + ROWS - 1) // ROWS):
+        lo_row = max(r0, g * ROWS)
+        hi_row = min(r0 + n, (g + 1) * ROWS)
+        for b in range(nb):
+            base = (g * nb + b) * cb
+            alo, blo, ahi, bhi = scales(fmt, hdr, sub, g, nb, b)
+            for w in range(4):
+                lo, hi = word(fmt, codes, base, w)
+                for i in range(4):
+                    vstore(tile, (4 * w + i) * ROWS, vfma(to_f32(iand(isrl(lo, 8 * i), m255)), alo, blo))
+                    vstore(tile, (16 + 4 * w + i) * ROWS, vfma(to_f32(iand(isrl(hi, 8 * i), m255)), ahi, bhi))
+            for r in range(lo_row, hi_row):
+                dst = out[r - r0, b * 32:b * 32 + 32]
+                for j in range(32):
+                    dst[j] = tile[j, r - g * ROWS]
+
+
+@njit(parallel=True, cache=True)
+def _dequant_parallel(fmt, codes, hdr, sub, r0, out, nchunk):
+    n = out.shape[0]
+    per = -(-n // (nchunk * ROWS)) * ROWS  # whole groups per chunk when r0 is group-aligned
+    for c in prange(nchunk):
+        a = min(n, c * per)
+        b = min(n, (c + 1) * per)
+        if a < b:
+            _dequant_rows(fmt, codes, hdr, sub, r0 + a, out[a:b])
+
+
+def dequantize(p, r0: int, out: np.ndarray) -> np.ndarray:
+    """out float32 [n, in] = rows r0 .. r0 + n of the weight packed as p = pack(W)."""
+    fmt, codes, hdr, sub = p
+    threads = numba.get_num_threads()
+    if threads == 1 or out.shape[0] < 4 * ROWS * threads:
+        _dequant_rows(fmt, codes, hdr, sub, r0, out)
+    else:
+        _dequant_parallel(fmt, codes, hdr, sub, r0, out, 4 * threads)
+    return out
+
+
 def matmul(p, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """y float32 [n, out] = x float32 [n, in] @ W.T with p = pack(W): one thread, or Numba's
     threads when the weight has >= 4 row groups per thread."""

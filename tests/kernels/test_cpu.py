@@ -145,13 +145,18 @@ def test_new_ggml_dispatch(qtype):
     w = random_ggml(qtype, 45, 256, rng)
     wdeq = dequantize_ref(w)
     torch.testing.assert_close(dispatch.dequantize(w), torch.from_numpy(wdeq), rtol=1e-6, atol=1e-6 * np.abs(wdeq).max())
-    for n in (1, 3, dispatch.crossover(w) + 1):
-        x = rng.standard_normal((n, 256)).astype(np.float32)
-        y = quantized_matmul(torch.from_numpy(x), w).numpy()
-        if n < dispatch.crossover(w):
-            assert_matmul_close_q8(y, x, wdeq)
-        else:
-            assert_matmul_close_bf16(y, x, wdeq, matmul_ref(x, w).astype(np.float64))
+    assert dispatch.crossover(w) == dispatch.CPU_CROSSOVER[w.qtype]
+    dispatch.set_crossover(w.qtype, w.shape, 5)  # both paths at small n
+    try:
+        for n in (1, 3, 6):
+            x = rng.standard_normal((n, 256)).astype(np.float32)
+            y = quantized_matmul(torch.from_numpy(x), w).numpy()
+            if n < 5:
+                assert_matmul_close_q8(y, x, wdeq)
+            else:
+                assert_matmul_close_bf16(y, x, wdeq, matmul_ref(x, w).astype(np.float64))
+    finally:
+        dispatch._crossover.clear()
     lin = QuantizedLinear(w)
     lin.keep_bf16_copy()
     torch.testing.assert_close(lin.bf16_copy().float(), torch.from_numpy(wdeq), rtol=2.0**-8, atol=1e-7)
