@@ -21,8 +21,8 @@ An int8-activation (llama.cpp Q8_1-style) inner loop written as plain Numba loop
 emits vpdpwssd but not vpmaddubsw and it measured no faster than the float loop, so q8_0/q4_0/q4_1
 keep the exact float loop. Q5_0, Q5_1 and the K-quants run shardline/kernels/qdot.py instead, whose
 int8 dot products are written with explicit vector intrinsics (vpdpbusd, shardline/kernels/vnni.py)
-and run 3-4x faster than this module's float loops (bench/kernels.py), within the error of
-8-bit activations.
+and run 2-4x faster than this module's float loops (bench/kernels.py), with activations kept as
+two int8 planes per block of 32 (an error of max|x| / 64516 per value, the float loops' level).
 
 Compile only what a model needs: the drivers that decode rows (`_gemm`, `_dequant`) take a format
 tag (shardline/kernels/specialize.py), and `dequant_row` resolves the tag while typing, so each

@@ -3,8 +3,9 @@
 CPU, every GGML block type and int8/int4 (cpu.py):
     n_tokens < crossover     the Numba kernel: q8_0/q4_0/q4_1 the row-interleaved float kernels
                              (4 tokens per pass over the weight); q5_0/q5_1 and the K-quants the
-                             row-interleaved 8-bit integer kernels (qdot.py: activations
-                             quantized per 32 values, llama.cpp's scheme; 4 tokens per pass);
+                             row-interleaved 8-bit integer kernels (qdot.py: llama.cpp's
+                             scheme with activations as two int8 planes per 32 values; 4
+                             tokens per pass);
                              int8/int4 fused GEMV for <= 2 tokens, else the row-wise small GEMM
     n_tokens >= crossover    dequantize tiles of rows to float32, round tile and x to bfloat16,
                              torch (oneDNN) bf16 GEMM accumulating in float32 (TILE_BF16; False:
@@ -44,14 +45,15 @@ GEMV_MAX_TOKENS = 2
 # q8_0 49152x576: n=8 10.2 / 14.4 / 14.3, n=16 20.7 / 19.5 / 17.1 -> bf16 from 16.
 # q4_0 shares q4_1's kernel (fewer bytes: same table). int8/int4: not measured (row-wise kernel,
 # about 3x slower than the packed ones): 8 is a guess; measure with `calibrate`.
-# Q5_0/Q5_1 and the K-quants run the 8-bit integer kernels (qdot.py), which beat the tiles at every
-# n measured, up to 512 (same command with --crossover-types q5_0,q4_k,q6_k, 1 thread, load
-# average ~6), e.g. ms kernel / bf16 tiles: q5_0 3072x576 n=512 20.0 / 22.5, q4_k 576x1536 n=512
-# 9.9 / 14.5, q4_k 4096x4096 n=512 177 / 224; q6_k 576x1536 tied at n=512 (10.1 / 10.1); q2_k,
-# q3_k and q5_k share the kernel.
+# Q5_0/Q5_1 and the K-quants run the 8-bit integer kernels (qdot.py; their tiles dequantize the
+# packed copy): the kernel won at n <= 64 and bf16 tiles at n >= 128 on every shape measured
+# (same command with --crossover-types q5_0,q4_k,q6_k, 1 thread, load average ~3), ms kernel /
+# bf16 tiles: q5_0 3072x576 n=64 1.94 / 2.32, n=128 3.67 / 3.64; q4_k 576x1536 n=64 1.00 / 1.12,
+# n=128 2.04 / 1.56; q4_k 4096x4096 n=64 16.0 / 20.2, n=128 33.9 / 30.7; q6_k 576x1536 tied at
+# n=64 (1.09 / 1.09). q2_k, q3_k and q5_k share the kernel.
 CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, QType.INT4: 8,
-                 QType.Q5_0: 1024, QType.Q5_1: 1024, QType.Q2_K: 1024, QType.Q3_K: 1024,
-                 QType.Q4_K: 1024, QType.Q5_K: 1024, QType.Q6_K: 1024}
+                 QType.Q5_0: 128, QType.Q5_1: 128, QType.Q2_K: 128, QType.Q3_K: 128,
+                 QType.Q4_K: 128, QType.Q5_K: 128, QType.Q6_K: 128}
 # With a resident bf16 copy the GEMM needs no dequantization: it beat the packed kernels from
 # n = 8 on every SmolLM2 shape (1 thread, same machine and command as above, e.g. q4_1 3072x576
 # n=8 kernel 0.433 ms / bf16 copy 0.242 ms; q8_0 49152x576 n=8 10.2 / 8.5 ms).

@@ -123,6 +123,8 @@ iand = _lanewise("iand", "and_")
 iand.__doc__ = "Lane-wise a & b."
 iadd = _lanewise("iadd", "add")
 iadd.__doc__ = "Lane-wise a + b (wrapping)."
+isub = _lanewise("isub", "sub")
+isub.__doc__ = "Lane-wise a - b (wrapping)."
 ior = _lanewise("ior", "or_")
 ior.__doc__ = "Lane-wise a | b."
 isrl = _lanewise("isrl", "lshr", scalar_rhs=True)

@@ -79,11 +79,11 @@ def assert_matmul_close_bf16(y: np.ndarray, x: np.ndarray, wdeq: np.ndarray, ref
 
 def assert_matmul_close_q8(y: np.ndarray, x: np.ndarray, wdeq: np.ndarray):
     """The 8-bit integer kernels (shardline/kernels/qdot.py): |y - x @ W.T| <= sum_i |W[r, i]|
-    dx(i) / 2 + float32 rounding, elementwise, in float64: each x_i is replaced by
-    round(x_i / dx) * dx with dx = max|x| / 127 over its block of 32."""
+    dx(i) / 2 + float32 rounding, elementwise, in float64: each x_i is replaced by a multiple of
+    dx = max|x| / (127 * 254) over its block of 32 (two int8 planes, 254 q1 + q2)."""
     n, k = x.shape
     x64, w64 = x.astype(np.float64), wdeq.astype(np.float64)
-    dx = np.abs(x64.reshape(n, k // 32, 32)).max(axis=2) / 127
+    dx = np.abs(x64.reshape(n, k // 32, 32)).max(axis=2) / (127 * 254)
     bound = 0.5 * np.repeat(dx, 32, axis=1) @ np.abs(w64).T + 1e-5 * np.abs(x64) @ np.abs(w64).T + 1e-6
     err = np.abs(y.astype(np.float64) - x64 @ w64.T)
     assert y.shape == (n, wdeq.shape[0])

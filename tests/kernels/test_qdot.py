@@ -86,7 +86,7 @@ def test_packed_codes_follow_the_documented_layout(qtype):
 def test_fused_decode_mlp_on_mixed_types():
     """shardline/kernels/fused.py's decode MLP with a Q5_0 gate+up and a Q4_K down projection
     (as llama.cpp's Q4_K_M writes a 576-wide model): float64 SwiGLU of the dequantized weights,
-    within the two GEMVs' int8-activation error. (Q8_0/Q4_*'s float kernels in the same layer
+    within the two GEMVs' activation-quantization error. (Q8_0/Q4_*'s float kernels in the same layer
     are tests/kernels/test_fused.py's.)"""
     rng = np.random.default_rng(5)
     hidden, ffn, n = 256, 512, 3
@@ -101,7 +101,8 @@ def test_fused_decode_mlp_on_mixed_types():
         g_u = h @ dequantize_ref(gu).astype(np.float64).T
         act = g_u[:, :ffn] / (1 + np.exp(-g_u[:, :ffn])) * g_u[:, ffn:]
         ref = act @ dequantize_ref(dn).astype(np.float64).T
-        np.testing.assert_allclose(got, ref, rtol=0, atol=0.03 * np.abs(ref).max())
+        # two GEMVs at ~1e-5 relative each, the SwiGLU between them in float32
+        np.testing.assert_allclose(got, ref, rtol=0, atol=3e-4 * np.abs(ref).max())
 
 
 def test_a_model_compiles_only_its_own_types():
