@@ -16,7 +16,9 @@ both (xq_i = 254 q1_i + q2_i). Error: |x_i - d xq_i| <= d / 2 = max|x| / 64516 p
 One plane is llama.cpp's accuracy: on a Q4_K_M-like SmolLM2-135M its logits moved by up to 0.79
 (log-probabilities by 0.26 nats) against transformers' float32 forward of the same file; two
 planes: 0.008 (0.0013 nats), the float kernels' level. The second plane costs 10-20% on one
-token from cache (nothing measurable from DRAM, where decode reads its weights) and ~40% on four.
+token from cache and ~40% on four; from DRAM, where decode reads its weights, the difference was
+within this shared machine's run-to-run noise (Q4_K 4096x4096, one thread: 21.7 GB/s with one
+plane, 19.2 GB/s with two, while the measured read bandwidth was 21.5 and 17.1 GB/s).
 
 Layout (built once per weight by `pack`, cached like cpu.py's `_packed`): output rows in groups
 of 16, one int32 lane per row, so a 64-byte load holds 4 code bytes of each of 16 rows and one
