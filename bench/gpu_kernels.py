@@ -35,6 +35,7 @@ def main() -> int:
         print("no CUDA device: nothing to check (bench/gpu_kernels.py needs a GPU)")
         return 0
     from shardline.kernels import cuda as kc
+    from shardline.kernels.dispatch import quantized_matmul
     from shardline.kernels.formats import quantize
     from shardline.kernels.reference import matmul_ref
 
@@ -45,7 +46,8 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()} | HBM copy (read+write) {hbm:.0f} GB/s")
 
     bad = 0
-    for q in ("q4_1", "q4_0", "q8_0", "int8", "int4"):
+    for q in ("q4_1", "q4_0", "q8_0", "int8", "int4", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k",
+              "q5_k", "q6_k"):
         w = quantize(rng.standard_normal((300, 256)).astype(np.float32), q)
         for n in (1, 3, 17):
             x = rng.standard_normal((n, 256)).astype(np.float32)
@@ -62,8 +64,8 @@ def main() -> int:
     print("correctness:", "all kernels match the reference" if not bad else f"{bad} mismatches")
 
     print(f"{'fmt':5} {'shape':>11} {'n':>4} {'path':9} {'us':>9} {'GB/s':>7} {'TFLOP/s':>8}")
-    for q in ("q4_1", "q8_0"):
-        for out, inf in ((4096, 4096), (49152, 576)):
+    for q in ("q4_1", "q8_0", "q5_0", "q4_k", "q6_k"):
+        for out, inf in ((4096, 4096), (49152, 576) if q in ("q4_1", "q8_0", "q5_0") else (49152, 1536)):
             w = quantize(rng.standard_normal((out, inf)).astype(np.float32), q)
             wb = torch.randn(out, inf, device=dev, dtype=torch.bfloat16)
             for n in (1, 8, 64, 512):
@@ -74,7 +76,7 @@ def main() -> int:
                     paths["gemv"] = lambda: kc.gemv(xt, w)
                 if n <= 64:
                     paths["gemm"] = lambda: kc.gemm(xt, w)
-                paths["deq+bf16"] = lambda: kc.matmul(xt, w) if n >= 64 else None
+                paths["deq+bf16"] = lambda: quantized_matmul(xt, w) if n >= 64 else None
                 for name, fn in paths.items():
                     if name == "deq+bf16" and n < 64:
                         continue

@@ -1,9 +1,14 @@
-"""Kernel benchmark: effective GB/s (packed weight bytes / time) and GFLOP/s of the Numba CPU
-kernels per format, shape and n_tokens, next to the machine's measured memory read bandwidth and
-torch fp32/bf16 GEMM GFLOP/s. Paths: gemv/gemm (q8_0/q4_*: row-interleaved packed kernels),
-gemv_rw/gemm_rw (the plain row-wise kernels on the file layout), torch / torch_bf16 (dequantized
-tiles + fp32 / bf16 GEMM). With --crossover: kernel vs fp32 vs bf16 tiles on the SmolLM2-135M
-shapes at n = 4..512 (the measurement behind shardline.kernels.dispatch.CPU_CROSSOVER; run it with
+"""Kernel benchmark: effective GB/s (packed weight bytes / time), its share of the machine's
+measured memory read bandwidth, and GFLOP/s of the Numba CPU kernels per format, shape, thread
+count (1 and 2) and n_tokens, next to torch fp32/bf16 GEMM GFLOP/s. Paths: gemv/gemm (q8_0/q4_*:
+row-interleaved float kernels; q5_*, K-quants: the 8-bit integer kernels of
+shardline/kernels/qdot.py), gemv_rw/gemm_rw (the plain row-wise kernels on the file layout),
+torch / torch_bf16 (dequantized tiles + fp32 / bf16 GEMM). Shapes: SmolLM2-135M's (576x576 q/o,
+192x576 k/v, 1536x576 gate/up, 576x1536 down, 49152x576 lm_head) and 4096x4096; the K-quants
+only where in_features is a multiple of 256 (llama.cpp writes the 576-wide SmolLM2 tensors of a
+Q4_K_M file as Q5_0, its Q6_K ones as Q8_0). Then decode-like GEMVs over weights several times
+the last-level cache (every byte from DRAM). With --crossover: kernel vs fp32 vs bf16 tiles at
+n = 4..512 (the measurement behind shardline.kernels.dispatch.CPU_CROSSOVER; run it with
 NUMBA_NUM_THREADS=1 for the 1-thread workers), then the table in use.
 
     python bench/kernels.py [--quick] [--crossover] [--out bench/results/kernels.json]
@@ -32,9 +37,12 @@ import numba  # noqa: E402
 from shardline.kernels import cpu, dispatch  # noqa: E402
 from shardline.kernels.formats import quantize  # noqa: E402
 
-SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096)]
-FORMATS = [("q4_1", True), ("q4_0", True), ("q8_0", True), ("int8", True), ("int4", True)]
-TOKENS = [1, 8, 64, 512]
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096)]
+FORMATS = [("q4_k", True), ("q6_k", True), ("q5_0", True), ("q8_0", True), ("q4_1", True),
+           ("q5_k", True), ("q4_0", True), ("int8", True), ("int4", True)]
+TOKENS = [1, 4, 8, 64, 512]
+THREADS = (1, 2)
+K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 def best_time(fn, min_time=0.2, max_reps=50) -> float:
@@ -64,6 +72,11 @@ def read_bandwidth(gib: float) -> float:
     a = np.ones(int(gib * 2**30) // 4, np.float32).reshape(16 * numba.get_num_threads(), -1)
     t = best_time(lambda: _parallel_sum(a), min_time=0.5, max_reps=5)
     return a.nbytes / t / 1e9
+
+
+def fits(qtype: str, inf: int) -> bool:
+    """Whether a row of `inf` values is whole blocks of qtype (256 for the K-quants)."""
+    return inf % (256 if qtype in K_QUANTS else 32) == 0
 
 
 def streaming_gemv(rng, qtype: str, shapes: list[tuple[int, int]], total_bytes: float) -> dict:
@@ -97,14 +110,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer formats/shapes; under a minute")
     ap.add_argument("--crossover", action="store_true",
                     help="measure kernel vs fp32/bf16 tiles on the model's shapes, n = 4..512")
+    ap.add_argument("--crossover-types", default="",
+                    help="comma-separated qtypes for --crossover alone (skips the other tables)")
     ap.add_argument("--out", default="bench/results/kernels.json")
     args = ap.parse_args()
     shapes, formats, tokens = SHAPES, FORMATS, TOKENS
     min_time = 0.2
     if args.quick:
-        shapes = [(576, 576), (1536, 576), (4096, 4096)]
-        formats = [("q4_1", True), ("q8_0", True)]
-        tokens = [1, 8, 64]
+        formats = [("q4_k", True), ("q6_k", True), ("q5_0", True), ("q8_0", True), ("q4_1", True)]
+        tokens = [1, 4, 64]
         min_time = 0.05
     rng = np.random.default_rng(0)
     res = {"machine": {"cpu": platform.processor() or platform.machine(),
@@ -118,48 +132,68 @@ def main():
     print(f"memory read {res['read_GBps']:.1f} GB/s | torch fp32 {res['torch_fp32_GFLOPs']:.0f} "
           f"GFLOP/s, bf16 {res['torch_bf16_GFLOPs']:.0f} GFLOP/s | numba threads "
           f"{numba.get_num_threads()}, load avg {os.getloadavg()[0]:.2f}")
-    print(f"{'format':6} {'shape':>12} {'n':>4} {'path':6} {'ms':>9} {'GB/s':>7} {'GFLOP/s':>8}")
-    for qtype, sym in formats:
-        for out, inf in shapes:
-            w = quantize(rng.standard_normal((out, inf)).astype(np.float32), qtype, symmetric=sym)
-            for n in tokens:
-                if n * out * inf > 4096 * 4096 * 64 and args.quick:
+    if args.crossover_types:
+        res["crossover_rows"] = crossover_rows(rng, args.crossover_types.split(","))
+        formats, THREADS_RUN = [], ()
+    else:
+        THREADS_RUN = THREADS
+    print(f"{'format':6} {'shape':>12} {'thr':>3} {'n':>4} {'path':10} {'ms':>9} {'GB/s':>7} "
+          f"{'%read':>6} {'GFLOP/s':>8}")
+    quick_shapes = {(576, 576), (576, 1536), (4096, 4096)}
+    for threads in THREADS_RUN:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(threads)
+        for qtype, sym in formats:
+            for out, inf in shapes:
+                if not fits(qtype, inf) or (args.quick and (out, inf) not in quick_shapes):
                     continue
-                x = rng.standard_normal((n, inf)).astype(np.float32)
-                xt = torch.from_numpy(x)
-                paths = {"gemv": lambda: cpu.gemv(x, w)} if n <= 8 else {}
-                if n <= 8 and qtype.startswith("q"):
-                    paths["gemv_rw"] = lambda: cpu.gemv_rowwise(x, w)
-                if n > 1 and not qtype.startswith("q"):
-                    paths["gemm"] = lambda: cpu.gemm(x, w)  # q*: the same kernel as gemv
-                if n > 1 and n <= 64:
-                    paths["gemm_rw"] = lambda: cpu.gemm_rowwise(x, w)
-                if n > 8 and qtype.startswith("q"):
-                    paths["gemm"] = lambda: cpu.gemm(x, w)
-                if n >= 8:
-                    paths["torch"] = lambda: dispatch._torch_tiles(xt, w)
-                    paths["torch_bf16"] = lambda: dispatch._torch_tiles(xt, w, True)
-                for path, fn in paths.items():
-                    t = best_time(fn, min_time)
-                    row = {"qtype": qtype, "shape": [out, inf], "n_tokens": n, "path": path,
-                           "ms": t * 1e3, "GBps": w.nbytes / t / 1e9,
-                           "GFLOPs": 2 * n * out * inf / t / 1e9}
-                    res["rows"].append(row)
-                    print(f"{qtype:6} {out:>5}x{inf:<6} {n:>4} {path:6} {row['ms']:9.3f} "
-                          f"{row['GBps']:7.1f} {row['GFLOPs']:8.1f}")
+                w = quantize(rng.standard_normal((out, inf)).astype(np.float32), qtype, symmetric=sym)
+                for n in tokens:
+                    if n * out * inf > 4096 * 4096 * 64 and args.quick:
+                        continue
+                    x = rng.standard_normal((n, inf)).astype(np.float32)
+                    xt = torch.from_numpy(x)
+                    paths = {}
+                    if n <= 8:
+                        paths["gemv"] = lambda: cpu.gemv(x, w)
+                    if n <= 8 and qtype.startswith("q") and not args.quick:
+                        paths["gemv_rw"] = lambda: cpu.gemv_rowwise(x, w)
+                    if 8 < n <= 64 or (n > 1 and not qtype.startswith("q")):
+                        paths["gemm"] = lambda: cpu.gemm(x, w)
+                    if n >= 8:
+                        paths["torch"] = lambda: dispatch._torch_tiles(xt, w)
+                        paths["torch_bf16"] = lambda: dispatch._torch_tiles(xt, w, True)
+                    for path, fn in paths.items():
+                        t = best_time(fn, min_time)
+                        row = {"qtype": qtype, "shape": [out, inf], "threads": numba.get_num_threads(),
+                               "n_tokens": n, "path": path, "ms": t * 1e3, "GBps": w.nbytes / t / 1e9,
+                               "fraction_of_read": w.nbytes / t / 1e9 / res["read_GBps"],
+                               "GFLOPs": 2 * n * out * inf / t / 1e9}
+                        res["rows"].append(row)
+                        print(f"{qtype:6} {out:>5}x{inf:<6} {row['threads']:>3} {n:>4} {path:10} "
+                              f"{row['ms']:9.3f} {row['GBps']:7.1f} {100 * row['fraction_of_read']:5.0f}% "
+                              f"{row['GFLOPs']:8.1f}", flush=True)
     # decode reads every weight once per token from DRAM: GEMVs over weights 4x the L3 cache,
     # square and in SmolLM2's layer shapes (qkv, o, gate_up, down)
     res["streaming_gemv"] = []
-    for qtype in ("q4_1", "q8_0"):
-        for label, sh in (("4096x4096", [(4096, 4096)]),
-                          ("SmolLM2 layers", [(960, 576), (576, 576), (3072, 576), (576, 1536)])):
-            r = streaming_gemv(rng, qtype, sh, 128e6)
-            r["label"], r["fraction_of_read"] = label, r["GBps"] / res["read_GBps"]
-            res["streaming_gemv"].append(r)
-            print(f"{qtype} GEMV from DRAM, {label}: {r['bytes'] / 1e6:.0f} MB in {r['ms']:.2f} ms = "
-                  f"{r['GBps']:.1f} GB/s, {100 * r['fraction_of_read']:.0f}% of the measured read bandwidth")
+    stream_formats = ("q4_k", "q6_k", "q5_0", "q8_0", "q4_1")
+    for threads in THREADS_RUN:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        for qtype in stream_formats:
+            for label, sh in (("4096x4096", [(4096, 4096)]),
+                              ("SmolLM2 layers", [(960, 576), (576, 576), (3072, 576), (576, 1536)])):
+                sh = [s for s in sh if fits(qtype, s[1])]
+                if qtype in K_QUANTS and label == "SmolLM2 layers":
+                    label = "SmolLM2 down (576x1536)"
+                r = streaming_gemv(rng, qtype, sh, 64e6 if args.quick else 128e6)
+                r["label"], r["threads"] = label, numba.get_num_threads()
+                r["fraction_of_read"] = r["GBps"] / res["read_GBps"]
+                res["streaming_gemv"].append(r)
+                print(f"{qtype} GEMV from DRAM, {label}, {r['threads']} thread(s): {r['bytes'] / 1e6:.0f} MB in "
+                      f"{r['ms']:.2f} ms = {r['GBps']:.1f} GB/s, {100 * r['fraction_of_read']:.0f}% of the "
+                      f"measured read bandwidth", flush=True)
     res["crossover_table"] = {q.value: n for q, n in dispatch.CPU_CROSSOVER.items()}
-    if args.crossover:
+    if args.crossover and not args.crossover_types:
         res["crossover_rows"] = crossover_rows(rng)
     print("dispatch.CPU_CROSSOVER (torch bf16 tiles from n_tokens):", res["crossover_table"])
     out_path = Path(args.out)
@@ -169,8 +203,9 @@ def main():
     print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
 
 
-def crossover_rows(rng):
-    """Median ms of the kernel, fp32 tiles and bf16 tiles per (qtype, shape, n)."""
+def crossover_rows(rng, only=()):
+    """Median ms of the kernel, fp32 tiles and bf16 tiles per (qtype, shape, n); `only`: these
+    qtypes alone."""
     from tests.kernels.helpers import random_ggml
 
     def med(fn, reps):
@@ -183,9 +218,13 @@ def crossover_rows(rng):
         return float(np.median(ts))
 
     rows = []
-    for q, o, i in [("q4_1", 960, 576), ("q4_1", 576, 576), ("q4_1", 3072, 576),
-                    ("q4_1", 576, 1536), ("q8_0", 49152, 576)]:
-        w = random_ggml(q, o, i, rng)
+    cases = [("q4_1", 960, 576), ("q4_1", 576, 576), ("q4_1", 3072, 576), ("q4_1", 576, 1536),
+             ("q8_0", 49152, 576), ("q5_0", 960, 576), ("q5_0", 576, 576), ("q5_0", 3072, 576),
+             ("q4_k", 576, 1536), ("q6_k", 576, 1536), ("q4_k", 4096, 4096)]
+    if only:
+        cases = [c for c in cases if c[0] in only]
+    for q, o, i in cases:
+        w = random_ggml(q, o, i, rng, wide=False)
         for n in (4, 8, 16, 32, 64, 128, 512):
             x = torch.from_numpy(rng.standard_normal((n, i)).astype(np.float32))
             reps = max(3, int(40 / (1 + n * o * i / 3e7)))
@@ -205,8 +244,8 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
-    gemv = [r for r in res["rows"] if r["n_tokens"] == 1]
-    labels = [f"{r['qtype']}\n{r['shape'][0]}x{r['shape'][1]}" for r in gemv]
+    gemv = [r for r in res["rows"] if r["n_tokens"] == 1 and r["path"] == "gemv"]
+    labels = [f"{r['qtype']} {r['threads']}t\n{r['shape'][0]}x{r['shape'][1]}" for r in gemv]
     a1.bar(range(len(gemv)), [r["GBps"] for r in gemv])
     a1.axhline(res["read_GBps"], color="r", ls="--", label="measured read bandwidth")
     a1.set_xticks(range(len(gemv)), labels, fontsize=6, rotation=90)
@@ -215,7 +254,8 @@ def plot(res, path):
     a1.legend()
     for (q, p), marker in zip({(r["qtype"], r["path"]) for r in res["rows"]}, "osv^<>pDh*x+" * 3):
         pts = sorted((r["n_tokens"], r["GFLOPs"]) for r in res["rows"]
-                     if r["qtype"] == q and r["path"] == p and r["shape"] == [4096, 4096])
+                     if r["qtype"] == q and r["path"] == p and r["shape"] == [4096, 4096]
+                     and r["threads"] == max(THREADS))
         if pts:
             a2.plot(*zip(*pts), marker=marker, label=f"{q} {p}")
     a2.axhline(res["torch_fp32_GFLOPs"], color="k", ls="--", label="torch fp32 GEMM")
@@ -223,7 +263,7 @@ def plot(res, path):
     a2.set_xscale("log", base=2)
     a2.set_xlabel("n_tokens")
     a2.set_ylabel("GFLOP/s")
-    a2.set_title("4096x4096")
+    a2.set_title(f"4096x4096, {max(THREADS)} threads")
     a2.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,5 +1,6 @@
 """Numba CPU kernels: quantized GEMV / small-batch GEMM straight from packed weights, and a
-parallel dequantizer feeding torch's GEMM for many tokens.
+parallel dequantizer feeding torch's GEMM for many tokens; the entry points (gemv, gemm,
+dequantize) for every qtype of formats.FMT.
 
 Formats as in formats.py (ggml-quants.c `dequantize_row_*`). All kernels compute
 y[t, r] = sum_i x[t, i] * W[r, i] in float32.
@@ -16,8 +17,17 @@ How the inner loops vectorize (the hard part; measured on Zen 4, Numba 0.68 / LL
     gather bytes with vpinsrb across blocks, costing ~40%.
 The GEMV (n_tokens == 1) fuses unpacking and the dot per block; the small GEMM dequantizes one
 weight row into an L1-resident float32 buffer once and dots it with every token.
-An int8-activation (llama.cpp Q8_1-style) inner loop was tried: LLVM emits vpdpwssd but not
-vpmaddubsw and it measured no faster than the float loop, so the exact float loop is kept.
+An int8-activation (llama.cpp Q8_1-style) inner loop written as plain Numba loops was tried: LLVM
+emits vpdpwssd but not vpmaddubsw and it measured no faster than the float loop, so q8_0/q4_0/q4_1
+keep the exact float loop. Q5_0, Q5_1 and the K-quants run shardline/kernels/qdot.py instead, whose
+int8 dot products are written with explicit vector intrinsics (vpdpbusd, shardline/kernels/vnni.py)
+and run 2-4x faster than this module's float loops (bench/kernels.py), with activations kept as
+two int8 planes per block of 32 (an error of max|x| / 64516 per value, the float loops' level).
+
+Compile only what a model needs: the drivers that decode rows (`_gemm`, `_dequant`) take a format
+tag (shardline/kernels/specialize.py), and `dequant_row` resolves the tag while typing, so each
+format's decoder (shardline/kernels/blocks.py for Q5_* and the K-quants) is compiled only into
+the specialization of the formats a model uses; q8_0/q4_0/q4_1/int8/int4 share one, as before.
 
 Threads: Numba's pool (`numba.set_num_threads`, NUMBA_NUM_THREADS); rows are split into chunks
 over `prange`.
@@ -28,15 +38,14 @@ import weakref
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from .formats import GGML_BLOCK, QType, QuantizedWeight
+from . import blocks, qdot
+from .formats import F16_LUT, FMT, QType, QuantizedWeight
+from .specialize import LEGACY, code_of, tag
 
-# fp16 bit pattern -> float32 value: float32 [65536]
-F16_LUT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-
-# format codes understood by the kernels
-FMT = {QType.Q8_0: 0, QType.Q4_0: 1, QType.Q4_1: 2, QType.INT8: 3, QType.INT4: 4}
+LEGACY_FORMATS = (0, 1, 2, 3, 4)  # q8_0, q4_0, q4_1, int8, int4: one compiled `_dequant_row`
 HALF = 16  # half a 32-value block; passed at run time on purpose (see module doc)
 
 _EMPTY = np.zeros((1, 0), np.float32)  # "no scales/mins": rows of length 0
@@ -180,6 +189,40 @@ def _dot_row(fmt, row, rowi, row16, srow, mrow, g, lut, h, x, xsum):
     return acc
 
 
+def dequant_row(family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out):
+    """Decode one row into out (float32 [in_features]); `family` is a format tag
+    (shardline.kernels.specialize): LEGACY for the formats of `_dequant_row` (q8_0, q4_0, q4_1,
+    int8, int4, chosen by `fmt` at run time), else the format's own code, whose decoder alone
+    is compiled into the caller."""
+    raise NotImplementedError("dequant_row is only callable from Numba-compiled code")
+
+
+@overload(dequant_row, jit_options={"fastmath": True})
+def _dequant_row_overload(family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out):
+    f = code_of(family)
+    if f == 0:
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: _dequant_row(
+            fmt, row, rowi, row16, srow, mrow, g, lut, h, out)
+    if f in (5, 6):
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q5(
+            fmt, row, row16, lut, h, out)
+    if f in (7, 8):
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q23_k(
+            fmt, row, row16, lut, h, out)
+    if f in (9, 10):
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q45_k(
+            fmt, row, row16, lut, h, out)
+    if f == 11:
+        return lambda family, fmt, row, rowi, row16, srow, mrow, g, lut, h, out: blocks._row_q6_k(
+            row, rowi, row16, lut, h, out)
+    raise TypingError(f"dequant_row: no decoder for format family {f}")
+
+
+def family(fmt: int):
+    """The `family` tag of `dequant_row` and the drivers for format code `fmt`."""
+    return tag(LEGACY if fmt in LEGACY_FORMATS else fmt)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
     """y[t, r] = dot(W[r], x[t]) with the fused per-block loop (best for 1-2 tokens)."""
@@ -205,9 +248,9 @@ def _gemv(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemm(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
+def _gemm(fam, fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
     """y = x @ W.T: each weight row is dequantized once into a float32 buffer [in] and dotted
-    with all n tokens (x: float32 [n, in] stays in L2 for small n)."""
+    with all n tokens (x: float32 [n, in] stays in L2 for small n). `fam`: see dequant_row."""
     n, k = x.shape
     out = data.shape[0]
     per = (out + nchunk - 1) // nchunk
@@ -218,7 +261,7 @@ def _gemm(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
         for r in range(c * per, min(out, (c + 1) * per)):
             srow = scales[r] if has_s else scales[0, :0]
             mrow = mins[r] if has_m else mins[0, :0]
-            _dequant_row(fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, w)
+            dequant_row(fam, fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, w)
             for t in range(n):
                 xt = x[t]
                 s = np.float32(0.0)
@@ -228,15 +271,15 @@ def _gemm(fmt, data, datai, data16, scales, mins, g, lut, h, x, y, nchunk):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _dequant(fmt, data, datai, data16, scales, mins, g, lut, h, out):
-    """out: float32 [rows, in] <- packed rows."""
+def _dequant(fam, fmt, data, datai, data16, scales, mins, g, lut, h, out):
+    """out: float32 [rows, in] <- packed rows. `fam`: see dequant_row."""
     rows = data.shape[0]
     has_s = scales.shape[0] == rows
     has_m = mins.shape[0] == rows
     for r in prange(rows):
         srow = scales[r] if has_s else scales[0, :0]
         mrow = mins[r] if has_m else mins[0, :0]
-        _dequant_row(fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, out[r])
+        dequant_row(fam, fmt, data[r], datai[r], data16[r], srow, mrow, g, lut, h, out[r])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +301,8 @@ def _dequant(fmt, data, datai, data16, scales, mins, g, lut, h, out):
 # q4_0 would be +33%, q8_0 34 -> 36 (+6%).
 # ---------------------------------------------------------------------------------------------
 PACK_ROWS = 64
-PACKED_FORMATS = (0, 1, 2)  # q8_0, q4_0, q4_1
+FLOAT_PACKED = (0, 1, 2)  # q8_0, q4_0, q4_1: this section; the others of PACKED_FORMATS: qdot.py
+PACKED_FORMATS = FLOAT_PACKED + qdot.QDOT_FORMATS
 _pack_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -284,10 +328,37 @@ def _pack(fmt, data, data16, lut, qs, dd, mm):
                 qs[g, b, j, rr] = data[r, q0 + j]
 
 
+_MADV_DONTNEED = 4  # linux/mman.h
+
+
+def release_file_pages(a: np.ndarray) -> bool:
+    """Drop the whole memory pages of `a` from this process's resident memory when `a` is a
+    view of a read-only file mapping (a GGUF memmap): the file's bytes stay in the page cache
+    and come back on the next read (madvise(MADV_DONTNEED), Linux). Returns whether it did;
+    arrays of process memory (copies) are left alone, since for them the call would zero them."""
+    if not isinstance(a, np.memmap) or getattr(a, "mode", None) != "r" or not a.flags.c_contiguous:
+        return False
+    import ctypes
+    import mmap
+
+    start = a.ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+
+
 def _packed(w: QuantizedWeight):
-    """(fmt, qs, d, m) of w in the row-interleaved layout; built once per weight object."""
+    """w in its row-interleaved layout, built once per weight object: (fmt, qs, d, m) for
+    q8_0/q4_0/q4_1 (this section), (tag, codes, hdr, sub) for Q5_0, Q5_1 and the K-quants
+    (shardline/kernels/qdot.py). Either is what `packed_linear` takes."""
     p = _pack_cache.get(w)
-    if p is None:
+    if p is None and FMT[w.qtype] in qdot.QDOT_FORMATS:
+        p = _pack_cache[w] = qdot.pack(w)
+        release_file_pages(w.data)  # from now on every kernel, dequantize included, reads p
+    elif p is None:
         fmt = FMT[w.qtype]
         out, k = w.shape
         groups, nb = -(-out // PACK_ROWS), k // 32
@@ -510,8 +581,37 @@ def _packed_parallel(fmt, qs, dd, mm, x, y, nchunk):
             _q4_groups(qs, dd, mm, x, xsum, y, g0, g1)
 
 
+def packed_linear(fmt, qs, dd, mm, x, y, nchunk):
+    """y float32 [n, out] = x float32 [n, in] @ W.T from `_packed(W)`'s tuple (fmt, qs, dd, mm),
+    serial (nchunk 1) or over `nchunk` prange chunks; callable from Numba code
+    (shardline/kernels/fused.py). q8_0/q4_0/q4_1 run this module's kernels, the tagged formats
+    shardline/kernels/qdot.py's."""
+    raise NotImplementedError("compiled code only; from Python use gemv/gemm")
+
+
+@overload(packed_linear)
+def _packed_linear_overload(fmt, qs, dd, mm, x, y, nchunk):
+    if isinstance(fmt, types.Integer):
+        def float_kernels(fmt, qs, dd, mm, x, y, nchunk):
+            if nchunk > 1:
+                _packed_parallel(fmt, qs, dd, mm, x, y, nchunk)
+            else:
+                _packed_serial(fmt, qs, dd, mm, x, y)
+        return float_kernels
+
+    def int8_kernels(fmt, qs, dd, mm, x, y, nchunk):
+        if nchunk > 1:
+            qdot.qdot_parallel(fmt, qs, dd, mm, x, y, nchunk)
+        else:
+            qdot.qdot_serial(fmt, qs, dd, mm, x, y)
+    return int8_kernels
+
+
 def _packed_matmul(x: np.ndarray, w: QuantizedWeight, y: np.ndarray) -> np.ndarray:
-    fmt, qs, dd, mm = _packed(w)
+    p = _packed(w)
+    if FMT[w.qtype] in qdot.QDOT_FORMATS:
+        return qdot.matmul(p, x, y)
+    fmt, qs, dd, mm = p
     groups = qs.shape[0]
     threads = numba.get_num_threads()
     # one thread, or a weight too small to split (a parallel launch costs more than ~4 groups)
@@ -533,7 +633,19 @@ def _args(w: QuantizedWeight):
     data16 = data.view(np.uint16) if data.shape[1] % 2 == 0 else np.zeros((data.shape[0], 0), np.uint16)
     sc = _EMPTY if w.scales is None else np.ascontiguousarray(w.scales, dtype=np.float32)
     mn = _EMPTY if w.mins is None else np.ascontiguousarray(w.mins, dtype=np.float32)
-    return FMT[w.qtype], data, datai, data16, sc, mn, int(w.group_size), F16_LUT, HALF
+    fmt = FMT[w.qtype]
+    return family(fmt), fmt, data, datai, data16, sc, mn, int(w.group_size), F16_LUT, HALF
+
+
+def _rowwise_gemv(x: np.ndarray, w: QuantizedWeight, y: np.ndarray) -> np.ndarray:
+    """The fused per-block loop (q8_0/q4_*/int8/int4); the other formats dequantize each row into
+    an L1 buffer and dot it with every token (`_gemm`)."""
+    fam, *args = _args(w)
+    if fam is tag(LEGACY):
+        _gemv(*args, x, y, _nchunk(w.out_features))
+    else:
+        _gemm(fam, *args, x, y, _nchunk(w.out_features))
+    return y
 
 
 def _nchunk(out: int) -> int:
@@ -553,14 +665,14 @@ def gemv(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None) -> np.n
 
     q8_0/q4_0/q4_1: the row-interleaved kernels (weight repacked once, cached per weight
     object); one pass over the weight per 4 tokens. int8/int4: the row-wise fused loop, one pass
-    per token (best for 1-2 tokens). Formats: q8_0, q4_0, q4_1, int8, int4.
+    per token (best for 1-2 tokens). Other GGML types: `gemv_rowwise`. Every qtype of
+    formats.FMT; ValueError for others.
     """
     x = _check_x(x, w)
     y = np.empty((x.shape[0], w.out_features), np.float32) if y is None else y
     if FMT.get(w.qtype) in PACKED_FORMATS and w.in_features % 32 == 0:
         return _packed_matmul(x, w, y)
-    _gemv(*_args(w), x, y, _nchunk(w.out_features))
-    return y
+    return _rowwise_gemv(x, w, y)
 
 
 def gemv_rowwise(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None) -> np.ndarray:
@@ -568,15 +680,15 @@ def gemv_rowwise(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None)
     kept as the simple version the packed kernels are checked and benchmarked against."""
     x = _check_x(x, w)
     y = np.empty((x.shape[0], w.out_features), np.float32) if y is None else y
-    _gemv(*_args(w), x, y, _nchunk(w.out_features))
-    return y
+    return _rowwise_gemv(x, w, y)
 
 
 def gemm(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None) -> np.ndarray:
     """Small-batch quantized GEMM: x float32 [n_tokens, in] -> y float32 [n_tokens, out].
 
     q8_0/q4_0/q4_1: the row-interleaved kernels (as `gemv`). int8/int4: reads the packed
-    weight once, dequantizing row by row into an L1 buffer. Formats: q8_0, q4_0, q4_1, int8, int4.
+    weight once, dequantizing row by row into an L1 buffer; so do the other GGML types.
+    Every qtype of formats.FMT; ValueError for others.
     """
     x = _check_x(x, w)
     y = np.empty((x.shape[0], w.out_features), np.float32) if y is None else y
@@ -595,11 +707,29 @@ def gemm_rowwise(x: np.ndarray, w: QuantizedWeight, y: np.ndarray | None = None)
 
 
 def dequantize(w: QuantizedWeight, out: np.ndarray | None = None) -> np.ndarray:
-    """Parallel dequantization to float32 [out_features, in_features] (q8_0/q4_0/q4_1/int8/int4)."""
-    out = np.empty(w.shape, np.float32) if out is None else out
-    if out.shape != w.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"dequantize: out must be contiguous float32 {list(w.shape)}")
-    _dequant(*_args(w), out)
+    """Parallel dequantization to float32 [out_features, in_features], every qtype of
+    formats.FMT; ValueError for others or an `out` of the wrong shape or dtype."""
+    return dequantize_rows(w, 0, w.out_features, out)
+
+
+def dequantize_rows(w: QuantizedWeight, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop) of w as float32 [stop - start, in_features] (into `out` when given):
+    from the 8-bit kernels' packed copy when w has one (its file pages may be released, see
+    `release_file_pages`), else from w's bytes. ValueError for an unsupported qtype, a row range
+    outside w or an `out` of the wrong shape or dtype."""
+    if w.qtype not in FMT:
+        raise ValueError(f"cpu kernels: unsupported qtype {w.qtype.value}")
+    shape = (stop - start, w.in_features)
+    if not 0 <= start < stop <= w.out_features:
+        raise ValueError(f"dequantize_rows({start}, {stop}) out of range for shape {w.shape}")
+    out = np.empty(shape, np.float32) if out is None else out
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"dequantize: out must be contiguous float32 {list(shape)}")
+    p = _pack_cache.get(w)
+    if p is not None and FMT[w.qtype] in qdot.QDOT_FORMATS:
+        return qdot.dequantize(p, start, out)
+    part = w if (start, stop) == (0, w.out_features) else w.row_slice(start, stop)
+    _dequant(*_args(part), out)
     return out
 
 

@@ -7,8 +7,10 @@
               2 activations and dequantizes 2 weights into shared memory, then 32 FMAs.
     dequant:  packed -> float32 [out, in], for dequantize + torch bf16 GEMM at many tokens.
 
-Value decoding follows ggml-quants.c (see formats.py); fp16 scales via a 65536-entry float32
-table in device memory. Kernels run on torch's current stream (`cuda.external_stream`) over
+Value decoding follows ggml-quants.c (`dequantize_row_*`, `get_scale_min_k4`; layouts in
+formats.py), one element at a time: every GGML block type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K)
+and int8/int4. fp16 scales via a 65536-entry float32 table in device memory. This module depends
+on formats.py alone; dispatch.py chooses between its kernels. Kernels run on torch's current stream (`cuda.external_stream`) over
 zero-copy views of torch tensors (`cuda.as_cuda_array`). Under the simulator both are missing,
 so tensors (on the CPU there) are passed as NumPy views and the default stream is used.
 """
@@ -21,8 +23,7 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32
 
-from .cpu import F16_LUT, FMT
-from .formats import QuantizedWeight
+from .formats import F16_LUT, FMT, QuantizedWeight
 
 SIM = not hasattr(cuda, "external_stream")  # the simulator lacks it (numba 0.68)
 TPB = 32 if SIM else 128  # GEMV threads per block (power of two for the tree reduction);
@@ -39,11 +40,74 @@ def _f16(data, r, o, lut):
     return lut[int32(data[r, o]) | (int32(data[r, o + 1]) << 8)]
 
 
+@cuda.jit(device=True, inline=True)
+def _scale_min_k4(s, data, r, o):
+    """Six-bit (scale, min) of Q4_K/Q5_K sub-block s from the 12 scale bytes at data[r, o:]."""
+    if s < 4:
+        return int32(data[r, o + s]) & 63, int32(data[r, o + s + 4]) & 63
+    return ((int32(data[r, o + s + 4]) & 15) | ((int32(data[r, o + s - 4]) >> 6) << 4),
+            (int32(data[r, o + s + 4]) >> 4) | ((int32(data[r, o + s]) >> 6) << 4))
+
+
+@cuda.jit(device=True)
+def _value_k(fmt, data, lut, r, k):
+    """W[r, k] of a K-quant row (fmt 7..11, see formats.FMT) as float32."""
+    sb = k // 256
+    i = k % 256
+    if fmt == 9 or fmt == 10:  # Q4_K / Q5_K: sub-blocks of 32, runs of 32 bytes (low, high)
+        o = sb * (144 if fmt == 9 else 176)
+        s = i // 32
+        l = i % 32
+        byte = int32(data[r, o + (16 if fmt == 9 else 48) + 32 * (s // 2) + l])
+        q = (byte & 15) if s % 2 == 0 else (byte >> 4)
+        if fmt == 10:
+            q |= ((int32(data[r, o + 16 + l]) >> s) & 1) << 4
+        sc, m = _scale_min_k4(s, data, r, o + 4)
+        return _f16(data, r, o, lut) * float32(sc) * float32(q) - _f16(data, r, o + 2, lut) * float32(m)
+    if fmt == 11:  # Q6_K
+        o = sb * 210
+        half = i // 128
+        quarter = (i % 128) // 32
+        l = i % 32
+        byte = int32(data[r, o + 64 * half + 32 * (quarter % 2) + l])
+        q = (byte & 15) if quarter < 2 else (byte >> 4)
+        q |= ((int32(data[r, o + 128 + 32 * half + l]) >> (2 * quarter)) & 3) << 4
+        sc = int32(data[r, o + 192 + i // 16])
+        sc -= (sc & 128) << 1
+        return _f16(data, r, o + 208, lut) * float32(sc) * float32(q - 32)
+    # Q2_K (7) / Q3_K (8): sub-blocks of 16; 2-bit planes, value 128 half + 32 j + l
+    o = sb * (84 if fmt == 7 else 110)
+    half = i // 128
+    j = (i % 128) // 32
+    l = i % 32
+    s = i // 16
+    q = (int32(data[r, o + (16 if fmt == 7 else 32) + 32 * half + l]) >> (2 * j)) & 3
+    if fmt == 7:
+        sc = int32(data[r, o + s])
+        return (_f16(data, r, o + 80, lut) * float32(sc & 15) * float32(q)
+                - _f16(data, r, o + 82, lut) * float32(sc >> 4))
+    hb = (int32(data[r, o + l]) >> (4 * half + j)) & 1
+    low = (int32(data[r, o + 96 + s % 8]) >> (4 * (s // 8))) & 15
+    high = (int32(data[r, o + 104 + s % 4]) >> (2 * (s // 4))) & 3
+    return _f16(data, r, o + 108, lut) * float32((low | (high << 4)) - 32) * float32(q - 4 + 4 * hb)
+
+
 @cuda.jit(device=True)
 def _value(fmt, data, scales, mins, g, lut, r, k):
     """W[r, k] as float32 (one element; block header read per call, cached by L1)."""
+    if fmt >= 7:
+        return _value_k(fmt, data, lut, r, k)
     b = k // 32
     j = k % 32
+    if fmt == 5 or fmt == 6:  # Q5_0 / Q5_1: the fifth bit from the 32-bit qh
+        bs = 22 if fmt == 5 else 24
+        oq = b * bs + (2 if fmt == 5 else 4)
+        byte = int32(data[r, oq + 4 + (j % 16)])
+        q = ((byte & 15) if j < 16 else (byte >> 4)) | (((int32(data[r, oq + j // 8]) >> (j % 8)) & 1) << 4)
+        d = _f16(data, r, b * bs, lut)
+        if fmt == 5:
+            return float32(q - 16) * d
+        return float32(q) * d + _f16(data, r, b * bs + 2, lut)
     if fmt == 0:      # Q8_0
         q = int32(data[r, b * 34 + 2 + j])
         return float32(q - ((q & 128) << 1)) * _f16(data, r, b * 34, lut)
@@ -198,18 +262,3 @@ def dequantize(w: QuantizedWeight, device) -> torch.Tensor:
     grid = (math.ceil(w.in_features / DEQ_TPB), w.out_features)
     _dequant_kernel[grid, DEQ_TPB, _stream()](*_args(w, device), _arr(out))
     return out
-
-
-def matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """Device dispatch (see dispatch.py): GEMV, tiled GEMM, or dequantize + torch bf16 GEMM."""
-    from .dispatch import CUDA_CROSSOVER, CUDA_GEMV_MAX_TOKENS
-    n = x.shape[0]
-    if w.qtype not in FMT:
-        from .dispatch import dequantize as deq_cpu
-        return x @ deq_cpu(w).to(x.device).T
-    if n <= CUDA_GEMV_MAX_TOKENS:
-        return gemv(x, w)
-    if n < CUDA_CROSSOVER:
-        return gemm(x, w)
-    wt = dequantize(w, x.device).to(torch.bfloat16)
-    return (x.to(torch.bfloat16) @ wt.T).float()

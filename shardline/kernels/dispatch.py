@@ -1,9 +1,12 @@
 """Choose a matmul per device and n_tokens, and wrap quantized weights as torch modules.
 
-CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
-    n_tokens < crossover     the Numba kernel: q8_0/q4_0/q4_1 the row-interleaved kernels (4
-                             tokens per pass over the weight); int8/int4 fused GEMV for <= 2
-                             tokens, else the row-wise small GEMM
+CPU, every GGML block type and int8/int4 (cpu.py):
+    n_tokens < crossover     the Numba kernel: q8_0/q4_0/q4_1 the row-interleaved float kernels
+                             (4 tokens per pass over the weight); q5_0/q5_1 and the K-quants the
+                             row-interleaved 8-bit integer kernels (qdot.py: llama.cpp's
+                             scheme with activations as two int8 planes per 32 values; 4
+                             tokens per pass);
+                             int8/int4 fused GEMV for <= 2 tokens, else the row-wise small GEMM
     n_tokens >= crossover    dequantize tiles of rows to float32, round tile and x to bfloat16,
                              torch (oneDNN) bf16 GEMM accumulating in float32 (TILE_BF16; False:
                              float32 tiles and fp32 GEMM)
@@ -17,8 +20,8 @@ CPU, q8_0/q4_0/q4_1/int8/int4 (cpu.py):
   top of the packed weight; kept in oneDNN's blocked layout).
 CUDA (cuda.py): n_tokens <= 8 GEMV kernel, <= CUDA_CROSSOVER tiled GEMM kernel, else dequantize
   to bf16 + torch GEMM. CUDA_CROSSOVER is a placeholder until bench/gpu_kernels.py runs on a GPU.
-f32/f16 weights: torch fp32 GEMM; bf16 weights: torch bf16 GEMM on the stored weight (float32 result).
-Q4_K/Q6_K: reference dequantization (gguf) + torch GEMM.
+f32/f16 weights: torch fp32 GEMM; bf16 weights: torch bf16 GEMM on the stored weight (float32
+result); on CUDA the weight is copied to the device once per call.
 """
 from __future__ import annotations
 
@@ -42,7 +45,15 @@ GEMV_MAX_TOKENS = 2
 # q8_0 49152x576: n=8 10.2 / 14.4 / 14.3, n=16 20.7 / 19.5 / 17.1 -> bf16 from 16.
 # q4_0 shares q4_1's kernel (fewer bytes: same table). int8/int4: not measured (row-wise kernel,
 # about 3x slower than the packed ones): 8 is a guess; measure with `calibrate`.
-CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, QType.INT4: 8}
+# Q5_0/Q5_1 and the K-quants run the 8-bit integer kernels (qdot.py; their tiles dequantize the
+# packed copy): the kernel won at n <= 64 and bf16 tiles at n >= 128 on every shape measured
+# (same command with --crossover-types q5_0,q4_k,q6_k, 1 thread, load average ~3), ms kernel /
+# bf16 tiles: q5_0 3072x576 n=64 1.94 / 2.32, n=128 3.67 / 3.64; q4_k 576x1536 n=64 1.00 / 1.12,
+# n=128 2.04 / 1.56; q4_k 4096x4096 n=64 16.0 / 20.2, n=128 33.9 / 30.7; q6_k 576x1536 tied at
+# n=64 (1.09 / 1.09). q2_k, q3_k and q5_k share the kernel.
+CPU_CROSSOVER = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q8_0: 16, QType.INT8: 8, QType.INT4: 8,
+                 QType.Q5_0: 128, QType.Q5_1: 128, QType.Q2_K: 128, QType.Q3_K: 128,
+                 QType.Q4_K: 128, QType.Q5_K: 128, QType.Q6_K: 128}
 # With a resident bf16 copy the GEMM needs no dequantization: it beat the packed kernels from
 # n = 8 on every SmolLM2 shape (1 thread, same machine and command as above, e.g. q4_1 3072x576
 # n=8 kernel 0.433 ms / bf16 copy 0.242 ms; q8_0 49152x576 n=8 10.2 / 8.5 ms).
@@ -67,10 +78,10 @@ def bf16_copy_min_tokens(out_features: int) -> int:
 
 
 def dequantize(w: QuantizedWeight) -> torch.Tensor:
-    """Weight -> torch float32 [out_features, in_features] on the CPU (any supported qtype)."""
+    """Weight -> torch float32 [out_features, in_features] on the CPU (any qtype)."""
     if cpu.supported(w.qtype):
         return torch.from_numpy(cpu.dequantize(w))
-    return torch.from_numpy(np.ascontiguousarray(reference.dequantize_ref(w)))
+    return torch.from_numpy(np.ascontiguousarray(reference.dequantize_ref(w)))  # f32/f16/bf16
 
 
 def _float_weight(w: QuantizedWeight) -> torch.Tensor:
@@ -89,7 +100,7 @@ def _torch_tiles(x: torch.Tensor, w: QuantizedWeight, bf16: bool = False) -> tor
     xb = x.bfloat16() if bf16 else x
     for r0 in range(0, out, rows):
         r1 = min(out, r0 + rows)
-        tile = torch.from_numpy(cpu.dequantize(w.row_slice(r0, r1), buf[: r1 - r0]))
+        tile = torch.from_numpy(cpu.dequantize_rows(w, r0, r1, buf[: r1 - r0]))
         if bf16:
             y[:, r0:r1] = (xb @ tile.bfloat16().T).float()
         else:
@@ -174,17 +185,30 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     x = x.contiguous()
     n = x.shape[0]
     if x.is_cuda:
-        from . import cuda as kcuda
-        return kcuda.matmul(x, w)
+        return _cuda_matmul(x, w)
     if w.qtype is QType.BF16:  # bf16 GEMM on the stored weight (no float32 copy per call)
         return (x.bfloat16() @ _float_weight(w).T).float()
     if w.qtype in FLOAT_TYPES:
         return x @ _float_weight(w).float().T
-    if not cpu.supported(w.qtype):
-        return x @ dequantize(w).T  # Q4_K / Q6_K: reference path
     if n <= GEMV_MAX_TOKENS or n < crossover(w):
         return _kernel(x, w)
     return _torch_tiles(x, w, TILE_BF16)
+
+
+def _cuda_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """The CUDA choice (module doc): x float32 [n, in] on a CUDA device -> float32 [n, out]."""
+    from . import cuda as kcuda
+
+    if w.qtype in FLOAT_TYPES:
+        wt = _float_weight(w).to(x.device)
+        return (x.bfloat16() @ wt.T).float() if w.qtype is QType.BF16 else x @ wt.float().T
+    n = x.shape[0]
+    if n <= CUDA_GEMV_MAX_TOKENS:
+        return kcuda.gemv(x, w)
+    if n < CUDA_CROSSOVER:
+        return kcuda.gemm(x, w)
+    wt = kcuda.dequantize(w, x.device).to(torch.bfloat16)
+    return (x.to(torch.bfloat16) @ wt.T).float()
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -218,7 +242,7 @@ class QuantizedLinear(torch.nn.Module):
         21.0 ms; the lm_head 14.9 -> 10.2 ms). With `row_parts` > 1 the copy is kept as that many
         equal row blocks (a fused gate+up: `swiglu` multiplies them with oneDNN's SiLU and
         multiply post-ops). Returns the copy's bytes. Float weights (f32/f16/bf16) get a copy
-        too; Q4_K/Q6_K use the reference dequantizer. Raises ValueError when the rows do not
+        too. Raises ValueError when the rows do not
         split into `row_parts` equal blocks."""
         w = self.qweight
         if w.out_features % self.row_parts:
@@ -227,7 +251,9 @@ class QuantizedLinear(torch.nn.Module):
         rows = max(16, TILE_FLOATS // w.in_features)
         for r0 in range(0, w.out_features, rows):
             r1 = min(w.out_features, r0 + rows)
-            copy[r0:r1] = dequantize(w.row_slice(r0, r1)).to(torch.bfloat16)
+            tile = (cpu.dequantize_rows(w, r0, r1) if cpu.supported(w.qtype)
+                    else reference.dequantize_ref(w.row_slice(r0, r1)))
+            copy[r0:r1] = torch.from_numpy(tile).to(torch.bfloat16)
         parts = []
         for part in copy.chunk(self.row_parts, 0):
             part, self._bf16_blocked = _onednn_blocked(part.contiguous())
@@ -295,9 +321,9 @@ class QuantizedLinear(torch.nn.Module):
 
     def packed_kernel_args(self, n_tokens: int):
         """(fmt, qs, d, m) of the row-interleaved CPU kernels (shardline.kernels.cpu._packed) when `forward`
-        would run them for `n_tokens` tokens (CPU, q8_0/q4_0/q4_1, no bias, below the crossover
-        and the bf16-copy threshold), so a fused caller (shardline/kernels/fused.py) makes the same
-        choice; else None."""
+        would run them for `n_tokens` tokens (CPU, a GGML block type other than int8/int4, no
+        bias, below the crossover and the bf16-copy threshold), so a fused caller
+        (shardline/kernels/fused.py) makes the same choice; else None."""
         w = self.qweight
         if (self.bias is not None or cpu.FMT.get(w.qtype) not in cpu.PACKED_FORMATS or w.in_features % 32
                 or self.takes_bf16_copy(n_tokens)

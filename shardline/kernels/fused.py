@@ -9,7 +9,8 @@ gate/up GEMV, SwiGLU, down GEMV, residual) runs inside compiled code; Python cal
 
 The math is the one of shardline/worker/model.py's DecoderLayer (Touvron et al. 2023, LLaMA; Su et al.
 2021, RoPE on adjacent pairs as GGUF stores Q/K rows; Ainslie et al. 2023, GQA; Kwon et al.
-2023, paged KV) with the same GEMV kernels (shardline/kernels/cpu.py, row-interleaved q8_0/q4_0/q4_1)
+2023, paged KV) with the same GEMV kernels (shardline/kernels/cpu.py, row-interleaved q8_0/q4_0/q4_1, and
+shardline/kernels/qdot.py's 8-bit integer kernels for Q5_0, Q5_1 and the K-quants)
 and the same attention loop (shardline/kernels/attention.py); only the RMSNorm and RoPE arithmetic are
 written out here (float32, as torch does them), so results agree with the unfused path to
 float32 rounding. Tests: tests/kernels/test_fused.py against DecoderLayer.
@@ -22,7 +23,8 @@ activations they read or write may be bfloat16, passed as uint16 arrays of bit p
 Shapes (T = tokens of the step, one per sequence; H = hidden; D = head_dim; F = ffn width):
     x            float32 [T, H], updated in place (residual stream)
     norm weights float32 [H]
-    linears      (fmt, qs, d, m) from shardline.kernels.cpu._packed: qkv [Hq*D + 2*Hkv*D, H],
+    linears      (fmt, qs, d, m) from shardline.kernels.cpu._packed (any of its formats, each
+                 linear its own): qkv [Hq*D + 2*Hkv*D, H],
                  o [H, Hq*D], gate_up [2F, H], down [H, F]
     cos, sin     float32 [max_positions, D/2] rotary factors
     positions    int64 [T]; slots int64 [T] flat KV slot of each token
@@ -35,7 +37,7 @@ import numpy as np
 from numba import njit
 
 from .attention import _paged_decode, load_float32, store_as
-from .cpu import _packed_parallel, _packed_serial
+from .cpu import packed_linear
 
 
 @njit(fastmath=True, cache=True)
@@ -74,11 +76,9 @@ def add_rms_norm(x, y, w, eps, out):
 
 @njit(cache=True)
 def _linear(fmt, qs, dd, mm, x, y, nchunk):
-    """y = x @ W.T through the packed kernels: serial, or over `nchunk` prange chunks."""
-    if nchunk > 1:
-        _packed_parallel(fmt, qs, dd, mm, x, y, nchunk)
-    else:
-        _packed_serial(fmt, qs, dd, mm, x, y)
+    """y = x @ W.T through the packed kernels (shardline.kernels.cpu.packed_linear): serial, or
+    over `nchunk` prange chunks."""
+    packed_linear(fmt, qs, dd, mm, x, y, nchunk)
 
 
 @njit(fastmath=True, cache=True)

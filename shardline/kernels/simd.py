@@ -140,6 +140,14 @@ def vfma(typingctx, a, b, c):
     return float32x16(a, b, c), codegen
 
 
+@intrinsic
+def vmul(typingctx, a, b):
+    """a * b per lane."""
+    if not (a == b == float32x16):
+        return None
+    return float32x16(a, b), lambda context, builder, sig, args: builder.fmul(args[0], args[1])
+
+
 def _fold(width):
     """The shuffle-add step that halves the segments: x and y each hold 16 // width segments of
     `width` lanes (segment s: partial sums of dot product s); the result holds 2 * 16 // width

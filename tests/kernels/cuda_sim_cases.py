@@ -8,19 +8,22 @@ import torch
 
 from shardline.kernels.reference import dequantize_ref, matmul_ref
 
-from tests.kernels.helpers import KERNEL_FORMATS, assert_matmul_close, random_weight
+from shardline.kernels.formats import GGML_BLOCK, QType
+
+from tests.kernels.helpers import KERNEL_FORMATS, NEW_GGML, assert_matmul_close, random_weight
 
 
-@pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS)
+@pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS + [(q, True) for q in NEW_GGML])
 def test_cuda_sim(qtype, sym):
     from shardline.kernels import cuda as kc
     assert kc.SIM
     rng = np.random.default_rng(21)
-    w = random_weight(qtype, sym, 5, 64, rng)          # 5 rows: not a multiple of TILE
+    k = 64 if qtype in ("q5_0", "q5_1") or GGML_BLOCK.get(QType(qtype), (32,))[0] == 32 else 256
+    w = random_weight(qtype, sym, 5, k, rng)           # 5 rows: not a multiple of TILE
     wdeq = dequantize_ref(w)
     np.testing.assert_allclose(kc.dequantize(w, "cpu").numpy(), wdeq, rtol=1e-6,
                                atol=1e-6 * np.abs(wdeq).max())
-    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
     ref = matmul_ref(x, w).astype(np.float64)
     xt = torch.from_numpy(x)
     assert_matmul_close(kc.gemv(xt, w).numpy(), x, wdeq, ref)

@@ -11,11 +11,11 @@ import torch
 
 from shardline.kernels import cpu, dispatch
 from shardline.kernels.dispatch import QuantizedLinear, quantized_matmul
-from shardline.kernels.formats import QuantizedWeight, quantize
+from shardline.kernels.formats import GGML_BLOCK, QType, QuantizedWeight, quantize
 from shardline.kernels.reference import dequantize_ref, matmul_ref
 
-from .helpers import (KERNEL_FORMATS, MODEL, assert_matmul_close, assert_matmul_close_bf16,
-                      random_weight)
+from .helpers import (KERNEL_FORMATS, MODEL, NEW_GGML, assert_matmul_close, assert_matmul_close_bf16,
+                      assert_matmul_close_q8, random_ggml, random_weight)
 
 # out_features not a multiple of any chunk/tile size; in_features a multiple of 32 (and of the
 # group sizes used).
@@ -112,24 +112,55 @@ def test_errors():
                  QuantizedWeight("f32", (8, 64), np.ones((8, 64), np.float32), group_size=1))
 
 
-@pytest.mark.parametrize("qtype", ["q4_k", "q6_k"])
-def test_k_quants_reference(qtype):
-    rng = np.random.default_rng(12)
-    wf = rng.standard_normal((4, 256)).astype(np.float32)
-    t = gguf.GGMLQuantizationType[qtype.upper()]
-    # gguf has no K-quant quantizer: random bytes with small fp16 scales are valid blocks
-    nbytes = {"q4_k": 144, "q6_k": 210}[qtype]
-    raw = rng.integers(0, 256, (4, nbytes), dtype=np.uint8)
-    d_off = {"q4_k": 0, "q6_k": 208}[qtype]
-    raw[:, d_off:d_off + 2] = np.full((4, 1), 0.01, np.float16).view(np.uint8)
-    if qtype == "q4_k":
-        raw[:, 2:4] = np.full((4, 1), 0.005, np.float16).view(np.uint8)
-    w = QuantizedWeight(qtype, (4, 256), raw, group_size=256)
-    ref = gguf.quants.dequantize(raw, t).reshape(4, 256)
-    assert np.count_nonzero(ref) > 0
-    np.testing.assert_array_equal(dispatch.dequantize(w).numpy(), ref)
-    x = torch.from_numpy(wf[:2])
-    torch.testing.assert_close(quantized_matmul(x, w), x @ torch.from_numpy(ref).T)
+@pytest.mark.parametrize("qtype", NEW_GGML)
+def test_new_ggml_kernels_vs_reference(qtype):
+    """Q5_0, Q5_1 and the K-quants: the CPU dequantizer (the row decoders of the file layout),
+    the row-wise kernels (float32 arithmetic: the same bound as the other formats; their dot
+    loop is shared, so two formats) and gemv/gemm (the 8-bit integer kernels: the
+    int8-activation bound) against the NumPy reference, on odd row counts, one- and
+    several-block rows, and tensor-parallel shards."""
+    rng = np.random.default_rng(sum(map(ord, qtype)))
+    bs = GGML_BLOCK[QType(qtype)][0]
+    for shape in ((1, bs), (37, 3 * bs)):
+        w = random_ggml(qtype, *shape, rng)
+        wdeq = dequantize_ref(w)
+        np.testing.assert_allclose(cpu.dequantize(w), wdeq, rtol=1e-6, atol=1e-6 * np.abs(wdeq).max())
+        for n in (1, 2, 3, 17):
+            x = rng.standard_normal((n, shape[1])).astype(np.float32)
+            ref = matmul_ref(x, w).astype(np.float64)
+            if qtype in ("q5_0", "q4_k"):  # the row-wise drivers share one dot loop: two formats
+                for fn in (cpu.gemv_rowwise, cpu.gemm_rowwise):
+                    assert_matmul_close(fn(x, w), x, wdeq, ref)
+            for fn in (cpu.gemv, cpu.gemm):
+                assert_matmul_close_q8(fn(x, w), x, wdeq)
+    for shard in (w.row_slice(5, 30), w.col_slice(bs, 3 * bs)):
+        x = rng.standard_normal((2, shard.in_features)).astype(np.float32)
+        assert_matmul_close_q8(cpu.gemv(x, shard), x, dequantize_ref(shard))
+
+
+@pytest.mark.parametrize("qtype", NEW_GGML)
+def test_new_ggml_dispatch(qtype):
+    """quantized_matmul and QuantizedLinear on the new types: the kernel below the crossover,
+    bf16 tiles above it; a bf16 copy built from the CPU dequantizer."""
+    rng = np.random.default_rng(15)
+    w = random_ggml(qtype, 45, 256, rng)
+    wdeq = dequantize_ref(w)
+    torch.testing.assert_close(dispatch.dequantize(w), torch.from_numpy(wdeq), rtol=1e-6, atol=1e-6 * np.abs(wdeq).max())
+    assert dispatch.crossover(w) == dispatch.CPU_CROSSOVER[w.qtype]
+    dispatch.set_crossover(w.qtype, w.shape, 5)  # both paths at small n
+    try:
+        for n in (1, 3, 6):
+            x = rng.standard_normal((n, 256)).astype(np.float32)
+            y = quantized_matmul(torch.from_numpy(x), w).numpy()
+            if n < 5:
+                assert_matmul_close_q8(y, x, wdeq)
+            else:
+                assert_matmul_close_bf16(y, x, wdeq, matmul_ref(x, w).astype(np.float64))
+    finally:
+        dispatch._crossover.clear()
+    lin = QuantizedLinear(w)
+    lin.keep_bf16_copy()
+    torch.testing.assert_close(lin.bf16_copy().float(), torch.from_numpy(wdeq), rtol=2.0**-8, atol=1e-7)
 
 
 @functools.lru_cache(maxsize=1)

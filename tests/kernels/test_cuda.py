@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from .helpers import KERNEL_FORMATS, assert_matmul_close, random_weight
+from .helpers import KERNEL_FORMATS, NEW_GGML, assert_matmul_close, random_weight
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,14 +31,15 @@ def test_import_without_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS)
+@pytest.mark.parametrize("qtype,sym", KERNEL_FORMATS + [(q, True) for q in NEW_GGML])
 @pytest.mark.parametrize("n", [1, 3, 17, 64, 200])
 def test_cuda_matmul_on_gpu(qtype, sym, n):
     from shardline.kernels.dispatch import quantized_matmul
     from shardline.kernels.reference import dequantize_ref, matmul_ref
     rng = np.random.default_rng(31)
-    w = random_weight(qtype, sym, 1000, 576, rng)
-    x = rng.standard_normal((n, 576)).astype(np.float32)
+    k = 512 if qtype.endswith("_k") else 576
+    w = random_weight(qtype, sym, 1000, k, rng)
+    x = rng.standard_normal((n, k)).astype(np.float32)
     y = quantized_matmul(torch.from_numpy(x).cuda(), w).cpu().numpy()
     ref = matmul_ref(x, w).astype(np.float64)
     if n >= 64:  # bf16 GEMM path: relative error ~ 2^-8 per operand
