@@ -521,7 +521,7 @@ def drain(worker_id, address, as_json, timeout, server_key_file, key_file):
     plan = reply.get("plan") or {}
     click.echo(f"worker {reply['worker_id']} drained in {reply['drain_s']:.1f} s: serving on "
                f"{', '.join(a['worker_id'] for a in plan.get('assignments', [])) or '?'} "
-               f"(plan generation {reply['generation']}, pipeline {plan.get('pp_size', '?')} x tensor "
+               f"(plan {reply['plan_id']}, pipeline {plan.get('pp_size', '?')} x tensor "
                f"{plan.get('tp_size', '?')}); {reply['requests_resumed']} sequences resumed")
 
 

@@ -41,10 +41,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import msgpack
+import msgspec
 import zmq
 import zmq.asyncio
 
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.config import DEFAULT_CLIENT_ADDRESS
 from shardline.protocol import ErrorCode, MsgType
@@ -87,12 +88,12 @@ class ClientClosedError(ShardlineError):
     """The client was closed (or closed while a call was waiting)."""
 
 
-def _error(body: dict) -> ShardlineError:
+def _error(body: M.Error) -> ShardlineError:
     try:
-        code = ErrorCode(body.get("code", ErrorCode.INTERNAL))
+        code = ErrorCode(body.code)
     except ValueError:
         code = ErrorCode.INTERNAL
-    message = str(body.get("message", "error"))
+    message = body.message
     if code in (ErrorCode.INVALID_REQUEST, ErrorCode.BAD_FRAME):
         return InvalidRequestError(message, code)
     if code in (ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED):
@@ -103,8 +104,8 @@ def _error(body: dict) -> ShardlineError:
 # ---- results --------------------------------------------------------------------------------------
 @dataclass
 class CompletionChoice:
-    """One of the n outputs of a request. logprobs: per generated token [logprob of the token,
-    [[token, logprob] x k]] (the raw distribution, natural log) when asked for."""
+    """One of the n outputs of a request. logprobs: per generated token (logprob of the token,
+    [(token, logprob) x k]) (the raw distribution, natural log) when asked for."""
 
     index: int
     text: str
@@ -129,7 +130,7 @@ class GenerationResult:
     stop_reason: str | int | None = None
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    logprobs: list | None = None  # per token: [logprob of the token, [[token, logprob] top-k]]
+    logprobs: list | None = None  # per token: (logprob of the token, [(token, logprob) top-k])
     request_id: str = ""
     choices: list[CompletionChoice] = field(default_factory=list)
     prompt_logprobs: list | None = None
@@ -169,43 +170,48 @@ class Delta:
     prompt_token_ids: list[int] | None = None
 
 
-def _token_bytes(body: dict) -> dict[int, bytes]:
-    return {int(k): bytes(v) for k, v in (body.get("token_bytes") or {}).items()}
+def _token_bytes(token_bytes: dict[str, bytes] | None) -> dict[int, bytes]:
+    return {int(k): v for k, v in (token_bytes or {}).items()}
 
 
-def _ids_or_none(data) -> list[int] | None:
+def _ids_or_none(data: bytes | None) -> list[int] | None:
     return None if data is None else P.unpack_ids(data)
 
 
-def _choices(body: dict) -> list[CompletionChoice]:
-    if "choices" in body:
-        return [CompletionChoice(c["index"], c["text"], P.unpack_ids(c["token_ids"]), c["finish_reason"],
-                                 c.get("stop_reason"), c.get("logprobs")) for c in body["choices"]]
-    return [CompletionChoice(0, body["text"], P.unpack_ids(body["token_ids"]), body["finish_reason"],
-                             body.get("stop_reason"), body.get("logprobs"))]
+def _choices(body: M.Done) -> list[CompletionChoice]:
+    if body.choices is not None:
+        return [CompletionChoice(c.index, c.text, P.unpack_ids(c.token_ids), c.finish_reason, c.stop_reason,
+                                 c.logprobs) for c in body.choices]
+    return [CompletionChoice(0, body.text, P.unpack_ids(body.token_ids), body.finish_reason, body.stop_reason,
+                             body.logprobs)]
 
 
-def _result(body: dict, request_id: str) -> GenerationResult:
-    return GenerationResult(body["text"], P.unpack_ids(body["token_ids"]), body["finish_reason"],
-                            body.get("stop_reason"), body.get("usage", {}), body.get("timings", {}),
-                            body.get("logprobs"), request_id, _choices(body), body.get("prompt_logprobs"),
-                            _token_bytes(body), _ids_or_none(body.get("prompt_token_ids")))
+def _result(body: M.Done, request_id: str) -> GenerationResult:
+    return GenerationResult(body.text, P.unpack_ids(body.token_ids), body.finish_reason, body.stop_reason,
+                            msgspec.structs.asdict(body.usage), msgspec.structs.asdict(body.timings),
+                            body.logprobs, request_id, _choices(body), body.prompt_logprobs,
+                            _token_bytes(body.token_bytes), _ids_or_none(body.prompt_token_ids))
 
 
-def _delta(body: dict) -> Delta:
-    return Delta(body["text"], P.unpack_ids(body["token_ids"]), body.get("logprobs"), index=body.get("index", 0),
-                 prompt_logprobs=body.get("prompt_logprobs"),
-                 token_bytes=_token_bytes(body) if "token_bytes" in body else None,
-                 prompt_token_ids=_ids_or_none(body.get("prompt_token_ids")))
+def _delta(body: M.Delta) -> Delta:
+    return Delta(body.text, P.unpack_ids(body.token_ids), body.logprobs, index=body.index,
+                 prompt_logprobs=body.prompt_logprobs,
+                 token_bytes=None if body.token_bytes is None else _token_bytes(body.token_bytes),
+                 prompt_token_ids=_ids_or_none(body.prompt_token_ids))
 
 
-def _final_delta(body: dict) -> Delta:
-    return Delta("", [], None, body["finish_reason"], body.get("usage"), body.get("timings"),
-                 choices=_choices(body))
+def _final_delta(body: M.Done) -> Delta:
+    return Delta("", [], None, body.finish_reason, msgspec.structs.asdict(body.usage),
+                 msgspec.structs.asdict(body.timings), choices=_choices(body))
+
+
+def _reply_dict(body: M.Message) -> dict:
+    """A reply as the plain dict the API returns (HEALTH_REPLY, STATS_REPLY, DRAIN_WORKER_REPLY)."""
+    return msgspec.to_builtins(body, builtin_types=(bytes,))
 
 
 def _generate_body(request_id: str, prompt, messages, prompt_token_ids, stream: bool, logprobs, prompt_logprobs,
-                   params: dict) -> dict:
+                   params: dict) -> M.Generate:
     """The GENERATE body; validates locally so a bad field fails before anything is sent.
 
     Raises:
@@ -220,38 +226,36 @@ def _generate_body(request_id: str, prompt, messages, prompt_token_ids, stream: 
         num_prompt_logprobs = check_num_logprobs("prompt_logprobs", prompt_logprobs)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
-    body = {"request_id": request_id, "params": sp.to_dict(), "stream": stream, "logprobs": num_logprobs}
-    if num_prompt_logprobs:
-        body["prompt_logprobs"] = num_prompt_logprobs
+    body = M.Generate(request_id=request_id, params=sp.to_dict(), stream=stream, logprobs=num_logprobs,
+                      prompt_logprobs=num_prompt_logprobs or None)
     if prompt_token_ids is not None:
         if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                 type(t) is int and 0 <= t <= MAX_TOKENS for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt_token_ids must be a list of integers in [0, {MAX_TOKENS}]",
                                       param="prompt_token_ids")
-        body["prompt_token_ids"] = P.pack_ids(prompt_token_ids)
+        body.prompt_token_ids = P.pack_ids(prompt_token_ids)
     elif messages is not None:
-        body["messages"] = list(messages)
+        try:
+            body.messages = msgspec.convert(list(messages), list[M.ChatMessage])
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise InvalidRequestError(f"messages: must be a list of {{role: str, content: str}} ({exc})",
+                                      param="messages") from None
     elif isinstance(prompt, str):
-        body["prompt"] = prompt
+        body.prompt = prompt
     else:
         raise InvalidRequestError("give a prompt (str), messages, or prompt_token_ids", param="prompt")
     try:  # what msgpack cannot carry: lone surrogates in text, sets, objects
-        msgpack.packb(body)
+        P.encode(body)
     except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-        field = "messages" if "messages" in body else "prompt" if "prompt" in body else "params"
+        field = "messages" if body.messages is not None else "prompt" if body.prompt is not None else "params"
         raise InvalidRequestError(f"{field}: cannot be sent ({exc})", param=field) from None
     return body
 
 
-def _route(msg_type: MsgType, body: dict) -> str:
+def _route(msg_type: MsgType, body: M.Message) -> str:
     """The key a reply is delivered under: its request id (HEALTH/STATS/MODELS replies from a
     coordinator that does not echo one: the reply type's name)."""
-    rid = body.get("request_id")
-    return rid if isinstance(rid, str) and rid else msg_type.name
-
-
-_INTROSPECTION = {MsgType.HEALTH: MsgType.HEALTH_REPLY, MsgType.STATS: MsgType.STATS_REPLY,
-                  MsgType.MODELS: MsgType.MODELS_REPLY}
+    return getattr(body, "request_id", "") or msg_type.name
 
 
 def _new_socket(ctx, curve: tuple | None = None) -> zmq.Socket:
@@ -317,16 +321,16 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _send(self, msg_type: MsgType, body: dict, flags: int = 0) -> None:
+    def _send(self, body: M.Message, flags: int = 0) -> None:
         with self._lock:
             if self._closed:
                 raise ClientClosedError("the client is closed")
             try:  # SNDTIMEO = timeout_s: with no connection (coordinator down, CURVE keys refused) a
-                self._sock.send(P.encode(msg_type, body), flags)  # DEALER send would block forever
+                self._sock.send(P.encode(body), flags)  # DEALER send would block forever
             except zmq.Again:
                 raise RequestTimeoutError(_NOT_SENT.format(self.address, self.timeout_s), ErrorCode.UNAVAILABLE) from None
 
-    def _recv(self, key: str, timeout_s: float | None = None) -> tuple[MsgType, dict]:
+    def _recv(self, key: str, timeout_s: float | None = None) -> tuple[MsgType, M.Message]:
         """Next message for `key` (registered in `_inbox`), waiting at most `timeout_s`."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
@@ -354,28 +358,29 @@ class Client:
             if dest is not None:
                 dest.append((msg_type, body))
 
-    def _request(self, msg_type: MsgType, timeout_s: float | None = None) -> dict:
+    def _request(self, request: type[M.Health | M.Stats | M.Models], timeout_s: float | None = None) -> dict:
+        """Send HEALTH, STATS or MODELS and return the reply as a dict."""
         key = uuid.uuid4().hex
         self._inbox[key] = deque()
         try:
-            self._send(msg_type, {"request_id": key})
+            self._send(request(request_id=key))
             _, body = self._recv(key, timeout_s)
-            return body
+            return _reply_dict(body)
         finally:
             self._inbox.pop(key, None)
 
     # ---- API -----------------------------------------------------------------------------
     def health(self, timeout_s: float | None = None) -> dict:
         """{status: ok|waiting_for_workers|loading|degraded: ..., workers_up, workers_expected, model}."""
-        return self._request(MsgType.HEALTH, timeout_s)
+        return self._request(M.Health, timeout_s)
 
     def stats(self, timeout_s: float | None = None) -> dict:
         """Counters, queue and KV state, workers, plan (see docs/protocol.md, STATS_REPLY)."""
-        return self._request(MsgType.STATS, timeout_s)
+        return self._request(M.Stats, timeout_s)
 
     def models(self, timeout_s: float | None = None) -> list[dict]:
         """[{id, name, context_length (tokens), architecture}]."""
-        return self._request(MsgType.MODELS, timeout_s)["models"]
+        return self._request(M.Models, timeout_s)["models"]
 
     def drain_worker(self, worker_id: str, timeout_s: float | None = None) -> dict:
         """Take one worker out of service: the coordinator re-plans onto the other workers
@@ -383,8 +388,8 @@ class Client:
         the worker down (it exits 0). Waits until the new plan serves, at most `timeout_s`
         (default: the client's); the drain goes on if the wait ends first.
 
-        Returns the DRAIN_WORKER_REPLY: {worker_id, generation, plan, requests_resumed, drain_s
-        (seconds)}.
+        Returns the DRAIN_WORKER_REPLY: {worker_id, plan_id, plan, requests_resumed, drain_s
+        (seconds), request_id}.
 
         Raises:
             ShardlineError (code NOT_FOUND): no such live worker. InvalidRequestError: no plan
@@ -395,13 +400,13 @@ class Client:
         key = uuid.uuid4().hex
         self._inbox[key] = deque()
         try:
-            self._send(MsgType.DRAIN_WORKER, {"request_id": key, "worker_id": worker_id})
+            self._send(M.DrainWorker(request_id=key, worker_id=worker_id))
             msg_type, body = self._recv(key, timeout_s)
         finally:
             self._inbox.pop(key, None)
         if msg_type is MsgType.ERROR:
             raise _error(body)
-        return body
+        return _reply_dict(body)
 
     def wait_ready(self, timeout_s: float = 300.0) -> dict:
         """Poll HEALTH until the cluster serves. Raises UnavailableError on timeout or a failed plan."""
@@ -420,11 +425,11 @@ class Client:
         raise UnavailableError(f"cluster at {self.address} not ready after {timeout_s} s (last status: {status})",
                                ErrorCode.UNAVAILABLE)
 
-    def _submit(self, body: dict) -> str:
-        request_id = body["request_id"]
+    def _submit(self, body: M.Generate) -> str:
+        request_id = body.request_id
         self._inbox[request_id] = deque()
         try:
-            self._send(MsgType.GENERATE, body)
+            self._send(body)
             msg_type, reply = self._recv(request_id)
         except BaseException:
             self._inbox.pop(request_id, None)
@@ -499,12 +504,12 @@ class Client:
     def cancel(self, request_id: str) -> None:
         """Ask the coordinator to stop a request; its KV blocks are freed within one step.
         Raises RequestTimeoutError when it cannot be sent within `timeout_s` (no connection)."""
-        self._send(MsgType.CANCEL, {"request_id": request_id})
+        self._send(M.Cancel(request_id=request_id))
 
     def _cancel_quietly(self, request_id: str) -> None:
         """Best-effort CANCEL on the way out of a failed or abandoned call (never blocks)."""
         try:
-            self._send(MsgType.CANCEL, {"request_id": request_id}, zmq.NOBLOCK)
+            self._send(M.Cancel(request_id=request_id), zmq.NOBLOCK)
         except ShardlineError:  # no connection: the coordinator will drop the client's requests
             pass
 
@@ -571,15 +576,15 @@ class AsyncClient:
         q = self._queues[key] = asyncio.Queue()
         return q
 
-    async def _send(self, msg_type: MsgType, body: dict) -> None:
+    async def _send(self, body: M.Message) -> None:
         if self._closed:
             raise ClientClosedError("the client is closed")
         try:  # with no connection (coordinator down, CURVE keys refused) the send would wait forever
-            await asyncio.wait_for(self._sock.send(P.encode(msg_type, body)), self.timeout_s)
+            await asyncio.wait_for(self._sock.send(P.encode(body)), self.timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(_NOT_SENT.format(self.address, self.timeout_s), ErrorCode.UNAVAILABLE) from None
 
-    async def _get(self, q: asyncio.Queue, timeout_s: float | None = None) -> tuple[MsgType, dict]:
+    async def _get(self, q: asyncio.Queue, timeout_s: float | None = None) -> tuple[MsgType, M.Message]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             item = await asyncio.wait_for(q.get(), timeout_s)
@@ -590,13 +595,14 @@ class AsyncClient:
             raise ClientClosedError("the client was closed")
         return item
 
-    async def _request(self, msg_type: MsgType, timeout_s: float | None = None) -> dict:
+    async def _request(self, request: type[M.Health | M.Stats | M.Models], timeout_s: float | None = None) -> dict:
+        """Send HEALTH, STATS or MODELS and return the reply as a dict."""
         key = uuid.uuid4().hex
         q = self._open(key)
         try:
-            await self._send(msg_type, {"request_id": key})
+            await self._send(request(request_id=key))
             _, body = await self._get(q, timeout_s)
-            return body
+            return _reply_dict(body)
         finally:
             self._queues.pop(key, None)
 
@@ -610,15 +616,15 @@ class AsyncClient:
                 log.warning("could not cancel %s: %s", request_id, fut.exception())
 
         try:  # resolves at once unless earlier sends are queued; never blocks
-            self._sock.send(P.encode(MsgType.CANCEL, {"request_id": request_id}), zmq.NOBLOCK).add_done_callback(check)
+            self._sock.send(P.encode(M.Cancel(request_id=request_id)), zmq.NOBLOCK).add_done_callback(check)
         except (zmq.ZMQError, RuntimeError) as exc:  # RuntimeError: the event loop is gone
             log.warning("could not cancel %s: %s", request_id, exc)
 
-    async def _submit(self, body: dict) -> asyncio.Queue:
-        request_id = body["request_id"]
+    async def _submit(self, body: M.Generate) -> asyncio.Queue:
+        request_id = body.request_id
         q = self._open(request_id)
         try:
-            await self._send(MsgType.GENERATE, body)
+            await self._send(body)
             msg_type, reply = await self._get(q)
         except BaseException:
             self._queues.pop(request_id, None)
@@ -633,15 +639,15 @@ class AsyncClient:
     # ---- API -----------------------------------------------------------------------------
     async def health(self, timeout_s: float | None = None) -> dict:
         """See `Client.health`."""
-        return await self._request(MsgType.HEALTH, timeout_s)
+        return await self._request(M.Health, timeout_s)
 
     async def stats(self, timeout_s: float | None = None) -> dict:
         """See `Client.stats`."""
-        return await self._request(MsgType.STATS, timeout_s)
+        return await self._request(M.Stats, timeout_s)
 
     async def models(self, timeout_s: float | None = None) -> list[dict]:
         """See `Client.models`."""
-        return (await self._request(MsgType.MODELS, timeout_s))["models"]
+        return (await self._request(M.Models, timeout_s))["models"]
 
     async def wait_ready(self, timeout_s: float = 300.0) -> dict:
         """See `Client.wait_ready`."""
@@ -704,15 +710,15 @@ class AsyncClient:
 
     async def cancel(self, request_id: str) -> None:
         """See `Client.cancel`."""
-        await self._send(MsgType.CANCEL, {"request_id": request_id})
+        await self._send(M.Cancel(request_id=request_id))
 
 
 class DeltaStream:
     """Async iterator over the Deltas of one streaming request of an `AsyncClient`."""
 
-    def __init__(self, client: AsyncClient, body: dict):
+    def __init__(self, client: AsyncClient, body: M.Generate):
         self.client = client
-        self.request_id: str = body["request_id"]
+        self.request_id: str = body.request_id
         self._body = body
         self._queue: asyncio.Queue | None = None
         self._done = False

@@ -1,4 +1,6 @@
-"""Wire protocol for the client and worker planes (docs/protocol.md is the spec).
+"""Wire protocol for the client and worker planes (docs/protocol.md is the spec): framing, message
+types, error codes, limits, and the codec that turns a message body (a struct of
+`shardline.messages`) into a frame and back.
 
 Every ZeroMQ message is one frame (a ROUTER adds the peer identity in front of it):
 
@@ -7,7 +9,7 @@ Every ZeroMQ message is one frame (a ROUTER adds the peer identity in front of i
     2       1     protocol major version
     3       1     protocol minor version
     4       2     message type (uint16, little-endian), see `MsgType`
-    6       ...   msgpack body: a map with string keys
+    6       ...   msgpack body: a map with string keys, the fields of the type's struct
 
 Token-id arrays travel as packed little-endian int32 bytes (`pack_ids` / `unpack_ids`). A peer
 with another major version is refused with an ERROR naming both versions; a newer minor version
@@ -18,15 +20,16 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any
 
-import msgpack
+import msgspec
 import numpy as np
 
+from shardline import messages as M
+from shardline.messages import MAX_DEPTH, Message  # noqa: F401 (MAX_DEPTH: the body nesting limit)
+
 MAGIC = b"SL"
-PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 2  # 1.1: shard transfer (SHARD_*), model digest in REGISTER/ASSIGN, MODEL_MISMATCH;
-# 1.2: DRAIN_WORKER / DRAIN_WORKER_REPLY (move one worker's work elsewhere), SHUTDOWN `reason`
+PROTOCOL_MAJOR = 2
+PROTOCOL_MINOR = 0  # 2.0: every body a typed struct; plan_id, input_step, token_stream, async_scheduling
 HEADER = struct.Struct("<2sBBH")
 HEADER_BYTES = HEADER.size
 
@@ -34,7 +37,6 @@ HEADER_BYTES = HEADER.size
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # weight chunks are the largest messages
 MAX_CLIENT_FRAME_BYTES = 8 * 1024 * 1024
 MAX_PROMPT_TOKENS = 1 << 20
-MAX_DEPTH = 16  # deepest nesting of maps/lists in a body (the deepest real message, STEP_RESULT, has 6)
 SHARD_CHUNK_BYTES = 4 * 1024 * 1024  # weight bytes per SHARD_CHUNK (a frame stays far below MAX_FRAME_BYTES)
 SHARD_WINDOW = 4  # SHARD_FETCHes a worker keeps outstanding (bounds the coordinator's send queue)
 
@@ -95,19 +97,56 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-def encode(msg_type: MsgType, body: dict[str, Any] | None = None) -> bytes:
-    """Encode one message: header + msgpack body."""
-    return HEADER.pack(MAGIC, PROTOCOL_MAJOR, PROTOCOL_MINOR, int(msg_type)) + msgpack.packb(
-        body or {}, use_bin_type=True
-    )
+BODY_TYPES: dict[MsgType, type[Message]] = {
+    MsgType.GENERATE: M.Generate, MsgType.ACCEPTED: M.Accepted, MsgType.DELTA: M.Delta, MsgType.DONE: M.Done,
+    MsgType.CANCEL: M.Cancel, MsgType.HEALTH: M.Health, MsgType.HEALTH_REPLY: M.HealthReply,
+    MsgType.STATS: M.Stats, MsgType.STATS_REPLY: M.StatsReply, MsgType.MODELS: M.Models,
+    MsgType.MODELS_REPLY: M.ModelsReply, MsgType.DRAIN_WORKER: M.DrainWorker,
+    MsgType.DRAIN_WORKER_REPLY: M.DrainWorkerReply, MsgType.REGISTER: M.Register, MsgType.ASSIGN: M.Assign,
+    MsgType.READY: M.Ready, MsgType.STEP: M.Step, MsgType.STEP_RESULT: M.StepResult,
+    MsgType.HEARTBEAT: M.Heartbeat, MsgType.SHUTDOWN: M.Shutdown, MsgType.SHARD_REQUEST: M.ShardRequest,
+    MsgType.SHARD_MANIFEST: M.ShardManifest, MsgType.SHARD_FETCH: M.ShardFetch, MsgType.SHARD_CHUNK: M.ShardChunk,
+    MsgType.ERROR: M.Error,
+}
+"""The body struct of each message type."""
+
+CLIENT_REQUESTS = frozenset({MsgType.GENERATE, MsgType.CANCEL, MsgType.HEALTH, MsgType.STATS, MsgType.MODELS,
+                             MsgType.DRAIN_WORKER})
+"""Message types a client may send the coordinator; anything else on the client plane is UNKNOWN_TYPE."""
+
+WORKER_REQUESTS = frozenset({MsgType.REGISTER, MsgType.READY, MsgType.STEP_RESULT, MsgType.HEARTBEAT,
+                             MsgType.SHARD_REQUEST, MsgType.SHARD_FETCH, MsgType.ERROR})
+"""Message types a worker may send the coordinator; anything else on the worker plane is UNKNOWN_TYPE."""
+
+_MSG_TYPE = {cls: t for t, cls in BODY_TYPES.items()}
+_HEADERS = {t: HEADER.pack(MAGIC, PROTOCOL_MAJOR, PROTOCOL_MINOR, int(t)) for t in MsgType}
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in BODY_TYPES.items()}
+_REQUEST_REF = msgspec.msgpack.Decoder(M.RequestRef)
 
 
-def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, dict[str, Any]]:
-    """Decode one frame into (type, body).
+def msg_type_of(body: Message) -> MsgType:
+    """The message type whose body `body` is."""
+    return _MSG_TYPE[type(body)]
+
+
+def encode(body: Message) -> bytes:
+    """Encode one message: the header of `body`'s type + its msgpack body.
 
     Raises:
-        ProtocolError: too large, too short, bad magic, other major version, unknown type, or a
-            body that is not a msgpack map with string keys.
+        KeyError: `body` is not a message body struct (a bug of the caller).
+    """
+    return _HEADERS[_MSG_TYPE[type(body)]] + _ENCODER.encode(body)
+
+
+def read_header(frame: bytes, max_bytes: int = MAX_FRAME_BYTES,
+                accept: frozenset[MsgType] | None = None) -> MsgType:
+    """Check a frame's size and header; returns its message type.
+
+    Raises:
+        ProtocolError: too large or too short (BAD_FRAME), bad magic (BAD_FRAME), another major
+            version (VERSION_MISMATCH, naming both), an unknown type or one not in `accept`
+            (UNKNOWN_TYPE).
     """
     if len(frame) > max_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
@@ -125,128 +164,57 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, dic
         msg_type = MsgType(mtype)
     except ValueError:
         raise ProtocolError(f"unknown message type {mtype}", ErrorCode.UNKNOWN_TYPE) from None
-    n = len(frame) - HEADER_BYTES
+    if accept is not None and msg_type not in accept:
+        raise ProtocolError(f"{msg_type.name} (type {mtype}) is not valid on this plane", ErrorCode.UNKNOWN_TYPE)
+    return msg_type
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES,
+           accept: frozenset[MsgType] | None = None) -> tuple[MsgType, Message]:
+    """Decode one frame into (type, body struct of that type, `BODY_TYPES`).
+
+    The body is decoded straight into its struct: a missing required field or a value of the
+    wrong type is refused with its path. msgspec checks every declared length against the bytes
+    left (a hostile length prefix fails before anything is allocated), refuses invalid UTF-8 and
+    non-string keys of the body's maps, bounds nesting by the interpreter's recursion limit, and
+    skips unknown fields unread; `Any`-typed fields are checked by `messages.check_plain` (plain
+    values, at most `MAX_DEPTH` levels). (The buffer itself is bounded by `max_bytes` and by
+    ZMQ_MAXMSGSIZE on the sockets.)
+
+    Raises:
+        ProtocolError: see `read_header`; BAD_FRAME naming the message type for a body that is
+            not valid msgpack, not a map, or not a valid body of its type.
+    """
+    msg_type = read_header(frame, max_bytes, accept)
     try:
-        # Every declared length is capped by the body's size (a str/bin of k bytes needs k body
-        # bytes, an array of k items at least k, a map of k pairs 2k), so a hostile length prefix
-        # is refused before anything is allocated; ext types are not part of the protocol. (The
-        # buffer itself is bounded by `max_bytes` above and by ZMQ_MAXMSGSIZE on the sockets.)
-        body = msgpack.unpackb(
-            memoryview(frame)[HEADER_BYTES:],
-            raw=False,
-            strict_map_key=True,
-            max_str_len=n,
-            max_bin_len=n,
-            max_array_len=n,
-            max_map_len=n // 2,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException,
-            RecursionError) as exc:
-        raise ProtocolError(f"malformed msgpack body for {msg_type.name}: {exc or type(exc).__name__}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{msg_type.name} body must be a map, got {type(body).__name__}")
-    if not all(isinstance(k, str) for k in body):  # strict_map_key still lets bytes keys through
-        raise ProtocolError(f"{msg_type.name} body must be a map with string keys")
-    check_depth(body, MAX_DEPTH, msg_type.name)
-    return msg_type, body
+        return msg_type, _DECODERS[msg_type].decode(memoryview(frame)[HEADER_BYTES:])
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{msg_type.name}: {exc}") from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed msgpack body for {msg_type.name}: {exc}") from None
 
 
-def check_depth(obj: Any, max_depth: int = MAX_DEPTH, what: str = "message") -> None:
-    """Refuse maps/lists nested deeper than `max_depth` (iterative, so a hostile body cannot
-    exhaust the stack of whoever walks it later).
-
-    Raises:
-        ProtocolError: BAD_FRAME naming the depth limit.
-    """
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if d > max_depth:
-            raise ProtocolError(f"{what} body nests deeper than {max_depth} levels")
-        if isinstance(o, dict):
-            stack.extend((v, d + 1) for v in o.values() if isinstance(v, (dict, list)))
-        elif isinstance(o, list):
-            stack.extend((v, d + 1) for v in o if isinstance(v, (dict, list)))
-
-
-# ---- per-message schemas -------------------------------------------------------------------------
-# Field name -> (accepted Python types, required). `int` never accepts a bool; `float` accepts an
-# int; `bytes` is a msgpack bin; `type(None)` allows nil. Fields not listed are ignored (a newer
-# minor version may add them); listed fields must have the listed types.
-_NUM = (int, float)
-_NIL = type(None)
-SCHEMAS: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {
-    MsgType.GENERATE: {"request_id": ((str,), True), "prompt": ((str,), False), "messages": ((list,), False),
-                       "prompt_token_ids": ((bytes,), False), "params": ((dict, _NIL), False),
-                       "stream": ((bool,), False), "logprobs": ((int, _NIL), False),
-                       "prompt_logprobs": ((int, _NIL), False)},
-    MsgType.CANCEL: {"request_id": ((str,), True)},
-    MsgType.HEALTH: {"request_id": ((str,), False)},
-    MsgType.STATS: {"request_id": ((str,), False)},
-    MsgType.MODELS: {"request_id": ((str,), False)},
-    MsgType.DRAIN_WORKER: {"request_id": ((str,), False), "worker_id": ((str,), True)},
-    MsgType.SHUTDOWN: {"reason": ((str,), False)},
-    MsgType.REGISTER: {"worker_id": ((str,), True), "incarnation": ((str,), False), "host": ((str,), True),
-                       "device": ((str,), True), "memory_bytes": ((int,), True), "version": ((str,), True),
-                       "pid": ((int,), False), "threads": ((int,), False), "price_per_hour": ((*_NUM, _NIL), False),
-                       "speed": (_NUM, False), "model_digest": ((str,), False), "model_path": ((str,), False),
-                       "protocol": ((str,), False)},
-    MsgType.READY: {"worker_id": ((str,), True), "weight_bytes": ((int,), False), "rss_bytes": ((int,), False),
-                    "kv_bytes": ((int,), False), "load_s": (_NUM, False), "generation": ((int,), False)},
-    MsgType.STEP_RESULT: {"step_id": ((int,), True), "seq_ids": ((bytes,), True), "tokens": ((bytes,), True),
-                          "forward_s": (_NUM, False), "logprobs": ((list, _NIL), False),
-                          "prompt_logprobs": ((list, _NIL), False)},
-    MsgType.HEARTBEAT: {"worker_id": ((str,), False), "incarnation": ((str,), False), "num_steps": ((int,), False),
-                        "step_time_s": (_NUM, False), "rss_bytes": ((int,), False), "busy_s": (_NUM, False),
-                        "step_times_s": ((list,), False), "time": (_NUM, False)},
-    MsgType.ASSIGN: {"rank": ((int,), True), "world_size": ((int,), True), "stage": ((int,), True),
-                     "pp_size": ((int,), True), "tp_rank": ((int,), True), "tp_size": ((int,), True),
-                     "layer_start": ((int,), True), "layer_end": ((int,), True), "spec": ((dict,), True),
-                     "num_kv_blocks": ((int,), True), "block_size": ((int,), True), "store_port": ((int,), True),
-                     "store_host": ((str,), True), "store_prefix": ((str,), True), "generation": ((int,), False)},
-    MsgType.STEP: {"step_id": ((int,), True), "seqs": ((list,), True), "free": ((list,), False)},
-    MsgType.SHARD_REQUEST: {"worker_id": ((str,), True), "model_digest": ((str,), True), "reason": ((str,), False)},
-    MsgType.SHARD_MANIFEST: {"model_digest": ((str,), True), "format": ((str,), False), "tensors": ((list,), True),
-                             "total_bytes": ((int,), True),
-                             "chunk_bytes": ((int,), True), "num_chunks": ((int,), True),
-                             "shard_digest": ((str,), True)},
-    MsgType.SHARD_FETCH: {"index": ((int,), True)},
-    MsgType.SHARD_CHUNK: {"index": ((int,), True), "offset": ((int,), True), "data": ((bytes,), True),
-                          "sha256": ((str,), True)},
-    MsgType.ERROR: {"code": ((int,), False), "code_name": ((str,), False), "message": ((str,), False),
-                    "request_id": ((str,), False)},
-}
-
-CLIENT_REQUESTS = frozenset({MsgType.GENERATE, MsgType.CANCEL, MsgType.HEALTH, MsgType.STATS, MsgType.MODELS,
-                             MsgType.DRAIN_WORKER})
-"""Message types a client may send the coordinator; anything else on the client plane is UNKNOWN_TYPE."""
-
-
-def validate(msg_type: MsgType, body: dict[str, Any]) -> dict[str, Any]:
-    """Check `body` against `SCHEMAS[msg_type]` (types without a schema pass). Returns `body`.
-
-    Raises:
-        ProtocolError: BAD_FRAME naming the message type, the field and the expected type.
-    """
-    schema = SCHEMAS.get(msg_type)
-    if schema is None:
-        return body
-    for key, (types, required) in schema.items():
-        if key not in body:
-            if required:
-                raise ProtocolError(f"{msg_type.name}: missing field {key!r}")
-            continue
-        v = body[key]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            names = "/".join("nil" if t is _NIL else "bin" if t is bytes else t.__name__ for t in types)
-            raise ProtocolError(f"{msg_type.name}: field {key!r} must be {names}, got {type(v).__name__}")
-    return body
+def request_id_of(frame: bytes) -> str:
+    """The `request_id` of a client request whose body did not decode (to name it in the ERROR),
+    or "" when it has none that is a string of at most 128 characters."""
+    try:
+        rid = _REQUEST_REF.decode(memoryview(frame)[HEADER_BYTES:]).request_id
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return ""
+    return rid if len(rid) <= 128 else ""
 
 
 def pack_ids(ids) -> bytes:
-    """Token ids -> packed little-endian int32 bytes."""
-    return np.asarray(ids, dtype="<i4").tobytes()
+    """Token ids (a list, tuple, range or any iterable of ints) -> packed little-endian int32 bytes.
+    (struct, not NumPy: a STEP packs two short arrays per sequence, where NumPy's per-call cost
+    dominates.)
+
+    Raises:
+        struct.error: an id outside int32.
+    """
+    if not isinstance(ids, (list, tuple, range)):
+        ids = list(ids)
+    return struct.pack(f"<{len(ids)}i", *ids)
 
 
 def unpack_ids(data: bytes, max_len: int = MAX_PROMPT_TOKENS) -> list[int]:
@@ -264,20 +232,6 @@ def unpack_ids(data: bytes, max_len: int = MAX_PROMPT_TOKENS) -> list[int]:
     return np.frombuffer(data, dtype="<i4").tolist()
 
 
-def error_body(code: ErrorCode, message: str, **extra) -> dict[str, Any]:
-    return {"code": int(code), "code_name": code.name, "message": message, **extra}
-
-
-def require(body: dict, key: str, types, msg_type: str = "message"):
-    """Return body[key] after checking its type; raises ProtocolError naming the field."""
-    if key not in body:
-        raise ProtocolError(f"{msg_type}: missing field {key!r}")
-    value = body[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-        names = "/".join(t.__name__ for t in _as_tuple(types))
-        raise ProtocolError(f"{msg_type}: field {key!r} must be {names}, got {type(value).__name__}")
-    return value
-
-
-def _as_tuple(types):
-    return types if isinstance(types, tuple) else (types,)
+def error(code: ErrorCode, message: str, request_id: str = "", plan_id: int | None = None) -> M.Error:
+    """An ERROR body with `code` and its name."""
+    return M.Error(code=int(code), code_name=code.name, message=message, request_id=request_id, plan_id=plan_id)

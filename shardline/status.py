@@ -51,7 +51,7 @@ def cluster_table(stats: dict) -> Table:
     if stats.get("worker_drain"):
         d = stats["worker_drain"]
         t.add_row("draining worker", f"{d['worker_id']} ({d['phase']}, {d['elapsed_s']:.1f} s)")
-    if "num_requests_running" in stats:
+    if stats.get("num_requests_running") is not None:  # None before the first plan
         t.add_row("requests running / waiting", f"{stats['num_requests_running']} / {stats['num_requests_waiting']}")
         t.add_row("steps in flight", str(stats["num_steps_in_flight"]))
         used = stats["num_kv_blocks"] - stats["num_free_blocks"]

@@ -13,6 +13,7 @@ import functools
 import time
 
 from shardline import __version__
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.config import load_config
 from shardline.coordinator.outbox import RecordingOutbox
@@ -41,15 +42,16 @@ class FakeCluster:
 
     # ---- workers -------------------------------------------------------------------------
     def register(self, worker_id: str, memory_gb: float = 4.0, **fields) -> None:
-        body = {"worker_id": worker_id, "incarnation": f"{worker_id}-1", "host": "127.0.0.1", "device": "cpu",
-                "memory_bytes": int(memory_gb * GIB), "version": __version__, "pid": 1000, "threads": 1,
-                "model_digest": self.coord.model.digest, **fields}
-        self.worker_says(worker_id, MsgType.REGISTER, body)
+        """REGISTER of `worker_id` (the `M.Register` fields in `fields` replace the defaults)."""
+        fields = {"incarnation": f"{worker_id}-1", "host": "127.0.0.1", "device": "cpu",
+                  "memory_bytes": int(memory_gb * GIB), "version": __version__, "pid": 1000, "threads": 1,
+                  "model_digest": self.coord.model.digest, **fields}
+        self.worker_says(worker_id, M.Register(worker_id=worker_id, **fields))
 
     def ready(self, worker_id: str, plan_id: int | None = None) -> None:
-        self.worker_says(worker_id, MsgType.READY, {
-            "worker_id": worker_id, "generation": self.lifecycle.plan_id if plan_id is None else plan_id,
-            "weight_bytes": 10**8, "kv_bytes": 2**29, "load_s": 0.5})
+        self.worker_says(worker_id, M.Ready(
+            worker_id=worker_id, plan_id=self.lifecycle.plan_id if plan_id is None else plan_id,
+            weight_bytes=10**8, kv_bytes=2**29, load_s=0.5))
 
     def serve(self, *worker_ids: str) -> None:
         """Register the workers and answer every ASSIGN with READY."""
@@ -58,32 +60,35 @@ class FakeCluster:
         for a in self.lifecycle.plan.assignments:
             self.ready(a.worker_id)
 
-    def worker_says(self, worker_id: str, msg_type: MsgType, body: dict, identity: bytes | None = None) -> None:
-        self.coord.on_worker_frame(worker_id.encode() if identity is None else identity, P.encode(msg_type, body))
+    def worker_says(self, worker_id: str, body: M.Message | bytes, identity: bytes | None = None) -> None:
+        """`body` (a message, or a frame as bytes) from the worker's main socket, or from `identity`."""
+        frame = body if isinstance(body, bytes) else P.encode(body)
+        self.coord.on_worker_frame(worker_id.encode() if identity is None else identity, frame)
 
     def sampler(self) -> str:
         plan = self.lifecycle.plan
         return plan.assignments[-plan.tp_size].worker_id
 
-    def step_result(self, step: dict, tokens: dict[int, int], worker_id: str | None = None, **fields) -> None:
-        """The sampler's STEP_RESULT of a STEP body: `tokens` maps seq id -> sampled token id."""
-        ids = [e["seq_id"] for e in step["seqs"] if e["sample"]]
-        self.worker_says(worker_id or self.sampler(), MsgType.STEP_RESULT, {
-            "step_id": step["step_id"], "seq_ids": P.pack_ids(ids), "tokens": P.pack_ids([tokens[i] for i in ids]),
-            "forward_s": 0.01, **fields})
+    def step_result(self, step: M.Step, tokens: dict[int, int], worker_id: str | None = None, **fields) -> None:
+        """The sampler's STEP_RESULT of a STEP: `tokens` maps seq id -> sampled token id; `fields`:
+        further `M.StepResult` fields."""
+        ids = [e.seq_id for e in step.seqs if e.sample]
+        self.worker_says(worker_id or self.sampler(), M.StepResult(
+            step_id=step.step_id, seq_ids=P.pack_ids(ids), tokens=P.pack_ids([tokens[i] for i in ids]),
+            forward_s=0.01, **fields))
 
     # ---- clients -------------------------------------------------------------------------
-    def client_says(self, client: bytes, msg_type: MsgType, body: dict) -> None:
-        self.coord.on_client_frame(client, P.encode(msg_type, body))
+    def client_says(self, client: bytes, body: M.Message | bytes) -> None:
+        """`body` (a message, or a frame as bytes) from client routing id `client`."""
+        self.coord.on_client_frame(client, body if isinstance(body, bytes) else P.encode(body))
 
     def generate(self, client: bytes, request_id: str, prompt: str = "Hello", stream: bool = False, **params) -> None:
         """GENERATE with sampling `params` (max_tokens 4 unless given)."""
         params.setdefault("max_tokens", 4)
-        self.client_says(client, MsgType.GENERATE, {"request_id": request_id, "prompt": prompt, "params": params,
-                                                    "stream": stream})
+        self.client_says(client, M.Generate(request_id=request_id, prompt=prompt, params=params, stream=stream))
 
     # ---- the loop ------------------------------------------------------------------------
-    def run_loop_turn(self, now: float | None = None) -> list[dict]:
+    def run_loop_turn(self, now: float | None = None) -> list[M.Step]:
         """Steps 2-5 of the serving loop: dispatch, emit, and with `now` (monotonic seconds) the
         heartbeat tick, then a worker drain's progress. Returns the STEP bodies dispatched (as
         the plan's first member received them)."""

@@ -2,8 +2,10 @@
 
 Message tables are the tables whose header row is `| type | name | direction | body |`; the error
 table's is `| code | name | meaning |`. A message's documented fields are every backticked
-identifier in its body cell (nested field names included), merged over every table that lists
-the type (ERROR appears on both planes).
+lower-case identifier in its body cell (nested field names included), merged over every table
+that lists the type (ERROR appears on both planes). Literal values are written quoted
+(`"ok"`), so they are not taken for fields, nor are dotted names (`heartbeat.interval_s`) or
+upper-case ones (message types, error codes).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
-_IDENT = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+_IDENT = re.compile(r"`([a-z_][a-z0-9_]*)`")
 
 
 def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:

@@ -4,8 +4,8 @@ in flight and their timing; step results back to the scheduler.
 Every worker gets the same STEP (each takes what its stage needs): per scheduled sequence its
 `start` position, `n` new tokens and their ids, the block-table entries the workers have not seen
 (`blocks`; all of them with `reset`), whether it samples, and with `reset` its sampling parameters.
-A continuation (async scheduling) carries no token ids but `prev`, the step whose sample is its
-input. The result comes from the sampler, the last stage's TP rank 0: token ids and logprobs per
+A continuation (async scheduling) carries no token ids but `input_step`, the step whose sample is
+its input. The result comes from the sampler, the last stage's TP rank 0: token ids and logprobs per
 sampled sequence.
 """
 
@@ -19,8 +19,8 @@ from shardline.coordinator.outbox import Outbox
 from shardline.coordinator.registry import WorkerInfo
 from shardline.coordinator.scheduler import Scheduler, SchedulerOutput
 from shardline.coordinator.sequence import Sequence
+from shardline import messages as M
 from shardline import protocol as P
-from shardline.protocol import MsgType
 
 
 class Dispatcher:
@@ -60,7 +60,7 @@ class Dispatcher:
     def dispatch(self, out: SchedulerOutput) -> tuple[WorkerInfo, str] | None:
         """Send step `out` to every worker of the plan. Returns the first worker that could not be
         reached, with why (the caller declares it lost; the step is not in flight), or None."""
-        failed = self.outbox.to_workers(self.workers, MsgType.STEP, self.step_body(out))
+        failed = self.outbox.to_workers(self.workers, self.step_body(out))
         if failed is not None:
             return failed
         if out.scheduled:
@@ -69,50 +69,50 @@ class Dispatcher:
         self.metrics.on_step(out.num_batched_tokens if out.scheduled else 0, out.num_preempted)
         return None
 
-    def step_body(self, out: SchedulerOutput) -> dict:
+    def step_body(self, out: SchedulerOutput) -> M.Step:
         """The STEP body of `out` (docs/protocol.md, STEP): token ids and block entries packed as
         little-endian int32 (`P.pack_ids`); sampling parameters only with `reset`."""
         seqs = []
         for s in out.scheduled:
             seq = s.seq
-            entry = {"seq_id": seq.seq_id, "start": s.start, "n": s.num_new_tokens,
-                     "tokens": P.pack_ids(seq.token_ids(s.start, s.start + s.num_new_tokens)),
-                     "blocks": P.pack_ids(s.new_blocks), "reset": s.reset, "sample": s.sample}
-            if s.prev_step is not None:  # a continuation: the input token is what step `prev` samples
-                entry["tokens"] = b""
-                entry["prev"] = s.prev_step
+            if s.prev_step is not None:  # a continuation: its input token is what step `input_step` samples
+                tokens = b""
+            else:
+                tokens = P.pack_ids(seq.token_ids(s.start, s.start + s.num_new_tokens))
+            entry = M.StepSeq(seq_id=seq.seq_id, start=s.start, n=s.num_new_tokens, tokens=tokens,
+                              blocks=P.pack_ids(s.new_blocks), reset=s.reset, sample=s.sample,
+                              input_step=s.prev_step)
             if s.reset:
                 req = self.requests.get(seq.seq_id)
-                entry["params"] = seq.sampling_params.to_dict()
-                entry["logprobs"] = req.num_logprobs
-                entry["prompt_len"] = seq.num_prompt_tokens
-                if req.num_prompt_logprobs:
-                    entry["prompt_logprobs"] = req.num_prompt_logprobs
+                entry.params = seq.sampling_params.to_dict()
+                entry.logprobs = req.num_logprobs
+                entry.prompt_len = seq.num_prompt_tokens
+                entry.prompt_logprobs = req.num_prompt_logprobs
                 if s.start and seq.sampling_params.needs_history:  # a cached prefix: penalties need its tokens
-                    entry["history"] = P.pack_ids(seq.token_ids(0, s.start))
+                    entry.history = P.pack_ids(seq.token_ids(0, s.start))
             seqs.append(entry)
-        return {"step_id": out.step_id, "seqs": seqs, "free": out.freed_seq_ids}
+        return M.Step(step_id=out.step_id, seqs=seqs, free=out.freed_seq_ids)
 
-    def on_step_result(self, body: dict) -> list[Sequence]:
+    def on_step_result(self, body: M.StepResult) -> list[Sequence]:
         """A STEP_RESULT from the sampler: record the logprobs, hand the sampled tokens to the
         scheduler. Returns the sequences with a new token (to stream); [] for a step not in
         flight (one of an abandoned plan)."""
-        step_id = body.get("step_id")
+        step_id = body.step_id
         out = self.in_flight.pop(step_id, None)
         if out is None:
             return []
         self.stats.steps_total += 1
         self.stats.step_time_s_total += time.perf_counter() - self.step_started.pop(step_id, time.perf_counter())
-        seq_ids = P.unpack_ids(body["seq_ids"])
-        tokens = P.unpack_ids(body["tokens"])
-        logprobs = body.get("logprobs") or [None] * len(seq_ids)
+        seq_ids = P.unpack_ids(body.seq_ids)
+        tokens = P.unpack_ids(body.tokens)
+        logprobs = body.logprobs or [None] * len(seq_ids)
         sampled = dict(zip(seq_ids, tokens))
         for sid, lp in zip(seq_ids, logprobs):
             req = self.requests.get(sid)
             # a finished sequence's token is dropped (a continuation computed after its stop)
             if req is not None and lp is not None and not req.seq.is_finished:
                 req.seq.output_logprobs.append(lp)
-        for sid, first, entries in body.get("prompt_logprobs") or ():
+        for sid, first, entries in body.prompt_logprobs or ():
             req = self.requests.get(sid)
             if req is not None and req.prompt_logprobs is not None:
                 entries = entries[: max(0, len(req.prompt_logprobs) - first)]

@@ -15,8 +15,9 @@ from shardline.coordinator.scheduler import RequestTooLarge, Scheduler
 from shardline.coordinator.sequence import Sequence
 from shardline.coordinator.served_model import ServedModel
 from shardline.coordinator.tokenizer import IncrementalDetokenizer, StopStringMatcher
+from shardline import messages as M
 from shardline import protocol as P
-from shardline.protocol import ErrorCode, MsgType, ProtocolError
+from shardline.protocol import ErrorCode, ProtocolError
 from shardline.sampling import SamplingParams, check_num_logprobs
 
 
@@ -110,18 +111,18 @@ class InputProcessor:
         self.stats = stats
         self._next_seq_id = 0
 
-    def on_generate(self, client: bytes, body: dict, scheduler: Scheduler | None, refusal: str | None) -> None:
+    def on_generate(self, client: bytes, body: M.Generate, scheduler: Scheduler | None, refusal: str | None) -> None:
         """Admit one GENERATE: answer ACCEPTED {request_id, prompt_tokens}, or ERROR UNAVAILABLE
         ("cluster not serving: `refusal`") when the cluster admits no request now (`refusal` is
         not None), or ERROR INVALID_REQUEST when the prompt can never fit.
 
         Raises:
             ProtocolError: INVALID_REQUEST for a bad or reused `request_id`; BAD_FRAME for a
-                missing prompt.
-            ValueError: bad sampling parameters, token ids out of the vocabulary, malformed
-                messages, or a prompt too long to tokenize.
+                missing prompt or malformed `prompt_token_ids`.
+            ValueError: bad sampling parameters, token ids out of the vocabulary, or a prompt too
+                long to tokenize.
         """
-        request_id = P.require(body, "request_id", str, "GENERATE")
+        request_id = body.request_id
         if not 0 < len(request_id) <= 128:
             raise ProtocolError("GENERATE: request_id must be 1..128 characters", ErrorCode.INVALID_REQUEST)
         if refusal is not None:
@@ -130,9 +131,9 @@ class InputProcessor:
         assert scheduler is not None  # a cluster that admits requests has served
         if self.requests.find(client, request_id) is not None:
             raise ProtocolError(f"request_id {request_id!r} is already in use", ErrorCode.INVALID_REQUEST)
-        params = SamplingParams.from_dict(body.get("params") or {})
-        num_logprobs = check_num_logprobs("logprobs", body.get("logprobs"))
-        num_prompt_logprobs = check_num_logprobs("prompt_logprobs", body.get("prompt_logprobs"))
+        params = SamplingParams.from_dict(body.params or {})
+        num_logprobs = check_num_logprobs("logprobs", body.logprobs)
+        num_prompt_logprobs = check_num_logprobs("prompt_logprobs", body.prompt_logprobs)
         ids = self._prompt_ids(body)
         seqs = [Sequence(self._next_seq_id + i, ids, params.for_choice(i), request_id=request_id)
                 for i in range(params.n)]
@@ -147,10 +148,9 @@ class InputProcessor:
             self.outbox.error_to_client(client, request_id, ErrorCode.INVALID_REQUEST, str(exc))
             return
         self._next_seq_id += params.n
-        stream = bool(body.get("stream", False))
         choices: list[Request] = []
         for i, seq in enumerate(seqs):
-            req = Request(client, request_id, seq, stream,
+            req = Request(client, request_id, seq, body.stream,
                           IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
                           StopStringMatcher(list(params.stop), params.include_stop_str_in_output), num_logprobs,
                           index=i, choices=choices)
@@ -162,27 +162,29 @@ class InputProcessor:
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += len(ids)
         self.metrics.on_request_accepted(len(ids))
-        self.outbox.to_client(client, MsgType.ACCEPTED, {"request_id": request_id, "prompt_tokens": len(ids)})
+        self.outbox.to_client(client, M.Accepted(request_id=request_id, prompt_tokens=len(ids)))
 
-    def _prompt_ids(self, body: dict) -> list[int]:
+    def _prompt_ids(self, body: M.Generate) -> list[int]:
         """The prompt's token ids: `prompt_token_ids` as given, else the chat template applied to
-        `messages`, else `prompt`, tokenized."""
-        if "prompt_token_ids" in body:
-            ids = P.unpack_ids(body["prompt_token_ids"])
+        `messages`, else `prompt`, tokenized.
+
+        Raises:
+            ProtocolError: BAD_FRAME for no prompt at all, or packed ids of a bad length.
+            ValueError: ids out of the vocabulary, a text too long to fit the context.
+        """
+        if body.prompt_token_ids is not None:
+            ids = P.unpack_ids(body.prompt_token_ids)
             vocab_size = self.model.spec.vocab_size
             if any(not 0 <= i < vocab_size for i in ids):
                 raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab_size})")
             return ids
-        if "messages" in body:
-            messages = body["messages"]
-            if not isinstance(messages, list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise ValueError("messages must be a list of {role: str, content: str}")
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
             return self.tokenizer.encode(self._checked_text(
                 self.tokenizer.apply_chat_template(messages, add_generation_prompt=True), "messages"))
-        prompt = P.require(body, "prompt", str, "GENERATE")
-        return self.tokenizer.encode(self._checked_text(prompt, "prompt"))
+        if body.prompt is None:
+            raise ProtocolError("GENERATE: no prompt (give `prompt`, `messages` or `prompt_token_ids`)")
+        return self.tokenizer.encode(self._checked_text(body.prompt, "prompt"))
 
     def _checked_text(self, text: str, field: str) -> str:
         """`text` if it can fit the context; else ValueError without tokenizing it. Tokenizing

@@ -47,8 +47,8 @@ from shardline.coordinator.registry import WorkerInfo, WorkerRegistry
 from shardline.coordinator.scheduler import RequestTooLarge, Scheduler
 from shardline.coordinator.served_model import ServedModel
 from shardline.coordinator.shard_server import ShardServer
-from shardline import protocol as P
-from shardline.protocol import ErrorCode, MsgType, ProtocolError
+from shardline import messages as M
+from shardline.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("shardline.coordinator")
 
@@ -104,7 +104,7 @@ class PlanLifecycle:
         self.state = ClusterState.WAITING_FOR_WORKERS
         self.reason = ""  # why PLAN_FAILED, RECOVERING or DEGRADED
         self.plan: Plan | None = None
-        self.plan_id = 0  # counts plans; on the wire (ASSIGN, READY, ERROR, DRAIN_WORKER_REPLY): `generation`
+        self.plan_id = 0  # counts plans (ASSIGN, READY, ERROR, DRAIN_WORKER_REPLY `plan_id`)
         self.abandoned_members: set[str] = set()  # workers of the last abandoned plan (see worker_lost)
         self.recovery_deadline: float | None = None  # a plan was lost: serve again before this
         self.replan_at: float | None = None  # after a reported data-plane failure: re-plan no sooner
@@ -163,7 +163,7 @@ class PlanLifecycle:
         return a.layer_start, a.layer_end, a.stage == 0, a.stage == self.plan.pp_size - 1, a.tp_rank, self.plan.tp_size
 
     # ---- workers join, load, leave -------------------------------------------------------
-    def on_register(self, identity: bytes, body: dict) -> None:
+    def on_register(self, identity: bytes, body: M.Register) -> None:
         """REGISTER: add the worker (`WorkerRegistry.admit`) and plan if it completes the cluster.
 
         Raises:
@@ -175,10 +175,10 @@ class PlanLifecycle:
         self.registry.add(w)
         self.maybe_plan()
 
-    def on_ready(self, identity: bytes, body: dict) -> None:
+    def on_ready(self, identity: bytes, body: M.Ready) -> None:
         """READY: a member loaded its shard; when every member has, the plan serves."""
-        w = self.registry.workers.get(body.get("worker_id"))
-        if w is None or w.identity != identity or body.get("generation", self.plan_id) != self.plan_id:
+        w = self.registry.workers.get(body.worker_id)
+        if w is None or w.identity != identity or body.plan_id not in (None, self.plan_id):
             return  # a stranger's, or the READY of a plan that has since been replaced
         self.registry.on_ready(w, body)
         self.shard_server.done(w.worker_id)
@@ -201,14 +201,13 @@ class PlanLifecycle:
         else:  # a spare, or one that never got a place: forget it
             self.registry.forget(w)
 
-    def on_data_plane_error(self, w: WorkerInfo, body: dict) -> None:
+    def on_data_plane_error(self, w: WorkerInfo, body: M.Error) -> None:
         """ERROR from a worker: its data plane failed, so a peer may be dead; liveness tells which."""
-        failed = body.get("generation", self.plan_id)
-        if failed != self.plan_id:  # a survivor's late report on a plan already replaced
+        if body.plan_id not in (None, self.plan_id):  # a survivor's late report on a plan already replaced
             log.warning("worker %s: data plane of plan %s failed (now %d): %s", w.worker_id,
-                        failed, self.plan_id, str(body.get("message", ""))[:500])
+                        body.plan_id, self.plan_id, body.message[:500])
             return
-        self._plan_broken(f"worker {w.worker_id}: {str(body.get('message', ''))[:500]}", settle=True)
+        self._plan_broken(f"worker {w.worker_id}: {body.message[:500]}", settle=True)
 
     def tick(self, now: float) -> None:
         """Once a heartbeat interval: heartbeat the workers and declare the silent ones lost;
@@ -290,32 +289,28 @@ class PlanLifecycle:
         unreachable = []
         for a in plan.assignments:
             w = self.registry.workers[a.worker_id]
-            if not self.outbox.to_worker(w, MsgType.ASSIGN, self._assign_body(plan, a)):
+            if not self.outbox.to_worker(w, self._assign_body(plan, a)):
                 unreachable.append(w)
         self._set(ClusterState.LOADING)
         for w in unreachable:  # its connection is gone: lost (this re-plans without it)
             self.worker_lost(w, "unreachable (connection closed)")
 
-    def _assign_body(self, plan: Plan, a: StageAssignment) -> dict:
+    def _assign_body(self, plan: Plan, a: StageAssignment) -> M.Assign:
         """The ASSIGN of one member (docs/protocol.md, ASSIGN)."""
         cfg, c, m = self.config, self.config.coordinator, self.model
-        return {
-            "rank": a.rank, "world_size": plan.world_size, "stage": a.stage, "pp_size": plan.pp_size,
-            "tp_rank": a.tp_rank, "tp_size": plan.tp_size, "layer_start": a.layer_start, "layer_end": a.layer_end,
-            "model_path": m.path, "spec": m.spec.to_dict(), "num_kv_blocks": plan.num_kv_blocks,
-            "block_size": plan.block_size, "max_positions": m.max_model_len,
-            "store_host": c.advertise_host or c.host, "store_port": c.rendezvous_port,
-            "store_prefix": f"gen{self.plan_id}/", "generation": self.plan_id,
-            "data_plane_timeout_s": cfg.heartbeat.data_plane_timeout_s,
-            "heartbeat_interval_s": cfg.heartbeat.interval_s,
-            "heartbeat_misses": cfg.heartbeat.misses, "quantization": cfg.quantization,
-            "quantization_group_size": cfg.quantization_group_size, "dtype": cfg.dtype,
-            "model": cfg.model, "model_digest": m.digest, "version": __version__,
-            "gemm_weights": cfg.workers.gemm_weights, "kv_cache_dtype": cfg.workers.kv_cache_dtype,
-            "token_ring": self._wants_lookahead(plan) and plan.pp_size > 1,
-        }
+        return M.Assign(
+            plan_id=self.plan_id, rank=a.rank, world_size=plan.world_size, stage=a.stage, pp_size=plan.pp_size,
+            tp_rank=a.tp_rank, tp_size=plan.tp_size, layer_start=a.layer_start, layer_end=a.layer_end,
+            spec=m.spec.to_dict(), num_kv_blocks=plan.num_kv_blocks, block_size=plan.block_size,
+            max_positions=m.max_model_len, store_host=c.advertise_host or c.host, store_port=c.rendezvous_port,
+            store_prefix=f"plan{self.plan_id}/", data_plane_timeout_s=cfg.heartbeat.data_plane_timeout_s,
+            heartbeat_interval_s=cfg.heartbeat.interval_s, heartbeat_misses=cfg.heartbeat.misses,
+            quantization=cfg.quantization, quantization_group_size=cfg.quantization_group_size, dtype=cfg.dtype,
+            gemm_weights=cfg.workers.gemm_weights, kv_cache_dtype=cfg.workers.kv_cache_dtype,
+            token_stream=self._wants_async_scheduling(plan) and plan.pp_size > 1,
+            model_path=m.path, model=cfg.model, model_digest=m.digest, version=__version__)
 
-    def _wants_lookahead(self, plan: Plan) -> bool:
+    def _wants_async_scheduling(self, plan: Plan) -> bool:
         """Async scheduling for this plan: asked for, and one rank per stage (the last stage's
         sampler hands its tokens to the first stage's one rank)."""
         return self.config.scheduler.async_scheduling and plan.tp_size == 1
@@ -327,7 +322,7 @@ class PlanLifecycle:
         members = [self.registry.workers[a.worker_id] for a in plan.assignments]
         micro_batches = cfg.pipeline_micro_batches or plan.pp_size
         # async scheduling: each micro-batch also has its continuation in flight
-        lookahead = self._wants_lookahead(plan) and all(w.lookahead_ok for w in members)
+        lookahead = self._wants_async_scheduling(plan) and all(w.async_scheduling for w in members)
         scheduler = Scheduler(BlockManager(plan.num_kv_blocks, plan.block_size, cfg.enable_prefix_caching),
                               cfg.max_num_seqs, cfg.max_num_batched_tokens, self.model.max_model_len,
                               micro_batches, lookahead=lookahead)
@@ -390,7 +385,7 @@ class PlanLifecycle:
         self.state, self.reason = state, reason
 
     # ---- draining one worker -------------------------------------------------------------
-    def on_drain_worker(self, client: bytes, request_id: str, body: dict) -> None:
+    def on_drain_worker(self, client: bytes, request_id: str, body: M.DrainWorker) -> None:
         """DRAIN_WORKER: check that the worker can go, then start the drain (`WorkerDrain`); the
         answer comes when the new plan serves (`_end_worker_drain`). A spare (no place in the
         plan) is shut down and answered at once.
@@ -400,7 +395,7 @@ class PlanLifecycle:
                 cluster is not serving, shutting down, or another drain is in progress;
                 INVALID_REQUEST when no plan fits the other workers (nothing is changed).
         """
-        wid = P.require(body, "worker_id", str, "DRAIN_WORKER")
+        wid = body.worker_id
         w = self.registry.workers.get(wid)
         if w is None or not w.alive:
             live = ", ".join(self.registry.alive_ids()) or "none"
@@ -414,7 +409,7 @@ class PlanLifecycle:
             raise ProtocolError(f"cluster not serving ({self.status}): try again when it is", ErrorCode.UNAVAILABLE)
         if wid not in self.placement():  # a spare: nothing runs on it
             self.registry.mark_drained(w, time.monotonic())
-            self.outbox.to_worker(w, MsgType.SHUTDOWN, {"reason": "drained"})
+            self.outbox.to_worker(w, M.Shutdown(reason="drained"))
             log.info("worker %s (a spare) drained", wid)
             self._reply_drained(client, request_id, wid, 0, 0.0)
             return
@@ -444,7 +439,7 @@ class PlanLifecycle:
         self.registry.mark_drained(w, now)
         d.phase = DrainPhase.REPLAN
         self._plan_broken(f"worker {d.worker_id} drained", fewer=True)
-        self.outbox.to_worker(w, MsgType.SHUTDOWN, {"reason": "drained"})
+        self.outbox.to_worker(w, M.Shutdown(reason="drained"))
 
     def _end_worker_drain(self, code: ErrorCode | None = None, message: str = "", resumed: int = 0) -> None:
         """Answer the drain in progress, if any: DRAIN_WORKER_REPLY when the new plan serves
@@ -463,9 +458,9 @@ class PlanLifecycle:
         self._reply_drained(d.client, d.request_id, d.worker_id, resumed, drain_s)
 
     def _reply_drained(self, client: bytes, request_id: str, worker_id: str, resumed: int, drain_s: float) -> None:
-        self.outbox.to_client(client, MsgType.DRAIN_WORKER_REPLY, {
-            "worker_id": worker_id, "generation": self.plan_id, "plan": self.plan.to_dict(),
-            "requests_resumed": resumed, "drain_s": drain_s, **({"request_id": request_id} if request_id else {})})
+        self.outbox.to_client(client, M.DrainWorkerReply(
+            worker_id=worker_id, plan_id=self.plan_id, plan=self.plan.to_dict(), requests_resumed=resumed,
+            drain_s=drain_s, request_id=request_id))
 
     # ---- shutdown ------------------------------------------------------------------------
     def begin_shutdown(self) -> bool:
@@ -485,7 +480,7 @@ class PlanLifecycle:
         """The coordinator stops: every worker is told to SHUTDOWN, every request and the drain in
         progress are answered with ERROR UNAVAILABLE."""
         for w in self.registry.workers.values():
-            self.outbox.to_worker(w, MsgType.SHUTDOWN, {})
+            self.outbox.to_worker(w, M.Shutdown())
         for req in list(self.requests.by_seq.values()):
             self.outbox.error_to_client(req.client, req.request_id, ErrorCode.UNAVAILABLE, "coordinator shutting down")
         self._end_worker_drain(ErrorCode.UNAVAILABLE, "coordinator shutting down")

@@ -39,6 +39,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shardline.messages import StatsReply
+
 log = logging.getLogger("shardline.coordinator.metrics")
 
 PREFIX = "shardline:"
@@ -266,25 +268,25 @@ class CoordinatorMetrics:
             for t in step_times_s:
                 h.observe(t)
 
-    def set_state(self, snapshot: dict) -> None:
-        """Copy the gauges from a `Coordinator.stats_snapshot()` dict."""
+    def set_state(self, snapshot: StatsReply) -> None:
+        """Copy the gauges from a `Coordinator.stats_snapshot()` (a STATS_REPLY body)."""
         m = self.model
-        self.num_requests_running.labels(m).set(snapshot.get("num_requests_running", 0))
-        self.num_requests_waiting.labels(m).set(snapshot.get("num_requests_waiting", 0))
-        self.kv_cache_usage.labels(m).set(snapshot.get("kv_cache_usage", 0.0))
-        workers = snapshot.get("workers", [])
-        self.workers_up.labels(m).set(sum(1 for w in workers if w["alive"]))
-        self.cost_per_million.labels(m).set(_or_nan(snapshot.get("cost_per_million_tokens")))
-        self.price_per_hour.labels(m).set(_or_nan(snapshot.get("price_per_hour")))
+        self.num_requests_running.labels(m).set(snapshot.num_requests_running or 0)
+        self.num_requests_waiting.labels(m).set(snapshot.num_requests_waiting or 0)
+        self.kv_cache_usage.labels(m).set(snapshot.kv_cache_usage or 0.0)
+        workers = snapshot.workers
+        self.workers_up.labels(m).set(sum(1 for w in workers if w.alive))
+        self.cost_per_million.labels(m).set(_or_nan(snapshot.cost_per_million_tokens))
+        self.price_per_hour.labels(m).set(_or_nan(snapshot.price_per_hour))
         for w in workers:
-            wid = w["worker_id"]
-            self.worker_heartbeat_age.labels(m, wid).set(w["heartbeat_age_s"])
-            self.worker_step_time.labels(m, wid).set(w["step_time_s"])
-            self.worker_busy_fraction.labels(m, wid).set(_or_nan(w.get("busy_fraction")))
-            self.worker_rss.labels(m, wid).set(w["rss_bytes"])
-            self.worker_weight_bytes.labels(m, wid).set(w["weight_bytes"])
-            self.worker_kv_bytes.labels(m, wid).set(w.get("kv_bytes", 0))
-            self.worker_price.labels(m, wid).set(_or_nan(w.get("price_per_hour")))
+            wid = w.worker_id
+            self.worker_heartbeat_age.labels(m, wid).set(w.heartbeat_age_s)
+            self.worker_step_time.labels(m, wid).set(w.step_time_s)
+            self.worker_busy_fraction.labels(m, wid).set(_or_nan(w.busy_fraction))
+            self.worker_rss.labels(m, wid).set(w.rss_bytes)
+            self.worker_weight_bytes.labels(m, wid).set(w.weight_bytes)
+            self.worker_kv_bytes.labels(m, wid).set(w.kv_bytes)
+            self.worker_price.labels(m, wid).set(_or_nan(w.price_per_hour))
 
     # ---- exposition ----------------------------------------------------------------------
     def exported_names(self) -> set[str]:

@@ -19,8 +19,9 @@ from shardline.coordinator.outbox import Outbox
 from shardline.coordinator.scheduler import Scheduler
 from shardline.coordinator.sequence import Sequence
 from shardline.coordinator.tokenizer import Tokenizer
+from shardline import messages as M
 from shardline import protocol as P
-from shardline.protocol import ErrorCode, MsgType
+from shardline.protocol import ErrorCode
 
 
 class OutputProcessor:
@@ -65,17 +66,15 @@ class OutputProcessor:
         req.text += text
         req.num_tokens_emitted = seq.num_output_tokens
         if req.stream:
-            body = {"request_id": req.request_id, "index": req.index, "text": text,
-                    "token_ids": P.pack_ids(new)}
+            body = M.Delta(request_id=req.request_id, index=req.index, text=text, token_ids=P.pack_ids(new))
             if req.num_logprobs:
-                body["logprobs"] = seq.output_logprobs[n:]
+                body.logprobs = seq.output_logprobs[n:]
             if req.prompt_logprobs is not None and n == 0:
-                body["prompt_logprobs"] = req.prompt_logprobs
-                body["prompt_token_ids"] = P.pack_ids(seq.prompt_token_ids)
-            if req.num_logprobs or "prompt_logprobs" in body:
-                body["token_bytes"] = self.token_bytes(new, body.get("logprobs"), body.get("prompt_logprobs"),
-                                                       seq.prompt_token_ids)
-            self.outbox.to_client(req.client, MsgType.DELTA, body)
+                body.prompt_logprobs = req.prompt_logprobs
+                body.prompt_token_ids = P.pack_ids(seq.prompt_token_ids)
+            if req.num_logprobs or body.prompt_logprobs is not None:
+                body.token_bytes = self.token_bytes(new, body.logprobs, body.prompt_logprobs, seq.prompt_token_ids)
+            self.outbox.to_client(req.client, body)
         if seq.is_finished:
             self._send_done(req)
 
@@ -88,38 +87,36 @@ class OutputProcessor:
         head = req.choices[0]
         seq = head.seq
         now = time.monotonic()
-        t = {"queue_s": _dt(seq.arrival_time, seq.first_scheduled_time),
-             "ttft_s": _dt(seq.arrival_time, seq.first_token_time),
-             "e2e_s": now - seq.arrival_time}
+        t = M.Timings(queue_s=_dt(seq.arrival_time, seq.first_scheduled_time),
+                      ttft_s=_dt(seq.arrival_time, seq.first_token_time), e2e_s=now - seq.arrival_time)
         if seq.num_output_tokens > 1 and seq.first_token_time and seq.last_token_time:
             dt = seq.last_token_time - seq.first_token_time
-            t["decode_tokens_per_s"] = (seq.num_output_tokens - 1) / dt if dt > 0 else None
+            t.decode_tokens_per_s = (seq.num_output_tokens - 1) / dt if dt > 0 else None
         num_output = sum(r.seq.num_output_tokens for r in req.choices)
-        body = {"request_id": head.request_id, "text": head.text, "token_ids": P.pack_ids(seq.output_token_ids),
-                "finish_reason": seq.finish_reason, "stop_reason": seq.stop_reason,
-                "usage": {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": num_output,
-                          "cached_tokens": seq.num_cached_tokens,
-                          "num_preemptions": sum(r.seq.num_preemptions for r in req.choices)},
-                "timings": t}
+        body = M.Done(request_id=head.request_id, text=head.text, token_ids=P.pack_ids(seq.output_token_ids),
+                      finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                      usage=M.Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=num_output,
+                                    cached_tokens=seq.num_cached_tokens,
+                                    num_preemptions=sum(r.seq.num_preemptions for r in req.choices)),
+                      timings=t)
         if head.num_logprobs:
-            body["logprobs"] = seq.output_logprobs
+            body.logprobs = seq.output_logprobs
         if len(req.choices) > 1:
-            body["choices"] = [{"index": r.index, "text": r.text, "token_ids": P.pack_ids(r.seq.output_token_ids),
-                                "finish_reason": r.seq.finish_reason, "stop_reason": r.seq.stop_reason,
-                                **({"logprobs": r.seq.output_logprobs} if r.num_logprobs else {})}
-                               for r in req.choices]
+            body.choices = [M.Choice(index=r.index, text=r.text, token_ids=P.pack_ids(r.seq.output_token_ids),
+                                     finish_reason=r.seq.finish_reason, stop_reason=r.seq.stop_reason,
+                                     logprobs=r.seq.output_logprobs if r.num_logprobs else None)
+                            for r in req.choices]
         if head.prompt_logprobs is not None:
-            body["prompt_logprobs"] = head.prompt_logprobs
-            body["prompt_token_ids"] = P.pack_ids(seq.prompt_token_ids)
+            body.prompt_logprobs = head.prompt_logprobs
+            body.prompt_token_ids = P.pack_ids(seq.prompt_token_ids)
         if head.num_logprobs or head.prompt_logprobs is not None:
             ids = [t for r in req.choices for t in r.seq.output_token_ids]
             entries = [e for r in req.choices for e in r.seq.output_logprobs]
-            body["token_bytes"] = self.token_bytes(ids, entries, head.prompt_logprobs, seq.prompt_token_ids)
-        self.outbox.to_client(head.client, MsgType.DONE, body)
+            body.token_bytes = self.token_bytes(ids, entries, head.prompt_logprobs, seq.prompt_token_ids)
+        self.outbox.to_client(head.client, body)
         self.requests.forget(seq.seq_id)
         self.stats.requests_finished += 1
-        self.metrics.on_request_finished(seq.finish_reason, t["e2e_s"], t["queue_s"], seq.num_prompt_tokens,
-                                         num_output)
+        self.metrics.on_request_finished(seq.finish_reason, t.e2e_s, t.queue_s, seq.num_prompt_tokens, num_output)
 
     def token_bytes(self, token_ids: list[int], entries: list | None, prompt_entries: list | None,
                     prompt_ids: list[int]) -> dict[str, bytes]:

@@ -24,8 +24,8 @@ from shardline.coordinator.metrics import CoordinatorMetrics, RateWindow
 from shardline.coordinator.outbox import Outbox
 from shardline.coordinator.planner import StageAssignment
 from shardline.coordinator.served_model import ServedModel
-from shardline import protocol as P
-from shardline.protocol import ErrorCode, MsgType, ProtocolError
+from shardline import messages as M
+from shardline.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("shardline.coordinator")
 
@@ -49,14 +49,14 @@ class WorkerInfo:
     step_time_s: float = 0.0
     rss_bytes: int = 0
     kv_bytes: int = 0
-    lookahead_ok: bool = False  # READY said: can take continuations (async scheduling)
+    async_scheduling: bool = False  # READY said: can take continuations
     num_steps: int = 0
     busy_s: float = 0.0  # cumulative seconds in forward passes, as the worker reports it
     busy_window: RateWindow | None = None  # busy_s over coordinator time: the busy fraction
     price_per_hour: float | None = None
     registered_at: float = field(default_factory=time.monotonic)
     speed: float = 1.0  # relative speed the worker declared (planner input)
-    comm: dict | None = None  # the worker's cumulative data-plane times (shardline.worker.comm.StageComm.stats)
+    comm: M.CommStats | None = None  # the worker's cumulative data-plane times, from its last HEARTBEAT
     lost_at: float | None = None
     drained: bool = False  # left by an operator's drain (not a failure)
     shutdown_sent_at: float = -math.inf  # when a lost worker that spoke again was last told to leave
@@ -75,7 +75,7 @@ class WorkerRegistry:
         self.order: list[str] = []  # worker ids in registration order
 
     # ---- joining -------------------------------------------------------------------------
-    def admit(self, identity: bytes, body: dict) -> tuple[WorkerInfo, WorkerInfo | None]:
+    def admit(self, identity: bytes, body: M.Register) -> tuple[WorkerInfo, WorkerInfo | None]:
         """Check a REGISTER and build the worker it describes (not added yet: see `add`).
         Returns it, and the live worker of the same id and routing id if there is one: that
         worker's process restarted, and the caller declares it lost before adding the new one.
@@ -83,18 +83,17 @@ class WorkerRegistry:
         Raises:
             ProtocolError: VERSION_MISMATCH (another shardline major.minor), MODEL_MISMATCH
                 (another model digest), INVALID_REQUEST (the id is used by a live worker on another
-                connection), UNAVAILABLE (no room for one more spare), BAD_FRAME (a field missing,
-                or a price or speed out of range).
+                connection), UNAVAILABLE (no room for one more spare), BAD_FRAME (a price or speed
+                out of range).
         """
-        wid = P.require(body, "worker_id", str, "REGISTER")
-        version = P.require(body, "version", str, "REGISTER")
+        wid, version = body.worker_id, body.version
         if version.split(".")[:2] != __version__.split(".")[:2]:
             raise ProtocolError(f"worker {wid} runs shardline {version}, coordinator runs {__version__}",
                                 ErrorCode.VERSION_MISMATCH)
-        theirs = body.get("model_digest")
+        theirs = body.model_digest
         m = self.model
         if theirs is not None and theirs != m.digest:
-            msg = (f"model mismatch: worker {wid} has {body.get('model_path', '?')} (sha256 {str(theirs)[:16]}), "
+            msg = (f"model mismatch: worker {wid} has {body.model_path or '?'} (sha256 {theirs[:16]}), "
                    f"coordinator serves {m.model_id} {m.path} (sha256 {m.digest[:16]})")
             log.error("refusing worker %s: %s", wid, msg)
             raise ProtocolError(msg, ErrorCode.MODEL_MISMATCH)
@@ -109,18 +108,15 @@ class WorkerRegistry:
             raise ProtocolError(f"cluster has {alive} workers ({cfg.workers.count} planned and "
                                 f"{cfg.coordinator.max_spare_workers} spares); worker {wid} not needed",
                                 ErrorCode.UNAVAILABLE)
-        w = WorkerInfo(wid, identity, P.require(body, "host", str, "REGISTER"), P.require(body, "device", str, "REGISTER"),
-                       P.require(body, "memory_bytes", int, "REGISTER"), str(body.get("incarnation", "")),
-                       int(body.get("pid", 0)))
-        price = body.get("price_per_hour")
-        if price is not None and (not isinstance(price, (int, float)) or not 0 <= price < math.inf):
+        price, speed = body.price_per_hour, body.speed
+        if price is not None and not 0 <= price < math.inf:
             raise ProtocolError(f"REGISTER: price_per_hour={price!r} must be a number >= 0", ErrorCode.BAD_FRAME)
-        w.price_per_hour = cfg.workers.price_per_hour if price is None else float(price)
-        w.busy_window = RateWindow(cfg.metrics.window_s)
-        speed = body.get("speed", 1.0)
-        if not isinstance(speed, (int, float)) or isinstance(speed, bool) or not 0 < speed < math.inf:
+        if not 0 < speed < math.inf:
             raise ProtocolError(f"REGISTER: speed={speed!r} must be a number > 0", ErrorCode.BAD_FRAME)
-        w.speed = float(speed)
+        w = WorkerInfo(wid, identity, body.host, body.device, body.memory_bytes, body.incarnation, body.pid)
+        w.price_per_hour = cfg.workers.price_per_hour if price is None else price
+        w.busy_window = RateWindow(cfg.metrics.window_s)
+        w.speed = speed
         return w, restarted
 
     def add(self, w: WorkerInfo) -> None:
@@ -132,29 +128,27 @@ class WorkerRegistry:
         log.info("worker %s registered from %s (%s, %.1f GiB) [%d/%d]", w.worker_id, w.host, w.device,
                  w.memory_bytes / 2**30, self.num_alive, self.config.workers.count)
 
-    def on_ready(self, w: WorkerInfo, body: dict) -> None:
+    def on_ready(self, w: WorkerInfo, body: M.Ready) -> None:
         """READY: the worker loaded its shard; record what it reported."""
         w.ready = True
-        w.weight_bytes = int(body.get("weight_bytes", 0))
-        w.rss_bytes = int(body.get("rss_bytes", 0))
-        w.kv_bytes = int(body.get("kv_bytes", 0))
-        w.lookahead_ok = bool(body.get("lookahead_ok", False))
+        w.weight_bytes, w.rss_bytes, w.kv_bytes = body.weight_bytes, body.rss_bytes, body.kv_bytes
+        w.async_scheduling = body.async_scheduling
         log.info("worker %s ready (%.0f MB weights, loaded in %.1f s)", w.worker_id, w.weight_bytes / 1e6,
-                 body.get("load_s", 0.0))
+                 body.load_s)
 
     # ---- who is speaking -----------------------------------------------------------------
-    def sender(self, identity: bytes, msg_type: MsgType, body: dict) -> WorkerInfo | None:
+    def sender(self, identity: bytes, body: M.Message) -> WorkerInfo | None:
         """The live worker a worker-plane message comes from, or None. Heartbeats come from each
         worker's heartbeat socket (routing id `<worker id>#hb`) and name the worker and its
         incarnation; everything else from the worker's main socket. A worker declared lost that
         speaks again (it was frozen, cut off, or stalled) is sent SHUTDOWN {reason: lost}: it
         drops its state and registers again as a new incarnation, so it can rejoin a plan (a
         drained one gets {reason: drained} and exits)."""
-        if msg_type is MsgType.HEARTBEAT and "worker_id" in body:
-            w = self.workers.get(body["worker_id"])
+        if isinstance(body, M.Heartbeat) and body.worker_id is not None:
+            w = self.workers.get(body.worker_id)
             if w is None or identity not in (w.identity, w.identity + HEARTBEAT_ID_SUFFIX):
                 return None
-            if body.get("incarnation", w.incarnation) != w.incarnation:
+            if body.incarnation is not None and body.incarnation != w.incarnation:
                 return None
         else:
             w = self._by_identity.get(identity)
@@ -162,25 +156,26 @@ class WorkerRegistry:
             now = time.monotonic()
             if now - w.shutdown_sent_at >= self.config.heartbeat.interval_s:  # not one per queued heartbeat
                 w.shutdown_sent_at = now
-                self.outbox.to_worker(w, MsgType.SHUTDOWN, {"reason": "drained" if w.drained else "lost"})
+                self.outbox.to_worker(w, M.Shutdown(reason="drained" if w.drained else "lost"))
             return None
         if w is not None:
             w.last_heartbeat = time.monotonic()  # any message shows the worker is alive
         return w
 
-    def is_early_heartbeat(self, identity: bytes, msg_type: MsgType, body: dict) -> bool:
+    def is_early_heartbeat(self, identity: bytes, body: M.Message) -> bool:
         """A HEARTBEAT from the heartbeat socket of the worker it names (routing id `<worker
         id>#hb`), which has not registered (yet). Nothing reads replies on that socket, so it is
         dropped quietly; a heartbeat from any other identity still gets an ERROR."""
-        worker_id = body.get("worker_id")
-        return (msg_type is MsgType.HEARTBEAT and isinstance(worker_id, str) and worker_id not in self.workers
-                and identity == worker_id.encode() + HEARTBEAT_ID_SUFFIX)
+        if not isinstance(body, M.Heartbeat) or body.worker_id is None:
+            return False
+        return body.worker_id not in self.workers and identity == body.worker_id.encode() + HEARTBEAT_ID_SUFFIX
 
-    def is_lost(self, identity: bytes, body: dict) -> bool:
+    def is_lost(self, identity: bytes, body: M.Message) -> bool:
         """Whether a message comes from a worker declared lost (its main or heartbeat socket)."""
         w = self._by_identity.get(identity)
-        if w is None and identity.endswith(HEARTBEAT_ID_SUFFIX) and isinstance(body.get("worker_id"), str):
-            w = self.workers.get(body["worker_id"])
+        if (w is None and identity.endswith(HEARTBEAT_ID_SUFFIX) and isinstance(body, M.Heartbeat)
+                and body.worker_id is not None):
+            w = self.workers.get(body.worker_id)
             if w is not None and identity != w.identity + HEARTBEAT_ID_SUFFIX:
                 w = None
         return w is not None and not w.alive
@@ -194,34 +189,26 @@ class WorkerRegistry:
         for w in list(self.workers.values()):
             if not w.alive:
                 continue
-            self.outbox.to_worker(w, MsgType.HEARTBEAT, {"time": time.time()})
+            self.outbox.to_worker(w, M.Heartbeat(time=time.time()))
             if now - w.last_heartbeat > cfg.interval_s * cfg.misses:
                 silent.append((w, f"no heartbeat for {now - w.last_heartbeat:.1f} s"))
         return silent
 
-    def on_heartbeat(self, w: WorkerInfo, body: dict, stage: int | None) -> None:
+    def on_heartbeat(self, w: WorkerInfo, body: M.Heartbeat, stage: int | None) -> None:
         """A HEARTBEAT's report: step time, memory, data-plane times, and utilization: the
         cumulative forward-pass seconds `busy_s` and the forward-pass durations `step_times_s`
-        since the previous heartbeat (`stage`: the worker's stage in the plan, for the metrics).
-
-        Raises:
-            ProtocolError: BAD_FRAME when `step_times_s` is not a list.
-        """
-        w.step_time_s = float(body.get("step_time_s", 0.0))
-        w.rss_bytes = int(body.get("rss_bytes", 0))
-        busy_s = float(body.get("busy_s", 0.0))
-        times = body.get("step_times_s") or []
-        if not isinstance(times, list):
-            raise ProtocolError(f"HEARTBEAT: step_times_s must be a list, got {type(times).__name__}", ErrorCode.BAD_FRAME)
+        since the previous heartbeat (`stage`: the worker's stage in the plan, for the metrics)."""
+        w.step_time_s, w.rss_bytes, w.busy_s = body.step_time_s, body.rss_bytes, body.busy_s
+        times = body.step_times_s
         if len(times) > MAX_STEP_TIMES:
             log.warning("worker %s reported %d step times; keeping the last %d", w.worker_id, len(times), MAX_STEP_TIMES)
             times = times[-MAX_STEP_TIMES:]
-        w.num_steps = int(body.get("num_steps", w.num_steps))
-        w.busy_s = busy_s
-        w.busy_window.add(time.monotonic(), busy_s)
-        self.metrics.on_worker_steps(w.worker_id, stage, busy_s, [float(t) for t in times])
-        if isinstance(body.get("comm"), dict):
-            w.comm = {k: float(v) for k, v in body["comm"].items() if isinstance(v, (int, float))}
+        if body.num_steps is not None:
+            w.num_steps = body.num_steps
+        w.busy_window.add(time.monotonic(), w.busy_s)
+        self.metrics.on_worker_steps(w.worker_id, stage, w.busy_s, times)
+        if body.comm is not None:
+            w.comm = body.comm
 
     def mark_lost(self, w: WorkerInfo, why: str) -> None:
         """A live worker died, froze, was cut off or left: it is no longer alive nor ready."""
@@ -257,7 +244,7 @@ class WorkerRegistry:
         return sum(1 for w in self.workers.values() if w.drained and not w.alive)
 
     # ---- figures -------------------------------------------------------------------------
-    def stats(self, placement: dict[str, StageAssignment]) -> list[dict]:
+    def stats(self, placement: dict[str, StageAssignment]) -> list[M.WorkerStats]:
         """One entry per registered worker for STATS_REPLY: liveness, memory, step time, its place
         in the plan (`placement`: assignment by worker id), busy fraction (forward-pass seconds /
         wall seconds over `metrics.window_s`) and hourly price."""
@@ -266,16 +253,15 @@ class WorkerRegistry:
         for w in self.workers.values():
             a = placement.get(w.worker_id)
             busy = w.busy_window.rate() if w.busy_window is not None else None
-            out.append({"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "alive": w.alive, "ready": w.ready,
-                        "drained": w.drained, "heartbeat_age_s": now - w.last_heartbeat,
-                        "step_time_s": w.step_time_s, "weight_bytes": w.weight_bytes, "rss_bytes": w.rss_bytes,
-                        "speed": w.speed, "comm": w.comm,
-                        "stage": a.stage if a else None, "layer_start": a.layer_start if a else None,
-                        "layer_end": a.layer_end if a else None, "tp_rank": a.tp_rank if a else None,
-                        "kv_bytes": w.kv_bytes, "num_steps": w.num_steps, "busy_s": w.busy_s,
-                        # clipped: heartbeats arrive with jitter, so a window may see slightly more than 1
-                        "busy_fraction": None if busy is None else min(1.0, max(0.0, busy)),
-                        "price_per_hour": w.price_per_hour})
+            out.append(M.WorkerStats(
+                worker_id=w.worker_id, host=w.host, pid=w.pid, alive=w.alive, ready=w.ready, drained=w.drained,
+                heartbeat_age_s=now - w.last_heartbeat, step_time_s=w.step_time_s, weight_bytes=w.weight_bytes,
+                rss_bytes=w.rss_bytes, kv_bytes=w.kv_bytes, speed=w.speed, comm=w.comm,
+                stage=a.stage if a else None, layer_start=a.layer_start if a else None,
+                layer_end=a.layer_end if a else None, tp_rank=a.tp_rank if a else None,
+                num_steps=w.num_steps, busy_s=w.busy_s,
+                # clipped: heartbeats arrive with jitter, so a window may see slightly more than 1
+                busy_fraction=None if busy is None else min(1.0, max(0.0, busy)), price_per_hour=w.price_per_hour))
         return out
 
     def cost(self, generation_tokens_total: int, tokens_per_s: float | None) -> dict:

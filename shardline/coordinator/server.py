@@ -41,6 +41,7 @@ from shardline.coordinator.registry import WorkerRegistry
 from shardline.coordinator.served_model import ServedModel
 from shardline.coordinator.shard_server import ShardServer
 from shardline.coordinator.sequence import Sequence
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.config import ClusterConfig
 from shardline.model_file import ModelError
@@ -314,8 +315,8 @@ class Coordinator:
                     self.outbox.error_to_client(frames[0], "", ErrorCode.BAD_FRAME,
                                                 f"expected 1 frame, got {len(frames) - 1}")
                 elif frames:
-                    self.outbox.to_worker_plane(frames[0], MsgType.ERROR, P.error_body(
-                        ErrorCode.BAD_FRAME, f"expected 1 frame, got {len(frames) - 1}"))
+                    self.outbox.to_worker_plane(frames[0], P.error(ErrorCode.BAD_FRAME,
+                                                                   f"expected 1 frame, got {len(frames) - 1}"))
                 continue
             identity, frame = frames
             if not frame:  # ROUTER_NOTIFY: the peer disconnected
@@ -331,16 +332,15 @@ class Coordinator:
     def on_worker_frame(self, identity: bytes, frame: bytes) -> None:
         """Route one worker-plane message; a malformed or unexpected one is answered with ERROR."""
         try:
-            msg_type, body = P.decode(frame)
-            P.validate(msg_type, body)
-            w = self.registry.sender(identity, msg_type, body)
+            msg_type, body = P.decode(frame, accept=P.WORKER_REQUESTS)
+            w = self.registry.sender(identity, body)
             if w is None and msg_type is not MsgType.REGISTER:
                 if self.registry.is_lost(identity, body):
                     # a worker declared lost (told SHUTDOWN by `sender`): dropped without an
                     # ERROR, which would make a worker that is re-registering think it was refused
                     log.debug("dropped %s from %r (not a live registered worker)", msg_type.name, identity)
                     return
-                if self.registry.is_early_heartbeat(identity, msg_type, body):
+                if self.registry.is_early_heartbeat(identity, body):
                     # a worker that started before this coordinator bound its socket: its queued
                     # heartbeats can be read before its REGISTER (ZeroMQ delivers per connection)
                     log.debug("heartbeat from %r before its worker registered", identity)
@@ -352,37 +352,34 @@ class Coordinator:
             elif msg_type is MsgType.ERROR:  # its data plane failed: a peer may be dead, let liveness tell
                 self.lifecycle.on_data_plane_error(w, body)
             elif msg_type is MsgType.HEARTBEAT:
-                if w is not None:
-                    a = self.lifecycle.placement().get(w.worker_id)
-                    self.registry.on_heartbeat(w, body, a.stage if a is not None else None)
+                a = self.lifecycle.placement().get(w.worker_id)
+                self.registry.on_heartbeat(w, body, a.stage if a is not None else None)
             elif msg_type is MsgType.REGISTER:
                 self.lifecycle.on_register(identity, body)
             elif msg_type is MsgType.READY:
                 self.lifecycle.on_ready(identity, body)
-            elif msg_type in (MsgType.SHARD_REQUEST, MsgType.SHARD_FETCH):  # shard_server.py
-                self.outbox.to_worker(w, *self.shard_server.answer(w.worker_id, msg_type, body,
-                                                                   self.lifecycle.shard_of(w.worker_id)))
-            else:
-                raise ProtocolError(f"unexpected {msg_type.name} on the worker plane", ErrorCode.UNKNOWN_TYPE)
+            else:  # SHARD_REQUEST, SHARD_FETCH: shard_server.py
+                self.outbox.to_worker(w, self.shard_server.answer(w.worker_id, body,
+                                                                  self.lifecycle.shard_of(w.worker_id)))
         except ProtocolError as exc:
             log.warning("refused a message from worker %r: %s", identity, exc)
-            self.outbox.to_worker_plane(identity, MsgType.ERROR, P.error_body(exc.code, str(exc)))
+            self.outbox.to_worker_plane(identity, P.error(exc.code, str(exc)))
         except Exception:  # a bug or a hostile peer must not take the coordinator down
             log.exception("error handling a worker message from %r", identity)
 
     def on_client_frame(self, client: bytes, frame: bytes) -> None:
-        """Route one client-plane message; every failure is answered with ERROR."""
+        """Route one client-plane message; every failure is answered with ERROR (naming the
+        request id when the body has one, even a body that failed to decode)."""
         request_id = ""
         scheduler = self.dispatcher.scheduler
         try:
-            msg_type, body = P.decode(frame, P.MAX_CLIENT_FRAME_BYTES)
-            rid = body.get("request_id", "")
-            request_id = rid if isinstance(rid, str) and len(rid) <= 128 else ""  # echoed in replies
-            if msg_type not in P.CLIENT_REQUESTS:
-                raise ProtocolError(f"{msg_type.name} (type {int(msg_type)}) is not a client request",
-                                    ErrorCode.UNKNOWN_TYPE)
-            P.validate(msg_type, body)
-            echo = {"request_id": request_id} if request_id else {}  # lets a client match the reply
+            try:
+                msg_type, body = P.decode(frame, P.MAX_CLIENT_FRAME_BYTES, accept=P.CLIENT_REQUESTS)
+            except ProtocolError as exc:  # echo the request id, so the client can match the refusal
+                if exc.code in (ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE) and len(frame) <= P.MAX_CLIENT_FRAME_BYTES:
+                    request_id = P.request_id_of(frame)
+                raise
+            request_id = body.request_id if len(body.request_id) <= 128 else ""  # echoed in replies
             if msg_type is MsgType.GENERATE:
                 self.input.on_generate(client, body, scheduler, self.lifecycle.refusal())
             elif msg_type is MsgType.CANCEL:
@@ -390,16 +387,14 @@ class Coordinator:
             elif msg_type is MsgType.DRAIN_WORKER:
                 self.lifecycle.on_drain_worker(client, request_id, body)
             elif msg_type is MsgType.HEALTH:
-                self.outbox.to_client(client, MsgType.HEALTH_REPLY, {**self.health(), **echo})
+                self.outbox.to_client(client, self.health(request_id))
             elif msg_type is MsgType.STATS:
-                self.outbox.to_client(client, MsgType.STATS_REPLY, {**self.stats_snapshot(), **echo})
-            elif msg_type is MsgType.MODELS:
+                self.outbox.to_client(client, self.stats_snapshot(request_id))
+            else:  # MODELS
                 m = self.model
-                self.outbox.to_client(client, MsgType.MODELS_REPLY, {"models": [
-                    {"id": m.model_id, "name": m.spec.name, "context_length": m.max_model_len,
-                     "architecture": m.spec.architecture}], **echo})
-            else:
-                raise ProtocolError(f"{msg_type.name} is not a client request", ErrorCode.UNKNOWN_TYPE)
+                self.outbox.to_client(client, M.ModelsReply(models=[M.ModelCard(
+                    id=m.model_id, name=m.spec.name, context_length=m.max_model_len,
+                    architecture=m.spec.architecture)], request_id=request_id))
         except ProtocolError as exc:
             self.outbox.error_to_client(client, request_id, exc.code, str(exc))
         except (ValueError, TypeError) as exc:
@@ -409,38 +404,37 @@ class Coordinator:
             self.outbox.error_to_client(client, request_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     # ---- introspection -------------------------------------------------------------------
-    def health(self) -> dict:
+    def health(self, request_id: str = "") -> M.HealthReply:
         """HEALTH_REPLY: status, workers up and expected (one fewer per worker an operator drained)."""
-        return {"status": self.lifecycle.health_status, "workers_up": self.registry.num_alive,
-                "workers_expected": max(0, self.config.workers.count - self.registry.num_drained),
-                "model": self.model.model_id}
+        return M.HealthReply(status=self.lifecycle.health_status, workers_up=self.registry.num_alive,
+                             workers_expected=max(0, self.config.workers.count - self.registry.num_drained),
+                             model=self.model.model_id, request_id=request_id)
 
-    def stats_snapshot(self) -> dict:
+    def stats_snapshot(self, request_id: str = "") -> M.StatsReply:
         """STATS_REPLY (docs/protocol.md): counters, state, queues and KV cache, the worker drain in
         progress, every worker, throughput and cost, the plan."""
-        s: dict = dataclasses.asdict(self.stats)
-        s["state"] = self.lifecycle.status
-        s["coordinator"] = process_stats()
         scheduler = self.dispatcher.scheduler
+        queues = {}
         if scheduler is not None:
             bm = scheduler.block_manager
-            s.update(num_requests_running=len(scheduler.running), num_requests_waiting=len(scheduler.waiting),
-                     num_steps_in_flight=self.dispatcher.num_in_flight,
-                     num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
-                     num_preemptions_total=scheduler.stats.num_preemptions,
-                     prefix_cache_hit_blocks=bm.num_prefix_hits, async_scheduling=scheduler.lookahead,
-                     num_continuations_total=scheduler.stats.num_continuations)
+            queues = dict(num_requests_running=len(scheduler.running), num_requests_waiting=len(scheduler.waiting),
+                          num_steps_in_flight=self.dispatcher.num_in_flight,
+                          num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage,
+                          num_preemptions_total=scheduler.stats.num_preemptions,
+                          prefix_cache_hit_blocks=bm.num_prefix_hits, async_scheduling=scheduler.lookahead,
+                          num_continuations_total=scheduler.stats.num_continuations)
         d = self.lifecycle.worker_drain
-        s["worker_drain"] = None if d is None else {"worker_id": d.worker_id, "phase": d.phase.value,
-                                                    "elapsed_s": time.monotonic() - d.started}
-        s["workers"] = self.registry.stats(self.lifecycle.placement())
         rate = self.throughput.rate()
-        s["throughput_window_s"] = self.config.metrics.window_s
-        s["generation_tokens_per_s"] = rate
-        s.update(self.registry.cost(self.stats.generation_tokens_total, rate))
-        if self.lifecycle.plan is not None:
-            s["plan"] = self.lifecycle.plan.to_dict()
-        return s
+        plan = self.lifecycle.plan
+        return M.StatsReply(
+            request_id=request_id, **dataclasses.asdict(self.stats), state=self.lifecycle.status,
+            coordinator=M.ProcessStats(**process_stats()), **queues,
+            worker_drain=None if d is None else M.WorkerDrainState(
+                worker_id=d.worker_id, phase=d.phase.value, elapsed_s=time.monotonic() - d.started),
+            workers=self.registry.stats(self.lifecycle.placement()),
+            throughput_window_s=self.config.metrics.window_s, generation_tokens_per_s=rate,
+            **self.registry.cost(self.stats.generation_tokens_total, rate),
+            plan=None if plan is None else plan.to_dict())
 
 
 def host_rendezvous_store(host: str, port: int):

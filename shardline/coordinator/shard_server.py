@@ -35,10 +35,11 @@ import os
 
 import numpy as np
 
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.architectures import architecture
 from shardline.model_file import SafetensorsCheckpoint, is_safetensors_checkpoint
-from shardline.protocol import ErrorCode, MsgType
+from shardline.protocol import ErrorCode
 from shardline.shard import TensorSlice, shard_tensor_slices
 
 log = logging.getLogger("shardline.coordinator")
@@ -66,7 +67,8 @@ class GGUFTensorSource:
         self._block = gguf.constants.GGML_QUANT_SIZES  # type -> (elements per block, bytes per block)
 
     def describe(self, ts: TensorSlice) -> tuple[dict, np.ndarray]:
-        """(manifest entry without offset, a view of the slice's data; not yet contiguous).
+        """(the slice's `ManifestTensor` fields but its offset, a view of the slice's data; not yet
+        contiguous).
 
         Raises:
             ShardError: unknown tensor, a slice out of range or not aligned to quant blocks.
@@ -96,10 +98,9 @@ class GGUFTensorSource:
             else:
                 data = data[:, c0:c1]
             ne[0] = c1 - c0
-        entry = {"name": ts.name, "ggml_type": int(t.tensor_type), "ne": ne, "dtype": data.dtype.str,
-                 "shape": list(data.shape), "rows": list(ts.rows) if ts.rows else None,
-                 "cols": list(ts.cols) if ts.cols else None, "nbytes": int(data.nbytes)}
-        return entry, data
+        fields = dict(name=ts.name, ggml_type=int(t.tensor_type), ne=ne, dtype=data.dtype.str,
+                      shape=list(data.shape), rows=ts.rows, cols=ts.cols, nbytes=int(data.nbytes))
+        return fields, data
 
 
 class SafetensorsTensorSource:
@@ -118,8 +119,9 @@ class SafetensorsTensorSource:
         self.spec = spec
 
     def describe(self, ts: TensorSlice):
-        """(manifest entry without offset, a function returning the slice as a C-contiguous NumPy
-        array). Entry fields: name, st_dtype (the stored dtype), dtype, shape, rows, cols, nbytes.
+        """(the slice's `ManifestTensor` fields but its offset: name, st_dtype (the stored dtype),
+        dtype, shape, rows, cols, nbytes; a function returning the slice as a C-contiguous NumPy
+        array).
 
         Raises:
             ShardError: a tensor missing from the checkpoint, a slice out of range, or a stored
@@ -160,10 +162,9 @@ class SafetensorsTensorSource:
                 t = t.view(torch.int16)
             return t.numpy().view(np.dtype(dtype))
 
-        entry = {"name": ts.name, "st_dtype": st_dtype, "dtype": dtype, "shape": shape,
-                 "rows": list(ts.rows) if ts.rows else None, "cols": list(ts.cols) if ts.cols else None,
-                 "nbytes": math.prod(shape) * np.dtype(dtype).itemsize}
-        return entry, read
+        fields = dict(name=ts.name, st_dtype=st_dtype, dtype=dtype, shape=shape, rows=ts.rows, cols=ts.cols,
+                      nbytes=math.prod(shape) * np.dtype(dtype).itemsize)
+        return fields, read
 
 
 class ShardLayout:
@@ -174,15 +175,16 @@ class ShardLayout:
     def __init__(self, source, slices: list[TensorSlice], chunk_bytes: int = P.SHARD_CHUNK_BYTES):
         self.source = source
         self.chunk_bytes = chunk_bytes
-        self.entries, self._views, self._offsets = [], [], []
+        self.entries: list[M.ManifestTensor] = []
+        self._views, self._offsets = [], []
         offset = 0
         for ts in slices:
-            entry, view = source.describe(ts)
-            entry["offset"] = offset
+            fields, view = source.describe(ts)
+            entry = M.ManifestTensor(**fields, offset=offset)
             self.entries.append(entry)
             self._views.append(view)
             self._offsets.append(offset)
-            offset += entry["nbytes"]
+            offset += entry.nbytes
         self.total_bytes = offset
         self.num_chunks = max(1, -(-offset // chunk_bytes))
         self._cached: tuple[int, bytes] | None = None
@@ -198,12 +200,12 @@ class ShardLayout:
             self._cached = (i, memoryview(np.ascontiguousarray(data)).cast("B"))
         return self._cached[1]
 
-    def manifest(self, model_digest: str) -> dict:
-        return {"model_digest": model_digest, "format": getattr(self.source, "format", "gguf"),
-                "tensors": self.entries, "total_bytes": self.total_bytes,
-                "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks, "shard_digest": self.digest}
+    def manifest(self, model_digest: str) -> M.ShardManifest:
+        return M.ShardManifest(model_digest=model_digest, format=getattr(self.source, "format", "gguf"),
+                               tensors=self.entries, total_bytes=self.total_bytes, chunk_bytes=self.chunk_bytes,
+                               num_chunks=self.num_chunks, shard_digest=self.digest)
 
-    def chunk(self, index: int) -> dict:
+    def chunk(self, index: int) -> M.ShardChunk:
         """SHARD_CHUNK body for chunk `index`.
 
         Raises:
@@ -217,13 +219,13 @@ class ShardLayout:
         i = max(0, bisect.bisect_right(self._offsets, start) - 1)
         while pos < end:
             e = self.entries[i]
-            lo, hi = pos - e["offset"], min(end, e["offset"] + e["nbytes"]) - e["offset"]
+            lo, hi = pos - e.offset, min(end, e.offset + e.nbytes) - e.offset
             if hi > lo:
                 parts.append(self._tensor_bytes(i)[lo:hi])
                 pos += hi - lo
             i += 1
         data = b"".join(parts)
-        return {"index": index, "offset": start, "data": data, "sha256": hashlib.sha256(data).hexdigest()}
+        return M.ShardChunk(index=index, offset=start, data=data, sha256=hashlib.sha256(data).hexdigest())
 
 
 class ShardServer:
@@ -241,31 +243,30 @@ class ShardServer:
         self.layouts: dict[str, ShardLayout] = {}
         self.bytes_sent: dict[str, int] = {}
 
-    def answer(self, worker_id: str, msg_type: MsgType, body: dict, shard) -> tuple[MsgType, dict]:
+    def answer(self, worker_id: str, body: M.ShardRequest | M.ShardFetch, shard) -> M.Message:
         """The reply to a worker's SHARD_REQUEST (SHARD_MANIFEST) or SHARD_FETCH (SHARD_CHUNK); to
         one that cannot be served, ERROR INVALID_REQUEST naming why."""
         try:
-            if msg_type is MsgType.SHARD_REQUEST:
+            if isinstance(body, M.ShardRequest):
                 manifest = self.on_request(worker_id, body, shard)
                 log.info("worker %s: sending its shard (%s): %d tensors, %.1f MB in %d chunks", worker_id,
-                         body.get("reason", ""), len(manifest["tensors"]), manifest["total_bytes"] / 1e6,
-                         manifest["num_chunks"])
-                return MsgType.SHARD_MANIFEST, manifest
-            return MsgType.SHARD_CHUNK, self.on_fetch(worker_id, body)
+                         body.reason, len(manifest.tensors), manifest.total_bytes / 1e6, manifest.num_chunks)
+                return manifest
+            return self.on_fetch(worker_id, body)
         except ShardError as exc:
             log.error("shard transfer to worker %s refused: %s", worker_id, exc)
-            return MsgType.ERROR, P.error_body(ErrorCode.INVALID_REQUEST, str(exc))
+            return P.error(ErrorCode.INVALID_REQUEST, str(exc))
 
-    def on_request(self, worker_id: str, body: dict, shard) -> dict:
+    def on_request(self, worker_id: str, body: M.ShardRequest, shard) -> M.ShardManifest:
         """SHARD_REQUEST -> SHARD_MANIFEST body.
 
         Raises:
             ShardError: no assignment, a digest other than the served model's, or a tensor the
                 source cannot serve (see the sources' `describe`).
         """
-        want = body.get("model_digest")
+        want = body.model_digest
         if want != self.model_digest:
-            raise ShardError(f"worker {worker_id} asks for model sha256 {str(want)[:16]}, coordinator serves "
+            raise ShardError(f"worker {worker_id} asks for model sha256 {want[:16]}, coordinator serves "
                              f"{os.path.basename(self.model_path)} sha256 {self.model_digest[:16]}")
         if shard is None:
             raise ShardError(f"worker {worker_id} has no assignment in the current plan")
@@ -277,7 +278,7 @@ class ShardServer:
         self.bytes_sent[worker_id] = 0
         return layout.manifest(self.model_digest)
 
-    def on_fetch(self, worker_id: str, body: dict) -> dict:
+    def on_fetch(self, worker_id: str, body: M.ShardFetch) -> M.ShardChunk:
         """SHARD_FETCH -> SHARD_CHUNK body.
 
         Raises:
@@ -286,11 +287,8 @@ class ShardServer:
         layout = self.layouts.get(worker_id)
         if layout is None:
             raise ShardError(f"worker {worker_id} fetched a chunk before SHARD_REQUEST")
-        index = body.get("index")
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise ShardError(f"SHARD_FETCH: index must be an integer, got {type(index).__name__}")
-        out = layout.chunk(index)
-        self.bytes_sent[worker_id] += len(out["data"])
+        out = layout.chunk(body.index)
+        self.bytes_sent[worker_id] += len(out.data)
         return out
 
     def done(self, worker_id: str) -> None:

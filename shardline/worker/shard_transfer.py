@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.protocol import MsgType
 from shardline.shard import shard_tensor_slices
@@ -51,16 +52,18 @@ class ReceivedTensor:
     """A received tensor slice, shaped like `gguf.ReaderTensor` (name, tensor_type, shape in ggml
     order, data as the reader would give it), so the GGUF code paths take it unchanged."""
 
-    def __init__(self, entry: dict, data: np.ndarray):
+    def __init__(self, entry: M.ManifestTensor, data: np.ndarray):
         from gguf import GGMLQuantizationType
 
-        self.name = entry["name"]
-        self.tensor_type = GGMLQuantizationType(entry["ggml_type"])
-        self.shape = np.array(entry["ne"], dtype=np.uint64)
+        if entry.ggml_type is None or entry.ne is None:
+            raise ShardTransferError(f"manifest: gguf tensor {entry.name} without ggml_type and ne")
+        self.name = entry.name
+        self.tensor_type = GGMLQuantizationType(entry.ggml_type)
+        self.shape = np.array(entry.ne, dtype=np.uint64)
         self.data = data
-        self.rows = tuple(entry["rows"]) if entry.get("rows") else None
-        self.cols = tuple(entry["cols"]) if entry.get("cols") else None
-        self.n_elements = int(np.prod(entry["ne"]))
+        self.rows = entry.rows
+        self.cols = entry.cols
+        self.n_elements = int(np.prod(entry.ne))
         self.n_bytes = int(data.nbytes)
 
 
@@ -176,49 +179,56 @@ class ReceivedCheckpoint:
         return part.astype(np.float32)
 
 
-def _recv(sock, deadline_s: float, expect: MsgType) -> dict:
-    """Next message of type `expect` (HEARTBEATs skipped). Raises ShardTransferError on ERROR or
-    after TRANSFER_TIMEOUT_S of silence."""
+def _recv(sock, deadline_s: float, expect: MsgType) -> M.Message:
+    """Next message of type `expect` (HEARTBEATs skipped). Raises ShardTransferError on ERROR, a
+    malformed frame, or after TRANSFER_TIMEOUT_S of silence."""
     while True:
         if not sock.poll(int(deadline_s * 1000)):
             raise ShardTransferError(f"no {expect.name} from the coordinator for {deadline_s:.0f} s")
-        msg_type, body = P.decode(sock.recv())
+        try:
+            msg_type, body = P.decode(sock.recv())
+        except P.ProtocolError as exc:
+            raise ShardTransferError(f"malformed message from the coordinator: {exc}") from None
         if msg_type is expect:
             return body
         if msg_type is MsgType.ERROR:
-            raise ShardTransferError(f"coordinator refused the shard transfer: {body.get('message')}")
+            raise ShardTransferError(f"coordinator refused the shard transfer: {body.message}")
         if msg_type is not MsgType.HEARTBEAT:
             log.warning("ignoring %s during the shard transfer", msg_type.name)
 
 
-def check_manifest(manifest: dict, spec, shard: ShardSpec) -> None:
+def check_manifest(manifest: M.ShardManifest, spec, shard: ShardSpec) -> None:
     """The manifest lists exactly this shard's tensor slices, contiguous in the stream.
 
     Raises:
         ShardTransferError: a tensor missing, extra, sliced otherwise or misplaced.
     """
-    want = [(s.name, list(s.rows) if s.rows else None, list(s.cols) if s.cols else None)
+    want = [(s.name, s.rows, s.cols)
             for s in shard_tensor_slices(spec, shard.layer_start, shard.layer_end, shard.is_first, shard.is_last,
                                          shard.tp_rank, shard.tp_size)]
-    got = [(e["name"], e.get("rows"), e.get("cols")) for e in manifest["tensors"]]
+    got = [(e.name, e.rows, e.cols) for e in manifest.tensors]
     if got != want:
         missing = sorted({w[0] for w in want} - {g[0] for g in got})
         raise ShardTransferError(f"the manifest is not this shard's: {len(got)} tensors, expected {len(want)}"
                                  + (f" (missing {', '.join(missing[:5])})" if missing else ""))
     offset = 0
-    for e in manifest["tensors"]:
-        if e["offset"] != offset or e["nbytes"] != int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize:
-            raise ShardTransferError(f"tensor {e['name']}: offset/size do not match the stream layout")
-        offset += e["nbytes"]
-    if offset != manifest["total_bytes"]:
-        raise ShardTransferError(f"tensors hold {offset} bytes, manifest says {manifest['total_bytes']}")
+    for e in manifest.tensors:
+        try:
+            itemsize = np.dtype(e.dtype).itemsize
+        except TypeError:
+            raise ShardTransferError(f"tensor {e.name}: unknown dtype {e.dtype!r}") from None
+        if e.offset != offset or e.nbytes != int(np.prod(e.shape)) * itemsize:
+            raise ShardTransferError(f"tensor {e.name}: offset/size do not match the stream layout")
+        offset += e.nbytes
+    if offset != manifest.total_bytes:
+        raise ShardTransferError(f"tensors hold {offset} bytes, manifest says {manifest.total_bytes}")
 
 
 def fetch_shard(sock, worker_id: str, model_digest: str, spec, shard: ShardSpec, reason: str,
                 window: int = P.SHARD_WINDOW, quantization: str = "none", group_size: int = 32,
-                dtype: str = "float32") -> tuple[ReceivedShardLoader | SafetensorsShardLoader, dict]:
+                dtype: str = "float32") -> tuple[ReceivedShardLoader | SafetensorsShardLoader, M.TransferStats]:
     """Receive this worker's shard over `sock` (the worker-plane DEALER) and return a loader over
-    it and transfer stats {bytes, chunks, retries, seconds, format}. A GGUF shard gives a
+    it and the transfer's stats. A GGUF shard gives a
     `ReceivedShardLoader`; a safetensors shard a `SafetensorsShardLoader` that encodes the
     received values as `quantization`, `group_size` and `dtype` say (as ASSIGN names them).
 
@@ -228,17 +238,16 @@ def fetch_shard(sock, worker_id: str, model_digest: str, spec, shard: ShardSpec,
             TRANSFER_TIMEOUT_S.
     """
     t0 = time.monotonic()
-    sock.send(P.encode(MsgType.SHARD_REQUEST, {"worker_id": worker_id, "model_digest": model_digest,
-                                               "reason": reason}))
+    sock.send(P.encode(M.ShardRequest(worker_id=worker_id, model_digest=model_digest, reason=reason)))
     manifest = _recv(sock, TRANSFER_TIMEOUT_S, MsgType.SHARD_MANIFEST)
     check_manifest(manifest, spec, shard)
-    fmt = manifest.get("format", "gguf")
+    fmt = manifest.format
     if fmt not in ("gguf", "safetensors"):
         raise ShardTransferError(f"manifest: unknown format {fmt!r}")
     if fmt == "gguf" and quantization != "none":
         raise ShardTransferError(f"quantization={quantization} applies to safetensors checkpoints; the coordinator "
                                  f"serves a GGUF file")
-    total, chunk_bytes, n = manifest["total_bytes"], manifest["chunk_bytes"], manifest["num_chunks"]
+    total, chunk_bytes, n = manifest.total_bytes, manifest.chunk_bytes, manifest.num_chunks
     if n != max(1, -(-total // chunk_bytes)):
         raise ShardTransferError(f"manifest: {n} chunks of {chunk_bytes} bytes cannot hold {total} bytes")
     buf = np.empty(total, dtype=np.uint8)
@@ -247,43 +256,40 @@ def fetch_shard(sock, worker_id: str, model_digest: str, spec, shard: ShardSpec,
     next_index, outstanding = 0, 0
     while not all(received) or outstanding:
         while outstanding < window and next_index < n:
-            sock.send(P.encode(MsgType.SHARD_FETCH, {"index": next_index}))
+            sock.send(P.encode(M.ShardFetch(index=next_index)))
             next_index += 1
             outstanding += 1
         if outstanding == 0:
             break
         body = _recv(sock, TRANSFER_TIMEOUT_S, MsgType.SHARD_CHUNK)
         outstanding -= 1
-        i, data = body.get("index"), body.get("data")
-        if not isinstance(i, int) or not 0 <= i < n or not isinstance(data, bytes):
-            raise ShardTransferError(f"malformed SHARD_CHUNK (index {i!r})")
+        i, data = body.index, body.data
+        if not 0 <= i < n:
+            raise ShardTransferError(f"malformed SHARD_CHUNK (index {i} of {n})")
         start = i * chunk_bytes
         size = min(chunk_bytes, total - start)
-        if body.get("offset") != start or len(data) != size or hashlib.sha256(data).hexdigest() != body.get("sha256"):
+        if body.offset != start or len(data) != size or hashlib.sha256(data).hexdigest() != body.sha256:
             retries[i] = retries.get(i, 0) + 1
             log.warning("shard chunk %d/%d failed its checksum (try %d)", i, n, retries[i])
             if retries[i] > MAX_CHUNK_RETRIES:
                 raise ShardTransferError(f"chunk {i} failed its sha256 check {retries[i]} times")
-            sock.send(P.encode(MsgType.SHARD_FETCH, {"index": i}))
+            sock.send(P.encode(M.ShardFetch(index=i)))
             outstanding += 1
             continue
         buf[start:start + size] = np.frombuffer(data, dtype=np.uint8)
         received[i] = True
     digest = hashlib.sha256(buf).hexdigest()
-    if digest != manifest["shard_digest"]:
+    if digest != manifest.shard_digest:
         raise ShardTransferError(f"shard sha256 {digest[:16]} does not match the manifest's "
-                                 f"{manifest['shard_digest'][:16]}")
-    stats = {"bytes": total, "chunks": n, "retries": sum(retries.values()), "seconds": time.monotonic() - t0,
-             "format": fmt}
-    views = [(e, buf[e["offset"]:e["offset"] + e["nbytes"]].view(np.dtype(e["dtype"])).reshape(e["shape"]))
-             for e in manifest["tensors"]]
+                                 f"{manifest.shard_digest[:16]}")
+    stats = M.TransferStats(bytes=total, chunks=n, retries=sum(retries.values()), seconds=time.monotonic() - t0,
+                            format=fmt)
+    views = [(e, buf[e.offset:e.offset + e.nbytes].view(np.dtype(e.dtype)).reshape(e.shape))
+             for e in manifest.tensors]
     if fmt == "safetensors":
-        if any(e.get("st_dtype") not in ("F32", "F16", "BF16") for e, _ in views):
+        if any(e.st_dtype not in ("F32", "F16", "BF16") for e, _ in views):
             raise ShardTransferError("manifest: a safetensors tensor without st_dtype F32, F16 or BF16")
-        ckpt = ReceivedCheckpoint(spec, {e["name"]: (arr, e["st_dtype"],
-                                                     tuple(e["rows"]) if e.get("rows") else None,
-                                                     tuple(e["cols"]) if e.get("cols") else None)
-                                         for e, arr in views})
+        ckpt = ReceivedCheckpoint(spec, {e.name: (arr, e.st_dtype, e.rows, e.cols) for e, arr in views})
         return SafetensorsShardLoader(ckpt.directory, spec, shard, quantization, group_size, dtype,
                                       checkpoint=ckpt), stats
-    return ReceivedShardLoader(spec, shard, {e["name"]: ReceivedTensor(e, arr) for e, arr in views}), stats
+    return ReceivedShardLoader(spec, shard, {e.name: ReceivedTensor(e, arr) for e, arr in views}), stats

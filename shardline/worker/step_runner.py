@@ -7,12 +7,12 @@ replays the coordinator's steps in the order sent:
 
     first stage              middle stages           last stage
     token ids -> embed  -->  hidden states     -->   hidden states -> lm_head -> sample
-    (or, for a continuation, the token the step `prev` sampled: async scheduling)
+    (or, for a continuation, the token step `input_step` sampled: async scheduling)
                                                      STEP_RESULT to the coordinator;
                                                      sampled tokens to the first stage (token stream)
 
-Async scheduling: the coordinator plans a sequence's next step (a continuation, with `prev` in
-place of its token ids) before the previous step's token is known. The first stage keeps the
+Async scheduling: the coordinator plans a sequence's next step (a continuation, with
+`input_step` in place of its token ids) before the previous step's token is known. The first stage keeps the
 latest sampled token of each sequence (`sampled_tokens`): from its own sampler with one stage,
 else from the token stream (shardline/worker/comm.py).
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.model_file import ModelSpec
 from shardline.sampling import SamplingParams
@@ -109,12 +110,12 @@ class StepRunner:
         self.block_tables: dict[int, list[int]] = {}
         self.sampling: dict[int, SequenceSampling] = {}
         self.sampled_tokens: dict[int, tuple[int, int]] = {}
-        self.transfer_stats: dict | None = None  # how the shard was received (None: read from a local file)
+        self.transfer_stats: M.TransferStats | None = None  # how the shard was received (None: from a local file)
         self.load_s = 0.0
 
     # ---- ASSIGN: load the shard ----------------------------------------------------------
     @classmethod
-    def load(cls, a: dict, device: str, local_ip: str, weights: WeightSource, sock, worker_id: str,
+    def load(cls, a: M.Assign, device: str, local_ip: str, weights: WeightSource, sock, worker_id: str,
              times: StepTimes | None = None) -> StepRunner:
         """Build the runner for ASSIGN `a` (docs/protocol.md, ASSIGN): join the data plane at
         its rendezvous (`local_ip`: this worker's address), open the shard's weights from
@@ -130,36 +131,35 @@ class StepRunner:
 
         gc.unfreeze()  # a previous plan's model (frozen below) can be collected once dropped
         t0 = time.monotonic()
-        spec = ModelSpec.from_dict(a["spec"])
-        stage, pp_size, tp_size = a["stage"], a["pp_size"], a["tp_size"]
-        shard = ShardSpec(a["layer_start"], a["layer_end"], stage == 0, stage == pp_size - 1, a["tp_rank"], tp_size)
+        spec = ModelSpec.from_dict(a.spec)
+        stage, pp_size, tp_size = a.stage, a.pp_size, a.tp_size
+        shard = ShardSpec(a.layer_start, a.layer_end, stage == 0, stage == pp_size - 1, a.tp_rank, tp_size)
         bar = LoadProgress(f"stage {stage} layers [{shard.layer_start}, {shard.layer_end})",
                            ["joining the data plane", "weights", "KV cache", "warm-up (compiling kernels)"])
         try:
-            comm = StageComm(a["rank"], a["world_size"], stage, pp_size, shard.tp_rank, tp_size, a["store_host"],
-                             a["store_port"], a["store_prefix"], "nccl" if device == "cuda" else "gloo", local_ip,
-                             timeout_s=a.get("data_plane_timeout_s", 60.0), token_stream=bool(a.get("token_ring")))
+            comm = StageComm(a.rank, a.world_size, stage, pp_size, shard.tp_rank, tp_size, a.store_host,
+                             a.store_port, a.store_prefix, "nccl" if device == "cuda" else "gloo", local_ip,
+                             timeout_s=a.data_plane_timeout_s, token_stream=a.token_stream)
             try:
                 bar.next()
                 loader, transfer_stats = weights.open(a, spec, shard, sock, worker_id)
-                model = StageModel(spec, loader, a["max_positions"], all_reduce=comm.all_reduce,
+                model = StageModel(spec, loader, a.max_positions, all_reduce=comm.all_reduce,
                                    all_gather=comm.all_gather)
                 loader.close()
-                if a.get("gemm_weights") == "bf16" and device == "cpu":
+                if a.gemm_weights == "bf16" and device == "cpu":
                     model.keep_bf16_copies()
                 bar.next()
-                kv_cache = KVCache(shard.layer_end - shard.layer_start, a["num_kv_blocks"], a["block_size"],
-                                   spec.num_kv_heads // tp_size, spec.head_dim,
-                                   dtype=KV_CACHE_DTYPES[a.get("kv_cache_dtype", "float32")])
+                kv_cache = KVCache(shard.layer_end - shard.layer_start, a.num_kv_blocks, a.block_size,
+                                   spec.num_kv_heads // tp_size, spec.head_dim, dtype=KV_CACHE_DTYPES[a.kv_cache_dtype])
                 bar.next()
-                model.warm_up(kv_cache, a["block_size"])
+                model.warm_up(kv_cache, a.block_size)
                 bar.next()
             except BaseException:
                 comm.abort()
                 raise
         finally:
             bar.close()
-        runner = cls(spec, shard, pp_size, a["block_size"], comm, model, kv_cache, Sampler(spec.eos_token_id), times)
+        runner = cls(spec, shard, pp_size, a.block_size, comm, model, kv_cache, Sampler(spec.eos_token_id), times)
         runner.transfer_stats = transfer_stats
         # torch, Numba and the model make a heap that every full collection walks, a stall of the
         # whole pipeline when one comes during serving; frozen, collections look only at what
@@ -173,17 +173,16 @@ class StepRunner:
         return runner
 
     @property
-    def lookahead_ok(self) -> bool:
+    def async_scheduling(self) -> bool:
         """Whether this worker can run continuations (async scheduling): one TP rank, and one
         stage or the token stream open (the first stage needs the sampled tokens)."""
         return self.shard.tp_size == 1 and (self.pp_size == 1 or self.comm.has_token_stream)
 
-    def ready_fields(self) -> dict:
-        """READY's fields about the loaded stage: weight_bytes, kv_bytes, rss_bytes, load_s,
-        shard_transfer, lookahead_ok."""
-        return {"weight_bytes": self.model.weight_bytes(), "shard_transfer": self.transfer_stats,
-                "rss_bytes": rss_bytes(), "kv_bytes": self.kv_cache.nbytes, "load_s": self.load_s,
-                "lookahead_ok": self.lookahead_ok}
+    def ready(self, worker_id: str, plan_id: int) -> M.Ready:
+        """The READY answering plan `plan_id`'s ASSIGN: what the loaded stage holds and how it loaded."""
+        return M.Ready(worker_id=worker_id, plan_id=plan_id, weight_bytes=self.model.weight_bytes(),
+                       rss_bytes=rss_bytes(), kv_bytes=self.kv_cache.nbytes, load_s=self.load_s,
+                       async_scheduling=self.async_scheduling, shard_transfer=self.transfer_stats)
 
     def close(self, wait_sends: bool = False) -> None:
         """Leave the data plane (`wait_sends`: after the sends in flight complete; else at once,
@@ -198,12 +197,9 @@ class StepRunner:
             self.comm.abort()
 
     # ---- STEP: one forward pass ----------------------------------------------------------
-    def execute_step(self, step: dict) -> dict | None:
-        """Run one STEP and return the STEP_RESULT body to send (last stage, TP rank 0), else
-        None. Step fields (docs/protocol.md, STEP): step_id, free [seq ids], seqs [maps with
-        seq_id, start, n, tokens (packed int32), blocks (packed int32 new block-table entries),
-        reset, sample, prev (a continuation: the step whose sampled token is its input),
-        params, logprobs, prompt_logprobs, prompt_len, history (first time only)].
+    def execute_step(self, step: M.Step) -> M.StepResult | None:
+        """Run one STEP (`shardline.messages.Step`) and return the STEP_RESULT body to send (last
+        stage, TP rank 0), else None.
 
         Raises RuntimeError when a continuation's token cannot come (a step out of order),
         ConnectionError / TimeoutError when a peer stage is gone or frozen.
@@ -211,35 +207,35 @@ class StepRunner:
         from shardline.worker.model import build_attention_metadata
 
         t0 = time.perf_counter()
-        for seq_id in step.get("free", ()):
+        for seq_id in step.free:
             self.block_tables.pop(seq_id, None)
             self.sampling.pop(seq_id, None)
             self.sampled_tokens.pop(seq_id, None)
         stream_in = self.shard.is_first and self.comm.has_token_stream
         if stream_in:  # take the tokens the last stage has sent so far (its sends never wait on us)
             self._keep_sampled(self.comm.recv_sampled_tokens(block=False))
-        seqs = step["seqs"]
+        seqs = step.seqs
         if not seqs:
             return None
         entries, tokens = [], []
         for s in seqs:
-            sid = s["seq_id"]
-            new_blocks = P.unpack_ids(s["blocks"])
-            if s["reset"]:
+            sid = s.seq_id
+            new_blocks = P.unpack_ids(s.blocks)
+            if s.reset:
                 self.block_tables[sid] = new_blocks
             else:
                 self.block_tables[sid].extend(new_blocks)
-            if s.get("params") is not None:
-                self.sampling[sid] = SequenceSampling(SamplingParams.from_dict(s["params"]), s.get("logprobs") or 0,
-                                                      s.get("prompt_logprobs") or 0, s.get("prompt_len"))
+            if s.params is not None:
+                self.sampling[sid] = SequenceSampling(SamplingParams.from_dict(s.params), s.logprobs,
+                                                      s.prompt_logprobs, s.prompt_len)
             if self.shard.is_last:
                 self._keep_history(self.sampling[sid], s)
-            entries.append((s["start"], s["n"], self.block_tables[sid], s["sample"]))
+            entries.append((s.start, s.n, self.block_tables[sid], s.sample))
             if self.shard.is_first:
-                if "prev" in s:  # a continuation: the token step `prev` sampled for this sequence
-                    tokens.append(self._sampled_token(sid, s["prev"], stream_in))
+                if s.input_step is not None:  # a continuation: the token step `input_step` sampled for it
+                    tokens.append(self._sampled_token(sid, s.input_step, stream_in))
                 else:
-                    tokens.extend(P.unpack_ids(s["tokens"]))
+                    tokens.extend(P.unpack_ids(s.tokens))
         meta = build_attention_metadata(entries, self.block_size)
         num_sampled = int(meta.sample_rows.shape[0])
         scored = self._prompt_logprob_rows(seqs) if self.shard.is_last else []
@@ -259,32 +255,32 @@ class StepRunner:
             self.comm.send_hidden(out)
             send_wait_s = time.perf_counter() - t_send  # a send may wait for the next stage (a full socket buffer)
         elif self.shard.tp_rank == 0:
-            result = self._sample(step["step_id"], seqs, out, num_sampled, scored, t0)
+            result = self._sample(step.step_id, seqs, out, num_sampled, scored, t0)
         t_end = time.perf_counter()
         self.times.record(t_end - t0, t_end - t_input - send_wait_s)
         return result
 
-    def _sample(self, step_id: int, seqs: list[dict], out: torch.Tensor, num_sampled: int, scored: list,
-                t0: float) -> dict:
+    def _sample(self, step_id: int, seqs: list[M.StepSeq], out: torch.Tensor, num_sampled: int, scored: list,
+                t0: float) -> M.StepResult:
         """Last stage, TP rank 0: sample the rows of the sequences that sample, hand the tokens
         to the first stage, and build the STEP_RESULT body. out: [num_sampled + prompt rows,
         vocab] float32 logits."""
-        sampled = [s for s in seqs if s["sample"]]
-        states = [self.sampling[s["seq_id"]] for s in sampled]
+        sampled = [s for s in seqs if s.sample]
+        states = [self.sampling[s.seq_id] for s in sampled]
         nlp = [st.num_logprobs for st in states]
-        positions = [s["start"] + s["n"] for s in sampled]
+        positions = [s.start + s.n for s in sampled]
         res = self.sampler(out[:num_sampled], [st.params for st in states], positions, nlp, states)
-        sampled_ids = [s["seq_id"] for s in sampled]
+        sampled_ids = [s.seq_id for s in sampled]
         if self.shard.is_first:  # one stage: continuations read the tokens here
             self._keep_sampled([(step_id, sampled_ids, res.token_ids)])
         elif self.comm.has_token_stream:  # before the result: the first stage may be waiting for them
             self.comm.send_sampled_tokens(step_id, sampled_ids, res.token_ids)
-        body = {"step_id": step_id, "seq_ids": P.pack_ids(sampled_ids), "tokens": P.pack_ids(res.token_ids),
-                "forward_s": time.perf_counter() - t0}
+        body = M.StepResult(step_id=step_id, seq_ids=P.pack_ids(sampled_ids), tokens=P.pack_ids(res.token_ids),
+                            forward_s=time.perf_counter() - t0)
         if any(nlp):
-            body["logprobs"] = [None if lp is None else [lp[0], [list(t) for t in lp[1]]] for lp in res.logprobs]
+            body.logprobs = res.logprobs
         if scored:
-            body["prompt_logprobs"] = self._prompt_logprobs(scored, out[num_sampled:])
+            body.prompt_logprobs = self._prompt_logprobs(scored, out[num_sampled:])
         return body
 
     def _keep_sampled(self, messages) -> None:
@@ -310,21 +306,21 @@ class StepRunner:
                                f"have step {got[0]}'s")
         return got[1]
 
-    def _keep_history(self, st: SequenceSampling, s: dict) -> None:
+    def _keep_history(self, st: SequenceSampling, s: M.StepSeq) -> None:
         """Last stage: keep the token ids of a sequence whose penalties need its history.
         `history` (with a reset) holds the tokens before the first computed position (a cached
         prefix); every step's `tokens` are the ids at positions [start, start + n)."""
         if not st.params.needs_history:
             return
-        assert "prev" not in s, "a continuation of a sequence whose penalties need its history"
-        if s.get("params") is not None:
-            st.token_ids = P.unpack_ids(s.get("history") or b"")
-        start = s["start"]
+        assert s.input_step is None, "a continuation of a sequence whose penalties need its history"
+        if s.params is not None:
+            st.token_ids = P.unpack_ids(s.history)
+        start = s.start
         assert st.token_ids is not None and len(st.token_ids) >= start, (len(st.token_ids or ()), start)
         del st.token_ids[start:]
-        st.token_ids.extend(P.unpack_ids(s["tokens"]))
+        st.token_ids.extend(P.unpack_ids(s.tokens))
 
-    def _prompt_logprob_rows(self, seqs: list[dict]) -> list[tuple[int, int, list[int], list[int], int]]:
+    def _prompt_logprob_rows(self, seqs: list[M.StepSeq]) -> list[tuple[int, int, list[int], list[int], int]]:
         """Rows of this step whose logits give prompt logprobs: per sequence asking for them,
         (seq_id, start, targets, rows, the chunk's first token). The row at position p predicts
         the prompt token at p + 1; the last row of a chunk that ends inside the prompt predicts
@@ -332,17 +328,17 @@ class StepRunner:
         (`pending_logprobs`) for the next step."""
         scored, row = [], 0
         for s in seqs:
-            st, start, n = self.sampling[s["seq_id"]], s["start"], s["n"]
+            st, start, n = self.sampling[s.seq_id], s.start, s.n
             if st.num_prompt_logprobs and st.prompt_len and start < st.prompt_len:
                 end = min(start + n, st.prompt_len - 1)  # positions [start, end) predict a prompt token
-                chunk = P.unpack_ids(s["tokens"])
+                chunk = P.unpack_ids(s.tokens)
                 targets = [chunk[p + 1 - start] if p + 1 < start + n else -1 for p in range(start, end)]
-                scored.append((s["seq_id"], start, targets, [row + p - start for p in range(start, end)], chunk[0]))
+                scored.append((s.seq_id, start, targets, [row + p - start for p in range(start, end)], chunk[0]))
             row += n
         return scored
 
-    def _prompt_logprobs(self, scored, logits: torch.Tensor) -> list:
-        """[seq_id, first position, entries] per sequence: entries[i] is the logprob entry
+    def _prompt_logprobs(self, scored, logits: torch.Tensor) -> list[M.PromptLogprobs]:
+        """(seq_id, first position, entries) per sequence: entries[i] is the logprob entry
         ([logprob, [[token, logprob] x k]]) of the prompt token at position first + i.
         logits: [prompt rows, vocab] float32, the rows of `scored` in order."""
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -362,5 +358,5 @@ class StepRunner:
             if targets and targets[-1] < 0:
                 st.pending_logprobs = lp[-1].clone()
             if entries:
-                result.append([seq_id, first, entries])
+                result.append((seq_id, first, entries))
         return result

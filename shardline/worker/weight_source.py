@@ -12,6 +12,7 @@ import logging
 import os
 import time
 
+from shardline import messages as M
 from shardline.model_file import ModelSpec
 from shardline.worker.loader import ShardSpec, open_shard_loader
 
@@ -41,27 +42,27 @@ class WeightSource:
             log.info("model %s: sha256 %s (%.1f s)", path, self._digests[path][:16], time.monotonic() - t0)
         return self._digests[path]
 
-    def register_fields(self) -> dict:
-        """REGISTER fields naming this host's model: {model_digest, model_path} when a
-        `model_path` was given and may be read, else {}."""
+    def local_model_file(self) -> tuple[str | None, str | None]:
+        """REGISTER's `model_digest` and `model_path` naming this host's model: (sha256 hex, path)
+        when a `model_path` was given and may be read, else (None, None)."""
         if not (self.model_path and self.use_local_model):
-            return {}
-        return {"model_digest": self.digest(self.model_path), "model_path": self.model_path}
+            return None, None
+        return self.digest(self.model_path), self.model_path
 
-    def local_model(self, a: dict) -> str | None:
+    def local_model(self, a: M.Assign) -> str | None:
         """A model file on this host whose digest is the one ASSIGN `a` names (`model_path`
         given here, else ASSIGN's `model_path`, else the packaged model named `model`), or None:
         then the shard comes from the coordinator. An ASSIGN without `model_digest` trusts the
         first path that exists."""
         if not self.use_local_model:
             return None
-        want = a.get("model_digest")
-        candidates = [self.model_path] if self.model_path else [a.get("model_path")]
-        if not self.model_path and a.get("model"):
+        want = a.model_digest
+        candidates = [self.model_path] if self.model_path else [a.model_path]
+        if not self.model_path and a.model:
             from shardline.model_file import ModelError, resolve_model_path
 
             try:
-                candidates.append(str(resolve_model_path(a["model"])))
+                candidates.append(str(resolve_model_path(a.model)))
             except ModelError:
                 pass
         for path in dict.fromkeys(c for c in candidates if c):
@@ -76,29 +77,31 @@ class WeightSource:
                         path, have[:16], want[:16])
         return None
 
-    def open(self, a: dict, spec: ModelSpec, shard: ShardSpec, sock, worker_id: str):
-        """The loader of `shard` for ASSIGN `a` and the transfer stats ({bytes, chunks, retries,
-        seconds, format} when the shard was received over `sock`, the worker-plane DEALER; None
-        when it was read from a local file). The loader encodes a safetensors checkpoint as
-        ASSIGN's `quantization`, `quantization_group_size` and `dtype` say; close it once the
-        stage is built.
+    def open(self, a: M.Assign, spec: ModelSpec, shard: ShardSpec, sock,
+             worker_id: str) -> tuple[object, M.TransferStats | None]:
+        """The loader of `shard` for ASSIGN `a` and the transfer stats (when the shard was received
+        over `sock`, the worker-plane DEALER; None when it was read from a local file). The loader
+        encodes a safetensors checkpoint as ASSIGN's `quantization`, `quantization_group_size` and
+        `dtype` say; close it once the stage is built.
 
         Raises:
             shardline.worker.shard_transfer.ShardTransferError: the transfer failed.
-            ValueError: quantization asked for a local GGUF file.
+            ValueError: quantization asked for a local GGUF file, or no local file and no
+                `model_digest` to ask the coordinator for.
         """
-        quantization, group_size = a.get("quantization", "none"), a.get("quantization_group_size", 32)
-        dtype = a.get("dtype", "float32")
+        quantization, group_size, dtype = a.quantization, a.quantization_group_size, a.dtype
         local = self.local_model(a)
         if local is not None:
             return open_shard_loader(local, spec, shard, quantization, group_size, dtype), None
         from shardline.worker.shard_transfer import fetch_shard
 
         reason = "local model files disabled" if not self.use_local_model else "no local model file with that digest"
-        log.info("worker %s: receiving stage %d tp %d/%d from the coordinator (%s)", worker_id, a["stage"],
+        if a.model_digest is None:
+            raise ValueError("no local model file, and ASSIGN names no model_digest to ask the coordinator for")
+        log.info("worker %s: receiving stage %d tp %d/%d from the coordinator (%s)", worker_id, a.stage,
                  shard.tp_rank, shard.tp_size, reason)
-        loader, stats = fetch_shard(sock, worker_id, a["model_digest"], spec, shard, reason,
+        loader, stats = fetch_shard(sock, worker_id, a.model_digest, spec, shard, reason,
                                     quantization=quantization, group_size=group_size, dtype=dtype)
-        log.info("worker %s: received %.1f MB in %d chunks (%d retried) in %.2f s", worker_id, stats["bytes"] / 1e6,
-                 stats["chunks"], stats["retries"], stats["seconds"])
+        log.info("worker %s: received %.1f MB in %d chunks (%d retried) in %.2f s", worker_id, stats.bytes / 1e6,
+                 stats.chunks, stats.retries, stats.seconds)
         return loader, stats

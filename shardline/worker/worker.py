@@ -28,6 +28,7 @@ import torch
 import zmq
 
 from shardline import __version__
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.protocol import MsgType
 from shardline.worker.process import default_memory_bytes, keep_freed_memory, local_ip_towards, rss_bytes
@@ -66,8 +67,8 @@ class Worker:
         self.heartbeat_interval_s = 1.0
         self.heartbeat_misses = 10
         self.curve_keys: tuple[str, str, str] | None = None  # (server public, own public, own secret), Z85
-        # the plan of the last ASSIGN (wire field `generation`; named in data-plane ERRORs), None
-        # before one since registering: the coordinator's silence ends the worker only within a plan
+        # the plan of the last ASSIGN (named in READY and data-plane ERRORs), None before one since
+        # registering: the coordinator's silence ends the worker only within a plan
         self.plan_id: int | None = None
         self.runner: StepRunner | None = None  # None: no shard, or the data plane broke (until the next ASSIGN)
         self.times = StepTimes()
@@ -99,7 +100,6 @@ class Worker:
                 if self.sock.poll(int(self.heartbeat_interval_s * 1000)):
                     try:
                         msg_type, body = P.decode(self.sock.recv())
-                        P.validate(msg_type, body)
                     except P.ProtocolError as exc:
                         log.error("bad frame from the coordinator: %s", exc)
                         continue
@@ -109,13 +109,13 @@ class Worker:
                             self._step(body)
                     elif msg_type is MsgType.ASSIGN:
                         self._assign(body)
-                    elif msg_type is MsgType.SHUTDOWN and body.get("reason") == "lost":
+                    elif msg_type is MsgType.SHUTDOWN and body.reason == "lost":
                         self._rejoin()
                     elif msg_type is MsgType.SHUTDOWN:
                         log.info("worker %s: shutdown requested", self.worker_id)
                         break
                     elif msg_type is MsgType.ERROR:
-                        log.error("coordinator refused this worker: %s", body.get("message"))
+                        log.error("coordinator refused this worker: %s", body.message)
                         rc = 1
                         break
                     last_heard = time.monotonic()  # handling (a load) may take long
@@ -141,42 +141,39 @@ class Worker:
         self.sock.close(linger=0)
 
     def _register(self) -> None:
-        self._send(MsgType.REGISTER, {
-            "worker_id": self.worker_id, "incarnation": self.incarnation, "host": self.host,
-            "device": self.device, "memory_bytes": self.memory_bytes, "version": __version__,
-            "pid": os.getpid(), "threads": self.threads, "speed": self.speed,
-            "protocol": f"{P.PROTOCOL_MAJOR}.{P.PROTOCOL_MINOR}",
-            **self.weights.register_fields(),
-            **({} if self.price_per_hour is None else {"price_per_hour": self.price_per_hour}),
-        })
+        model_digest, model_path = self.weights.local_model_file()
+        self._send(M.Register(
+            worker_id=self.worker_id, incarnation=self.incarnation, host=self.host, device=self.device,
+            memory_bytes=self.memory_bytes, version=__version__, pid=os.getpid(), threads=self.threads,
+            price_per_hour=self.price_per_hour, speed=self.speed, model_digest=model_digest, model_path=model_path,
+            protocol=f"{P.PROTOCOL_MAJOR}.{P.PROTOCOL_MINOR}"))
         log.info("worker %s registered with %s from %s", self.worker_id, self.coordinator, self.host)
 
-    def _assign(self, a: dict) -> None:
+    def _assign(self, a: M.Assign) -> None:
         """ASSIGN: leave the old plan, load the new shard and reply READY; a failure (e.g. a peer
         died during the rendezvous) is reported as a data-plane failure."""
         self._leave_plan()
-        self.plan_id = a.get("generation", 0)
-        self.heartbeat_interval_s = a.get("heartbeat_interval_s", self.heartbeat_interval_s)
-        self.heartbeat_misses = max(self.heartbeat_misses, a.get("heartbeat_misses", 0) * 2)
+        self.plan_id = a.plan_id
+        self.heartbeat_interval_s = a.heartbeat_interval_s
+        self.heartbeat_misses = max(self.heartbeat_misses, a.heartbeat_misses * 2)
         try:
             self.runner = StepRunner.load(a, self.device, self.host, self.weights, self.sock, self.worker_id,
                                           self.times)
-            self._send(MsgType.READY, {"worker_id": self.worker_id, "generation": self.plan_id,
-                                       **self.runner.ready_fields()})
+            self._send(self.runner.ready(self.worker_id, self.plan_id))
         except Exception as exc:
             log.exception("ASSIGN failed")
-            self._drop_data_plane(f"ASSIGN generation {self.plan_id}: {exc}")
+            self._drop_data_plane(f"ASSIGN of plan {self.plan_id}: {exc}")
 
-    def _step(self, step: dict) -> None:
+    def _step(self, step: M.Step) -> None:
         """STEP: execute it and send the STEP_RESULT (last stage); a failure (a dead peer's
         gloo/NCCL/stream error or timeout, or a bug) is reported as a data-plane failure."""
         try:
             result = self.runner.execute_step(step)
             if result is not None:
-                self._send(MsgType.STEP_RESULT, result)
+                self._send(result)
         except Exception as exc:
-            log.exception("step %s failed", step.get("step_id"))
-            self._drop_data_plane(f"step {step.get('step_id')}: {exc}")
+            log.exception("step %s failed", step.step_id)
+            self._drop_data_plane(f"step {step.step_id}: {exc}")
 
     def _leave_plan(self, wait_sends: bool = False) -> None:
         """Leave the torch.distributed group (a broken one too) and drop what belonged to the
@@ -198,8 +195,7 @@ class Worker:
         have re-planned, and that report must not break the new plan."""
         log.error("worker %s: data plane failed: %s", self.worker_id, why)
         self._leave_plan()
-        self._send(MsgType.ERROR, P.error_body(P.ErrorCode.UNAVAILABLE, f"data plane failed: {why}",
-                                               generation=self.plan_id))
+        self._send(P.error(P.ErrorCode.UNAVAILABLE, f"data plane failed: {why}", plan_id=self.plan_id))
 
     def _rejoin(self) -> None:
         """SHUTDOWN {reason: lost}: the coordinator declared this worker lost (it was frozen, cut
@@ -227,12 +223,12 @@ class Worker:
         try:
             while not self._hb_stop.wait(self.heartbeat_interval_s):
                 times, runner = self.times, self.runner
-                body = {"worker_id": self.worker_id, "incarnation": self.incarnation, "num_steps": times.num_steps,
-                        "step_time_s": times.step_time_s, "rss_bytes": rss_bytes(), "busy_s": times.busy_s,
-                        "step_times_s": times.take_recent(),
-                        **({"comm": runner.comm.stats()} if runner is not None else {})}
+                body = M.Heartbeat(worker_id=self.worker_id, incarnation=self.incarnation, num_steps=times.num_steps,
+                                   step_time_s=times.step_time_s, rss_bytes=rss_bytes(), busy_s=times.busy_s,
+                                   step_times_s=times.take_recent(),
+                                   comm=None if runner is None else M.CommStats(**runner.comm.stats()))
                 try:
-                    sock.send(P.encode(MsgType.HEARTBEAT, body), zmq.NOBLOCK)
+                    sock.send(P.encode(body), zmq.NOBLOCK)
                 except zmq.Again:  # the coordinator is unreachable; it will time this worker out
                     pass
         finally:
@@ -245,8 +241,8 @@ class Worker:
 
             configure_curve_client(sock, *self.curve_keys)
 
-    def _send(self, msg_type: MsgType, body: dict) -> None:
-        self.sock.send(P.encode(msg_type, body))
+    def _send(self, body: M.Message) -> None:
+        self.sock.send(P.encode(body))
 
 
 def main(coordinator: str, device: str = "cpu", threads: int = 1, memory_bytes: int | None = None,

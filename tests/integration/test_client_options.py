@@ -8,11 +8,13 @@ import asyncio
 import uuid
 from types import SimpleNamespace
 
+import msgspec
 import numpy as np
 import pytest
 import zmq
 
 from shardline import AsyncClient
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.protocol import MsgType
 from shardline.sampling import SamplingParams, choice_seed
@@ -201,8 +203,8 @@ def test_async_client_many_tasks_equal_the_sync_client(cluster):
 
 
 def test_coordinator_bodies_use_only_documented_fields(cluster):
-    """Raw frames on a DEALER: every key of every reply the coordinator sends is named in that
-    message's row of docs/protocol.md."""
+    """Raw frames on a DEALER: every key of every reply the coordinator sends (as the msgpack map
+    carries it) is named in that message's row of docs/protocol.md."""
     table = message_table()
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -210,18 +212,20 @@ def test_coordinator_bodies_use_only_documented_fields(cluster):
     sock.connect(cluster.address)
     try:
         rid = uuid.uuid4().hex
-        sock.send(P.encode(MsgType.GENERATE, {"request_id": rid, "prompt_token_ids": P.pack_ids(PROMPT),
-                                              "stream": True, "logprobs": 2, "prompt_logprobs": 1,
-                                              "params": SamplingParams(n=2, max_tokens=3, stop=["zzz"]).to_dict()}))
-        for t in (MsgType.HEALTH, MsgType.STATS, MsgType.MODELS):
-            sock.send(P.encode(t, {"request_id": t.name}))
-        sock.send(P.encode(MsgType.GENERATE, {"request_id": "bad", "prompt": "x", "params": {"top_p": 7}}))
-        sock.send(P.encode(MsgType.GENERATE, {"request_id": "plain", "prompt": "Hi", "params": {"max_tokens": 2}}))
+        sock.send(P.encode(M.Generate(request_id=rid, prompt_token_ids=P.pack_ids(PROMPT), stream=True, logprobs=2,
+                                      prompt_logprobs=1,
+                                      params=SamplingParams(n=2, max_tokens=3, stop=["zzz"]).to_dict())))
+        for request in (M.Health, M.Stats, M.Models):
+            sock.send(P.encode(request(request_id=request.__name__)))
+        sock.send(P.encode(M.Generate(request_id="bad", prompt="x", params={"top_p": 7})))
+        sock.send(P.encode(M.Generate(request_id="plain", prompt="Hi", params={"max_tokens": 2})))
         seen: dict[MsgType, set[str]] = {}
         done = 0
         while done < 2 or len(seen) < 7:
             assert sock.poll(60_000), f"no reply; seen {seen}"
-            t, body = P.decode(sock.recv())
+            frame = sock.recv()
+            t = P.decode(frame)[0]  # a valid body of its type
+            body = msgspec.msgpack.decode(frame[P.HEADER_BYTES:])  # the keys as sent
             seen.setdefault(t, set()).update(body)
             if t is MsgType.DONE:
                 done += 1

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import yaml
@@ -20,6 +21,7 @@ import zmq
 from shardline import Client, InvalidRequestError
 from shardline import protocol as P
 from shardline.local import free_port_block
+from tests.frames import raw_frame
 from tests.integration.conftest import NEAR_TIE, pp_config
 from tests.reference import LOGPROB_ATOL
 
@@ -175,18 +177,21 @@ def test_bad_input_is_refused_and_cluster_keeps_serving(default_cluster):
             b"gar",
             b"XX" + bytes(4),
             P.HEADER.pack(P.MAGIC, 9, 0, int(P.MsgType.GENERATE)) + b"\x80",
-            P.encode(P.MsgType.GENERATE, {"request_id": "r1", "prompt": "hi", "params": {"temperature": "hot"}}),
-            P.encode(P.MsgType.GENERATE, {"request_id": "r2", "prompt": "hi", "params": {"bogus": 1}}),
-            P.encode(P.MsgType.GENERATE, {"request_id": "r3", "prompt_token_ids": P.pack_ids([10**6])}),
-            P.encode(P.MsgType.STEP, {}),
+            raw_frame(P.MsgType.GENERATE, {"request_id": "r1", "prompt": "hi", "params": {"temperature": "hot"}}),
+            raw_frame(P.MsgType.GENERATE, {"request_id": "r2", "prompt": "hi", "params": {"bogus": 1}}),
+            raw_frame(P.MsgType.GENERATE, {"request_id": "r3", "prompt_token_ids": P.pack_ids([10**6])}),
+            raw_frame(P.MsgType.GENERATE, {"request_id": "r4", "prompt": "hi", "stream": "yes"}),
+            raw_frame(P.MsgType.STEP, {}),
         ]
         expect = ["shorter than", "bad magic", "protocol version 9.0", "temperature", "bogus", "prompt_token_ids",
-                  "STEP"]
-        for frame, needle in zip(cases, expect):
+                  "GENERATE: Expected `bool`, got `str` - at `$.stream`", "STEP"]
+        for frame, needle in zip(cases, expect, strict=True):
             raw.send(frame)
             assert raw.poll(10_000), f"no reply to {frame[:16]!r}"
             msg_type, body = P.decode(raw.recv())
-            assert msg_type is P.MsgType.ERROR and needle in body["message"], body
+            assert msg_type is P.MsgType.ERROR and needle in body.message, body
+            if b"request_id" in frame:  # the refusal names the request, even one whose body did not decode
+                assert body.request_id == msgpack.unpackb(frame[P.HEADER_BYTES:])["request_id"], body
     finally:
         raw.close()
     assert c.generate("The capital of France is", max_tokens=4).usage["completion_tokens"] == 4

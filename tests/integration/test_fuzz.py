@@ -138,9 +138,10 @@ def hostile_frame(rng: random.Random, plane: str) -> tuple[list[bytes], bool]:
         return [_hdr(MsgType.GENERATE) + msgpack.packb(_bad_generate(rng), use_bin_type=True)], True
     spoof = rng.choice([  # worker messages from a peer that never registered, or a refused REGISTER
         (MsgType.STEP_RESULT, {"step_id": 0, "seq_ids": P.pack_ids([0]), "tokens": P.pack_ids([1])}),
-        (MsgType.READY, {"worker_id": "local-0", "generation": 1}),
+        (MsgType.READY, {"worker_id": "local-0", "plan_id": 1}),
         (MsgType.HEARTBEAT, {"worker_id": "local-0", "incarnation": "not-its-incarnation"}),
-        (MsgType.ERROR, P.error_body(ErrorCode.UNAVAILABLE, "spoofed data-plane failure")),
+        (MsgType.ERROR, {"code": int(ErrorCode.UNAVAILABLE), "code_name": "UNAVAILABLE",
+                         "message": "spoofed data-plane failure"}),
         (MsgType.REGISTER, {"worker_id": "fuzz", "host": "h", "device": "cpu", "memory_bytes": 1, "version": "0.0.0"}),
     ])
     return [_hdr(spoof[0]) + msgpack.packb(spoof[1], use_bin_type=True)], True
@@ -182,8 +183,8 @@ def _fire(address: str, plane: str, seed: int) -> tuple[int, int, dict]:
                             name = msg_type.name  # random bytes that happen to be a valid empty map
                         else:
                             assert msg_type is MsgType.ERROR, (msg_type, body)
-                            assert body["message"], body  # the error says what was wrong
-                            name = body["code_name"]
+                            assert body.message, body  # the error says what was wrong
+                            name = body.code_name
                         codes[name] = codes.get(name, 0) + 1
                         owed[k] -= 1
                         got += 1

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import zmq
 
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.client import (AsyncClient, Client, ClientClosedError, InvalidRequestError, RequestTimeoutError,
                               ShardlineError, UnavailableError)
@@ -31,54 +32,55 @@ class ScriptedCoordinator:
         self.address = f"tcp://127.0.0.1:{port}"
         self.delay_s = delay_s
         self.cancelled: list[str] = []
-        self.pending: list[tuple[float, bytes, MsgType, dict]] = []
+        self.pending: list[tuple[float, bytes, M.Message]] = []
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _later(self, t, ident, mtype, body):
-        self.pending.append((t, ident, mtype, body))
+    def _later(self, t, ident, body):
+        self.pending.append((t, ident, body))
 
     def _run(self):
         while not self._stop:
             if self.sock.poll(5):
                 ident, frame = self.sock.recv_multipart()
                 mtype, body = P.decode(frame)
-                rid = body.get("request_id", "")
+                rid = body.request_id
                 now = time.monotonic()
                 if mtype is MsgType.CANCEL:
                     self.cancelled.append(rid)
                 elif mtype is MsgType.HEALTH:
-                    self._later(now + self.delay_s, ident, MsgType.HEALTH_REPLY, {"status": "ok", "request_id": rid})
+                    self._later(now + self.delay_s, ident, M.HealthReply(status="ok", workers_up=1, workers_expected=1,
+                                                                         model="scripted", request_id=rid))
                 elif mtype is MsgType.GENERATE:
-                    prompt = body["prompt"]
+                    prompt = body.prompt
                     if prompt.startswith("silent"):
                         continue
                     if prompt.startswith("bad"):
-                        self._later(now, ident, MsgType.ERROR, P.error_body(
-                            ErrorCode.INVALID_REQUEST, "temperature=-1: must be a number in [0, 100]", request_id=rid))
+                        self._later(now, ident, P.error(ErrorCode.INVALID_REQUEST,
+                                                        "temperature=-1: must be a number in [0, 100]", request_id=rid))
                         continue
                     if prompt.startswith("down"):
-                        self._later(now, ident, MsgType.ERROR, P.error_body(
-                            ErrorCode.UNAVAILABLE, "cluster not serving", request_id=rid))
+                        self._later(now, ident, P.error(ErrorCode.UNAVAILABLE, "cluster not serving", request_id=rid))
                         continue
                     out = prompt[::-1]
-                    self._later(now, ident, MsgType.ACCEPTED, {"request_id": rid, "prompt_tokens": len(prompt)})
+                    self._later(now, ident, M.Accepted(request_id=rid, prompt_tokens=len(prompt)))
                     t = now
-                    if body["stream"]:
+                    if body.stream:
                         for ch in out:
                             t += self.delay_s
-                            self._later(t, ident, MsgType.DELTA, {"request_id": rid, "index": 0, "text": ch,
-                                                                  "token_ids": P.pack_ids([ord(ch)])})
-                    self._later(t + self.delay_s, ident, MsgType.DONE, {
-                        "request_id": rid, "text": out, "token_ids": P.pack_ids([ord(c) for c in out]),
-                        "finish_reason": "length", "stop_reason": None,
-                        "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out)}, "timings": {}})
+                            self._later(t, ident, M.Delta(request_id=rid, index=0, text=ch,
+                                                          token_ids=P.pack_ids([ord(ch)])))
+                    self._later(t + self.delay_s, ident, M.Done(
+                        request_id=rid, text=out, token_ids=P.pack_ids([ord(c) for c in out]), finish_reason="length",
+                        stop_reason=None, usage=M.Usage(prompt_tokens=len(prompt), completion_tokens=len(out),
+                                                        cached_tokens=0, num_preemptions=0),
+                        timings=M.Timings(queue_s=0.0, ttft_s=0.0, e2e_s=0.0)))
             now = time.monotonic()
             due = [m for m in self.pending if m[0] <= now]
             self.pending = [m for m in self.pending if m[0] > now]
-            for _, ident, mtype, body in sorted(due, key=lambda m: m[0]):
-                self.sock.send_multipart([ident, P.encode(mtype, body)])
+            for _, ident, body in sorted(due, key=lambda m: m[0]):
+                self.sock.send_multipart([ident, P.encode(body)])
 
     def close(self):
         self._stop = True

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shardline import messages as M
 from shardline.coordinator.metrics import CoordinatorMetrics, RateWindow, build_1_2_5_buckets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,14 +197,18 @@ def test_worker_series_exist_at_zero_from_the_first_heartbeat():
 
 def test_gauges_follow_the_stats_snapshot():
     m = CoordinatorMetrics("tiny", 100)
-    snap = {"num_requests_running": 3, "num_requests_waiting": 5, "kv_cache_usage": 0.25,
-            "cost_per_million_tokens": None, "price_per_hour": 3.0,
-            "workers": [{"worker_id": "a", "alive": True, "heartbeat_age_s": 0.4, "step_time_s": 0.02,
-                         "busy_fraction": 0.5, "rss_bytes": 100, "weight_bytes": 50, "kv_bytes": 10,
-                         "price_per_hour": 3.0},
-                        {"worker_id": "b", "alive": False, "heartbeat_age_s": 9.0, "step_time_s": 0.0,
-                         "busy_fraction": None, "rss_bytes": 0, "weight_bytes": 0, "kv_bytes": 0,
-                         "price_per_hour": None}]}
+    worker = dict(host="h", pid=1, ready=True, drained=False, speed=1.0, comm=None, stage=0, layer_start=0,
+                  layer_end=30, tp_rank=0, num_steps=0, busy_s=0.0)
+    snap = M.StatsReply(
+        requests_total=0, requests_finished=0, generation_tokens_total=0, prompt_tokens_total=0, steps_total=0,
+        step_time_s_total=0.0, state="serving", coordinator=M.ProcessStats(pid=1, rss_bytes=1, num_fds=1),
+        num_requests_running=3, num_requests_waiting=5, kv_cache_usage=0.25, worker_drain=None,
+        throughput_window_s=30.0, generation_tokens_per_s=None, price_per_hour=3.0, cost_total=1.0,
+        cost_per_million_tokens=None, recent_cost_per_million_tokens=None,
+        workers=[M.WorkerStats(worker_id="a", alive=True, heartbeat_age_s=0.4, step_time_s=0.02, busy_fraction=0.5,
+                               rss_bytes=100, weight_bytes=50, kv_bytes=10, price_per_hour=3.0, **worker),
+                 M.WorkerStats(worker_id="b", alive=False, heartbeat_age_s=9.0, step_time_s=0.0, busy_fraction=None,
+                               rss_bytes=0, weight_bytes=0, kv_bytes=0, price_per_hour=None, **worker)])
     m.set_state(snap)
     f = _families(m)
     model = (("model", "tiny"),)

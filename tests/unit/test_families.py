@@ -331,6 +331,7 @@ def test_shard_transfer_of_family_tensors(family_dir, name, fmt):
     """TP rank 1 of 2, received from the coordinator: Phi-3's fused attn_qkv / gate+up cut into
     this rank's parts of each logical tensor, Gemma 2's extra norms (and, from GGUF, the Q/K rows
     the model permutes itself): the same logits bit for bit as the stage built from the files."""
+    from shardline import messages as M
     from shardline.coordinator.shard_server import ShardServer
     from shardline.shard import model_digest, shard_tensor_slices
     from shardline.worker.shard_transfer import fetch_shard
@@ -342,7 +343,7 @@ def test_shard_transfer_of_family_tensors(family_dir, name, fmt):
     shard = (0, spec.num_layers, True, True, 1, 2)
     digest = model_digest(path)
     server = ShardServer(path, spec, digest)
-    n = server.on_request("probe", {"model_digest": digest}, shard)["num_chunks"]
+    n = server.on_request("probe", M.ShardRequest(worker_id="probe", model_digest=digest), shard).num_chunks
     dealer, t = serve(server, shard, 1 + n)
     try:
         received, _ = fetch_shard(dealer, "w0", digest, spec, ShardSpec(*shard), "test")

@@ -1,11 +1,15 @@
 """docs/protocol.md is the spec: its message and error tables, limits and field lists must agree
-with shardline/protocol.py, SamplingParams and the bodies the client builds. (What the
-coordinator sends is checked against the same tables in tests/integration/test_client_options.py.)"""
+with shardline/protocol.py, the message structs of shardline/messages.py (in both directions),
+SamplingParams and the bodies the client builds. (What the coordinator sends is checked against
+the same tables in tests/integration/test_client_options.py.)"""
 
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import fields
+
+import msgspec
 
 from shardline import protocol as P
 from shardline.client import _generate_body
@@ -32,19 +36,58 @@ def test_parser_reads_tables_it_is_given():
     assert error_table(text) == {3: "OOPS"}
 
 
-def test_schema_fields_are_documented():
-    """Every field protocol.py validates for a message is named in that message's row."""
+def struct_fields(cls: type[msgspec.Struct]) -> set[str]:
+    """The wire names of a struct's fields and of every struct nested in them (through lists,
+    tuples, maps and unions)."""
+    out = set()
+    for f in msgspec.structs.fields(cls):
+        out.add(f.encode_name)
+        types = [f.type]
+        while types:
+            t = types.pop()
+            if isinstance(t, type) and issubclass(t, msgspec.Struct):
+                out |= struct_fields(t)
+            else:
+                types.extend(typing.get_args(t))
+    return out
+
+
+def test_every_message_type_has_a_struct():
+    assert set(P.BODY_TYPES) == set(MsgType)
+    assert len(set(P.BODY_TYPES.values())) == len(MsgType)  # one struct per type
+
+
+def test_struct_fields_are_exactly_the_documented_fields():
+    """Each message's row names every field of its struct (nested parts' too), and nothing else."""
     table = message_table()
-    for msg_type, schema in getattr(P, "SCHEMAS", {}).items():
-        missing = set(schema) - table[int(msg_type)][1]
-        assert not missing, f"{msg_type.name}: fields {sorted(missing)} are not in docs/protocol.md"
+    for msg_type, cls in P.BODY_TYPES.items():
+        doc, code = table[int(msg_type)][1], struct_fields(cls)
+        assert doc == code, f"{msg_type.name}: only in docs/protocol.md {sorted(doc - code)}; " \
+                            f"only in {cls.__name__} {sorted(code - doc)}"
+
+
+class _Inner(msgspec.Struct):
+    deep: int
+
+
+class _Outer(msgspec.Struct):
+    plain: str
+    listed: list[_Inner] | None = None
+    keyed: dict[str, tuple[_Inner, int]] = {}
+
+
+def test_struct_fields_parser_sees_nested_parts():
+    assert struct_fields(_Outer) == {"plain", "listed", "keyed", "deep"}
 
 
 def test_client_bodies_use_documented_fields():
+    """What the client puts on the wire (the encoded map's keys) is documented."""
     table = message_table()
     body = _generate_body("r1", None, None, [1, 2, 3], True, 3, 2,
                           dict(n=2, max_tokens=4, stop=["x"], seed=1, repetition_penalty=1.1))
-    assert set(body) <= table[MsgType.GENERATE][1]
+    sent = msgspec.msgpack.decode(P.encode(body)[P.HEADER_BYTES:])
+    assert {"request_id", "prompt_token_ids", "params", "stream", "logprobs", "prompt_logprobs"} == set(sent)
+    assert set(sent) <= table[MsgType.GENERATE][1]
     for t in (MsgType.HEALTH, MsgType.STATS, MsgType.MODELS, MsgType.CANCEL):
         assert "request_id" in table[t][1]
 
@@ -73,4 +116,6 @@ def test_framing_header_matches():
     framing = section("Framing")
     assert f'`b"{P.MAGIC.decode()}"`' in framing
     assert re.search(rf"^\| 2 \| 1 \| major \| {P.PROTOCOL_MAJOR} \|$", framing, re.M)
+    assert re.search(rf"^\| 3 \| 1 \| minor \| {P.PROTOCOL_MINOR} \|$", framing, re.M)
+    assert f"this peer\nspeaks {P.PROTOCOL_MAJOR}.{P.PROTOCOL_MINOR}" in framing  # the VERSION_MISMATCH example
     assert P.HEADER_BYTES == 6 and "| 6 | … | body |" in framing

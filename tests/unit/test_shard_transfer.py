@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from shardline.coordinator.shard_server import GGUFTensorSource, ShardError, ShardLayout, ShardServer
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.model_file import read_model_spec, resolve_model_path
 from shardline.protocol import MsgType
@@ -52,19 +53,18 @@ def serve(server: ShardServer, shard, n_messages: int, corrupt: set[int] = froze
                 mtype, body = P.decode(frame)
                 try:
                     if mtype is MsgType.SHARD_REQUEST:
-                        out = (MsgType.SHARD_MANIFEST, server.on_request("w0", body, shard))
+                        out = server.on_request("w0", body, shard)
                     else:
-                        chunk = server.on_fetch("w0", body)
-                        if chunk["index"] in corrupt and chunk["index"] not in spoiled:
-                            spoiled.add(chunk["index"])
-                            data = bytearray(chunk["data"])
+                        out = server.on_fetch("w0", body)
+                        if out.index in corrupt and out.index not in spoiled:
+                            spoiled.add(out.index)
+                            data = bytearray(out.data)
                             data[len(data) // 2] ^= 0xFF
-                            chunk = {**chunk, "data": bytes(data)}
-                        out = (MsgType.SHARD_CHUNK, chunk)
+                            out.data = bytes(data)
                 except ShardError as exc:
-                    out = (MsgType.ERROR, P.error_body(P.ErrorCode.INVALID_REQUEST, str(exc)))
-                router.send_multipart([ident, P.encode(*out)])
-                if out[0] is MsgType.ERROR:
+                    out = P.error(P.ErrorCode.INVALID_REQUEST, str(exc))
+                router.send_multipart([ident, P.encode(out)])
+                if isinstance(out, M.Error):
                     return
         finally:
             router.close(linger=0)
@@ -100,7 +100,7 @@ def test_received_tensors_equal_the_file_slices(source, shard):
     finally:
         dealer.close(linger=0)
         t.join(5)
-    assert stats["bytes"] == layout.total_bytes and stats["retries"] == 0
+    assert stats.bytes == layout.total_bytes and stats.retries == 0
     assert set(loader.tensors) == {s.name for s in slices}
     for ts in slices:
         t_file = source.tensors[ts.name]
@@ -111,7 +111,7 @@ def test_received_tensors_equal_the_file_slices(source, shard):
     if shard[5] == 3:
         q = loader.tensors[f"blk.{shard[0]}.attn_q.weight"]
         assert q.data.shape[0] == 3 * SPEC.head_dim and q.rows == (shard[4] * 192, (shard[4] + 1) * 192)
-        assert stats["bytes"] < sum(int(t.n_bytes) for t in source.tensors.values()) / 2
+        assert stats.bytes < sum(int(t.n_bytes) for t in source.tensors.values()) / 2
         # vocabulary-parallel: only the rank's third of the embedding / tied lm_head rows travels
         embd = loader.tensors["token_embd.weight"]
         v = SPEC.vocab_size // 3
@@ -136,7 +136,7 @@ def test_stage_from_received_tensors_computes_what_the_file_stage_does(source):
     finally:
         dealer.close(linger=0)
         t.join(5)
-    assert stats["retries"] == 2  # both corrupted chunks were fetched again
+    assert stats.retries == 2  # both corrupted chunks were fetched again
     x = torch.randn(5, SPEC.hidden_size)
     meta = build_attention_metadata([(0, 5, [0], True)], 16)
     outs = []
@@ -155,9 +155,9 @@ def test_chunks_are_bounded_and_checksummed(source):
     stream = hashlib.sha256()
     for i in range(layout.num_chunks):
         c = layout.chunk(i)
-        assert c["offset"] == i << 20 and len(c["data"]) <= 1 << 20
-        assert c["sha256"] == hashlib.sha256(c["data"]).hexdigest()
-        stream.update(c["data"])
+        assert c.offset == i << 20 and len(c.data) <= 1 << 20
+        assert c.sha256 == hashlib.sha256(c.data).hexdigest()
+        stream.update(c.data)
     assert stream.hexdigest() == layout.digest
     # the whole model's stream is the file's tensor data, each tensor once
     assert layout.total_bytes == sum(int(t.n_bytes) for t in source.tensors.values())
@@ -179,7 +179,7 @@ def test_wrong_digest_and_misaligned_slices_are_refused(source):
     with pytest.raises(ShardError, match="not in the model file"):
         source.describe(TensorSlice("blk.99.ffn_down.weight"))
     with pytest.raises(ShardError, match="no assignment"):
-        server.on_request("w9", {"model_digest": DIGEST}, None)
+        server.on_request("w9", M.ShardRequest(worker_id="w9", model_digest=DIGEST), None)
 
 
 def test_a_manifest_for_another_shard_is_refused(source):
@@ -247,15 +247,15 @@ def test_safetensors_shard_transfer_builds_the_stage_the_files_do(hf_dirs, store
     shard = (0, 2, True, True, 1, 3)
     received, stats, layout = fetch_from(directory, shard, quantization,
                                          corrupt={1} if quantization == "int8" else frozenset())
-    assert stats["format"] == "safetensors" and stats["bytes"] == layout.total_bytes
+    assert stats.format == "safetensors" and stats.bytes == layout.total_bytes
     itemsize = 4 if stored == "f32" else 2
     third = spec.vocab_size // 3
-    embd = next(e for e in layout.entries if e["name"] == "token_embd.weight")
-    assert embd["rows"] == [third, 2 * third] and embd["nbytes"] == third * spec.hidden_size * itemsize
-    assert embd["st_dtype"] == {"f32": "F32", "bf16": "BF16"}[stored]
+    embd = next(e for e in layout.entries if e.name == "token_embd.weight")
+    assert embd.rows == (third, 2 * third) and embd.nbytes == third * spec.hidden_size * itemsize
+    assert embd.st_dtype == {"f32": "F32", "bf16": "BF16"}[stored]
     whole = sum(SafetensorsTensorSource(directory).describe(TensorSlice(s.name))[0]["nbytes"]
                 for s in shard_tensor_slices(spec, 0, 2, True, True, 0, 1))
-    assert stats["bytes"] < 0.4 * whole
+    assert stats.bytes < 0.4 * whole
     ids = torch.tensor([1, 17000, 40000, 2, 33000], dtype=torch.int64)  # every rank's vocabulary slice
     meta = build_attention_metadata([(0, 5, [0], True)], 16)
     outs = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shardline import messages as M
 from shardline import protocol as P
 from shardline.model_file import read_model_spec, resolve_model_path
 from shardline.sampling import SamplingParams
@@ -51,56 +52,62 @@ def make_runner(model) -> StepRunner:
     return StepRunner(SPEC, SHARD, 1, BLOCK_SIZE, LocalComm(), model, kv, Sampler(SPEC.eos_token_id))
 
 
-def prefill(seq_id: int, tokens: list[int], blocks: list[int], **first) -> dict:
+def prefill(seq_id: int, tokens: list[int], blocks: list[int]) -> M.StepSeq:
     """A sequence's first step: the whole prompt, its block table, greedy sampling."""
-    return {"seq_id": seq_id, "start": 0, "n": len(tokens), "tokens": P.pack_ids(tokens), "blocks": P.pack_ids(blocks),
-            "reset": True, "sample": True, "params": SamplingParams(temperature=0.0).to_dict(),
-            "prompt_len": len(tokens), **first}
+    return M.StepSeq(seq_id=seq_id, start=0, n=len(tokens), tokens=P.pack_ids(tokens), blocks=P.pack_ids(blocks),
+                     reset=True, sample=True, params=SamplingParams(temperature=0.0).to_dict(), prompt_len=len(tokens))
 
 
-def decode(seq_id: int, start: int, **input_token) -> dict:
-    """A decode step of one token at `start`, its input given as `tokens` or `prev` (a continuation)."""
-    return {"seq_id": seq_id, "start": start, "n": 1, "blocks": b"", "reset": False, "sample": True, **input_token}
+def decode(seq_id: int, start: int, tokens: bytes = b"", input_step: int | None = None) -> M.StepSeq:
+    """A decode step of one token at `start`, its input given as `tokens` or `input_step` (a continuation)."""
+    return M.StepSeq(seq_id=seq_id, start=start, n=1, tokens=tokens, blocks=b"", reset=False, sample=True,
+                     input_step=input_step)
 
 
-def sampled(result: dict) -> dict[int, int]:
-    return dict(zip(P.unpack_ids(result["seq_ids"]), P.unpack_ids(result["tokens"])))
+def step(step_id: int, *seqs: M.StepSeq, free: list[int] = ()) -> M.Step:
+    """A STEP as the worker decodes it (encoded and decoded, so the runner sees wire values)."""
+    return P.decode(P.encode(M.Step(step_id=step_id, seqs=list(seqs), free=list(free))))[1]
+
+
+def sampled(result: M.StepResult) -> dict[int, int]:
+    return dict(zip(P.unpack_ids(result.seq_ids), P.unpack_ids(result.tokens)))
 
 
 def test_a_continuation_takes_the_token_its_previous_step_sampled(model):
-    """Two sequences; step 2 continues sequence 1 from step 1's token (`prev`) and decodes
+    """Two sequences; step 2 continues sequence 1 from step 1's token (`input_step`) and decodes
     sequence 2 from its token id: the same tokens as a runner given every input token."""
     ahead, given = make_runner(model), make_runner(model)
-    first = {"step_id": 1, "seqs": [prefill(1, PROMPT, [0]), prefill(2, PROMPT[:3], [1])]}
+    first = step(1, prefill(1, PROMPT, [0]), prefill(2, PROMPT[:3], [1]))
     r1 = ahead.execute_step(first)
-    assert r1 == {**given.execute_step(first), "forward_s": r1["forward_s"]}
+    want1 = given.execute_step(first)
+    want1.forward_s = r1.forward_s
+    assert r1 == want1
     t1 = sampled(r1)
     assert sorted(t1) == [1, 2] and ahead.sampled_tokens == {1: (1, t1[1]), 2: (1, t1[2])}
-    r2 = ahead.execute_step({"step_id": 2, "seqs": [decode(1, len(PROMPT), prev=1),
-                                                    decode(2, 3, tokens=P.pack_ids([t1[2]]))]})
-    want = given.execute_step({"step_id": 2, "seqs": [decode(1, len(PROMPT), tokens=P.pack_ids([t1[1]])),
-                                                       decode(2, 3, tokens=P.pack_ids([t1[2]]))]})
-    assert sampled(r2) == sampled(want) and r2["step_id"] == 2
+    r2 = ahead.execute_step(step(2, decode(1, len(PROMPT), input_step=1), decode(2, 3, tokens=P.pack_ids([t1[2]]))))
+    want = given.execute_step(step(2, decode(1, len(PROMPT), tokens=P.pack_ids([t1[1]])),
+                                   decode(2, 3, tokens=P.pack_ids([t1[2]]))))
+    assert sampled(r2) == sampled(want) and r2.step_id == 2
     assert ahead.times.num_steps == 2 and ahead.times.busy_s > 0
     assert len(ahead.times.take_recent()) == 2 and ahead.times.take_recent() == []
 
 
 def test_a_continuation_whose_token_is_not_here_fails_by_name(model):
     runner = make_runner(model)
-    runner.execute_step({"step_id": 1, "seqs": [prefill(1, PROMPT, [0])]})
+    runner.execute_step(step(1, prefill(1, PROMPT, [0])))
     with pytest.raises(RuntimeError, match="continuation of sequence 1: step 5's token is not here"):
-        runner.execute_step({"step_id": 6, "seqs": [decode(1, len(PROMPT), prev=5)]})
+        runner.execute_step(step(6, decode(1, len(PROMPT), input_step=5)))
     runner.sampled_tokens[1] = (7, 42)  # a later step's token than the one asked for
     with pytest.raises(RuntimeError, match="expected step 5's token, have step 7's"):
-        runner.execute_step({"step_id": 8, "seqs": [decode(1, len(PROMPT), prev=5)]})
+        runner.execute_step(step(8, decode(1, len(PROMPT), input_step=5)))
 
 
 def test_free_drops_a_sequence_and_its_late_tokens(model):
     """A freed sequence's block table, sampling state and sampled token go; a token that
     arrives for it afterwards is dropped; a step with nothing scheduled returns no result."""
     runner = make_runner(model)
-    runner.execute_step({"step_id": 1, "seqs": [prefill(1, PROMPT, [0]), prefill(2, PROMPT, [1])]})
-    assert runner.execute_step({"step_id": 2, "seqs": [], "free": [1]}) is None
+    runner.execute_step(step(1, prefill(1, PROMPT, [0]), prefill(2, PROMPT, [1])))
+    assert runner.execute_step(step(2, free=[1])) is None
     assert set(runner.block_tables) == set(runner.sampling) == set(runner.sampled_tokens) == {2}
     runner._keep_sampled([(2, [1, 2], [7, 8])])
     assert runner.sampled_tokens == {2: (2, 8)}
@@ -109,7 +116,7 @@ def test_free_drops_a_sequence_and_its_late_tokens(model):
 @pytest.mark.parametrize("wait_sends, left", [(False, "abort"), (True, "close")])
 def test_close_leaves_the_data_plane_and_drops_the_sequences(model, wait_sends, left):
     runner = make_runner(model)
-    runner.execute_step({"step_id": 1, "seqs": [prefill(1, PROMPT, [0])]})
+    runner.execute_step(step(1, prefill(1, PROMPT, [0])))
     runner.close(wait_sends=wait_sends)
     assert runner.comm.left == left
     assert not runner.block_tables and not runner.sampling and not runner.sampled_tokens
