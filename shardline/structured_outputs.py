@@ -123,8 +123,13 @@ class StructuredOutputsParams:
         return f"{self.kind}:{int(self.strict)}{int(self.disable_any_whitespace)}:{text}"
 
     def to_dict(self) -> dict:
-        """The wire form: the set constraint and the options that differ from their defaults."""
-        d: dict[str, Any] = {self.kind: list(self.choice) if self.kind == "choice" else getattr(self, self.kind)}
+        """The wire form: the set constraint and the options that differ from their defaults. A
+        schema or structural tag travels as its JSON text: a schema may nest deeper than the
+        protocol lets a plain value nest."""
+        value = getattr(self, self.kind)
+        if self.kind in ("json", "structural_tag"):
+            value = _json.dumps(value, ensure_ascii=False)
+        d: dict[str, Any] = {self.kind: list(value) if self.kind == "choice" else value}
         if self.strict:
             d["strict"] = True
         if self.disable_any_whitespace:

@@ -3,6 +3,8 @@ fields (logit_bias, structured_outputs): typed values, wire round trips, errors 
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import pytest
 
@@ -67,7 +69,11 @@ def test_params_key_identifies_the_constraint_and_the_wire_form_round_trips():
               StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": {"type": "any_text"}})):
         d = msgpack.unpackb(msgpack.packb(p.to_dict()), strict_map_key=True)
         assert StructuredOutputsParams.from_dict(d) == p
-    assert a.to_dict() == {"json": SCHEMA, "strict": True}
+    assert a.to_dict() == {"json": json.dumps(SCHEMA), "strict": True}  # text: any depth travels
+    deep = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "object"}}}}}
+    for _ in range(10):
+        deep = {"type": "array", "items": deep}
+    assert SamplingParams(structured_outputs={"json": deep}).to_dict()["structured_outputs"] == {"json": json.dumps(deep)}
 
 
 def test_sampling_params_carry_logit_bias_and_structured_outputs_over_the_wire():
