@@ -13,9 +13,12 @@ fields; https://platform.openai.com/docs/api-reference):
     GET  /health                200 when the cluster serves with every worker up, else 503
 
 Sampling fields: n, max_tokens (chat: also max_completion_tokens), temperature (default 1),
-top_p, stop, seed, presence_penalty, frequency_penalty, logprobs (completions: int; chat: bool
-with top_logprobs), stream_options.include_usage, and vLLM's top_k, min_p, repetition_penalty,
-min_tokens, stop_token_ids, ignore_eos, include_stop_str_in_output, prompt_logprobs.
+top_p, stop, seed, presence_penalty, frequency_penalty, logit_bias, logprobs (completions: int;
+chat: bool with top_logprobs), stream_options.include_usage, and vLLM's top_k, min_p,
+repetition_penalty, min_tokens, stop_token_ids, ignore_eos, include_stop_str_in_output,
+prompt_logprobs. Completions take `echo` (text prompts): each choice's text starts with its
+prompt, and with `logprobs` the prompt's tokens lead the logprobs (the first with none), as
+OpenAI returns them.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad field
 (named in `param`) or a prompt longer than the context, 401 for a missing or wrong API key, 404
@@ -122,7 +125,8 @@ class ChatBody(_Body):
 
 
 _PASS_THROUGH = ("n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-                 "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "include_stop_str_in_output")
+                 "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "include_stop_str_in_output",
+                 "logit_bias")
 
 
 def _sampling(body: _Body, max_tokens) -> dict:
@@ -133,8 +137,6 @@ def _sampling(body: _Body, max_tokens) -> dict:
         params["max_tokens"] = max_tokens
     if body.stop is not None:
         params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     return params
 
 
@@ -159,16 +161,33 @@ def _completion_logprobs(entries: list, token_ids: list[int], token_bytes: dict[
                          offset: int = 0) -> dict:
     """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs (the sampled token and
     the k most likely, as vLLM reports them), text_offset (characters from the start of the
-    output). `token_bytes=None`: tokens as `token_id:{id}` (vLLM's return_tokens_as_token_ids)."""
+    output). `token_bytes=None`: tokens as `token_id:{id}` (vLLM's return_tokens_as_token_ids).
+    An entry None (the first prompt token, echoed) has null token_logprobs and top_logprobs."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tok, entry in zip(token_ids, entries):
         text = _token_text(token_bytes, tok)
-        lp, top = entry
+        lp, top = entry if entry is not None else (None, None)
         out["tokens"].append(text)
         out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({text: lp, **{_token_text(token_bytes, t): v for t, v in top[:k]}})
+        out["top_logprobs"].append(None if top is None else
+                                   {text: lp, **{_token_text(token_bytes, t): v for t, v in top[:k]}})
         out["text_offset"].append(offset)
         offset += len(text)
+    return out
+
+
+def _echo_logprobs(prompt: str, entries: list, prompt_ids: list[int], token_bytes: dict[int, bytes] | None,
+                   k: int, then: dict | None = None) -> dict:
+    """Completions logprobs of an echoed prompt (its first token has none), followed by `then`
+    (the completion's logprobs, whose offsets already count the prompt). The first token, which
+    no logprob entry names, is spelled by the part of `prompt` the others leave."""
+    if token_bytes is not None and prompt_ids:
+        rest = b"".join(token_bytes.get(t, b"") for t in prompt_ids[1:]).decode("utf-8", errors="replace")
+        if prompt.endswith(rest):
+            token_bytes = {**token_bytes, prompt_ids[0]: prompt[: len(prompt) - len(rest)].encode()}
+    out = _completion_logprobs(entries, prompt_ids, token_bytes, k)
+    for key, values in (then or {}).items():
+        out[key] += values
     return out
 
 
@@ -331,16 +350,19 @@ def create_app(address: str, api_key: str | None = None, timeout_s: float = 300.
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionBody, request: Request):
         await gw.check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
+        if body.echo and not isinstance(body.prompt, str) and not all(isinstance(p, str) for p in body.prompt):
+            raise APIError(400, "echo is supported for text prompts only", param="echo")
         if body.best_of is not None and body.best_of != (body.n if body.n is not None else 1):
             raise APIError(400, "best_of must equal n (no server-side reranking)", param="best_of")
         prompts = _prompts(body.prompt)
         params = _sampling(body, body.max_tokens)
         k = _num_logprobs("logprobs", body.logprobs)
-        kwargs = dict(params, prompt_logprobs=body.prompt_logprobs or 0)
+        num_prompt_logprobs = body.prompt_logprobs or 0
+        if body.echo and k is not None:  # the echoed prompt's logprobs
+            num_prompt_logprobs = max(_num_logprobs("prompt_logprobs", num_prompt_logprobs) or 0, k or 1)
+        kwargs = dict(params, prompt_logprobs=num_prompt_logprobs)
         if k is not None:
             kwargs["logprobs"] = max(k, 1)  # logprobs=0: the sampled token's only
         calls = [dict(kwargs, **p) for p in prompts]
@@ -350,20 +372,27 @@ def create_app(address: str, api_key: str | None = None, timeout_s: float = 300.
         if body.stream:
             streams = await _start_streams(gw.client, calls, "prompt")
             return _sse_response(_completion_events(streams, rid, created, body.model, n, k, body.stream_options,
-                                                    as_ids))
+                                                    as_ids, calls if body.echo else None,
+                                                    show_prompt_logprobs=bool(body.prompt_logprobs)))
         results = await _generate_all(gw.client, calls, "prompt", request)
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for i, r in enumerate(results):
             usage["prompt_tokens"] += r.usage.get("prompt_tokens", 0)
             usage["completion_tokens"] += r.usage.get("completion_tokens", 0)
+            echo = calls[i]["prompt"] if body.echo else ""
+            tb = None if as_ids else r.token_bytes
             for c in r.choices:
-                choices.append({"index": i * n + c.index, "text": c.text,
-                                "logprobs": None if k is None else _completion_logprobs(
-                                    c.logprobs or [], c.token_ids, None if as_ids else r.token_bytes, k),
+                lp = None
+                if k is not None:
+                    lp = _completion_logprobs(c.logprobs or [], c.token_ids, tb, k, len(echo))
+                    if body.echo:
+                        lp = _echo_logprobs(echo, r.prompt_logprobs, r.prompt_token_ids, tb, k, lp)
+                choices.append({"index": i * n + c.index, "text": echo + c.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                 **({"prompt_logprobs": _prompt_logprobs(r.prompt_logprobs, r.prompt_token_ids,
                                                                         r.token_bytes)}
-                                   if c.index == 0 and r.prompt_logprobs is not None else {})})
+                                   if c.index == 0 and body.prompt_logprobs and r.prompt_logprobs is not None
+                                   else {})})
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": choices, "usage": usage}
@@ -500,9 +529,13 @@ def _usage(final: list[Delta]) -> dict:
 
 
 async def _completion_events(streams: list[DeltaStream], rid: str, created: int, model: str, n: int, k,
-                             stream_options: dict | None, as_ids: bool = False) -> AsyncIterator[str]:
+                             stream_options: dict | None, as_ids: bool = False, echo: list[dict] | None = None,
+                             show_prompt_logprobs: bool = True) -> AsyncIterator[str]:
     """Completion chunks (object text_completion) as tokens arrive; each choice's last chunk
-    carries its finish_reason; then the usage chunk if asked for; then `data: [DONE]`."""
+    carries its finish_reason; then the usage chunk if asked for; then `data: [DONE]`. With
+    `echo` (the calls, one per prompt), each choice's first chunk is its prompt, with its
+    logprobs when k is set: the deltas of a prompt's choices then wait for its prompt logprobs,
+    which come with choice 0's first delta."""
     def chunk(choices, **extra):
         return _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                      "choices": choices, **extra})
@@ -510,25 +543,52 @@ async def _completion_events(streams: list[DeltaStream], rid: str, created: int,
     final: list[Delta] = []
     offsets: dict[int, int] = {}
     token_bytes: dict[int, bytes] = {}
+    prompts: dict[int, tuple[list | None, list[int] | None]] = {}  # prompt -> (logprob entries, ids)
+    waiting: dict[int, list[Delta]] = {}  # prompt -> deltas held until its prompt logprobs come
+    echoed: set[int] = set()
+
+    def events(i: int, d: Delta) -> list[str]:
+        out = []
+        idx = i * n + d.index
+        if echo is not None and idx not in echoed:
+            echoed.add(idx)
+            text, (entries, ids) = echo[i]["prompt"], prompts[i]
+            lp = None
+            if k is not None:
+                lp = _echo_logprobs(text, entries, ids, None if as_ids else token_bytes, k)
+            offsets[idx] = len(text)
+            out.append(chunk([{"index": idx, "text": text, "logprobs": lp, "finish_reason": None}]))
+        if d.usage is not None:  # the last Delta of prompt i: every choice's finish
+            for c in d.choices or []:
+                out.append(chunk([{"index": i * n + c.index, "text": "", "logprobs": None,
+                                   "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))
+            return out
+        lp = None
+        if k is not None and d.logprobs is not None:
+            lp = _completion_logprobs(d.logprobs, d.token_ids, None if as_ids else token_bytes, k,
+                                      offsets.get(idx, 0))
+            offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in lp["tokens"])
+        extra = {}
+        if d.prompt_logprobs is not None and show_prompt_logprobs:
+            extra["prompt_logprobs"] = _prompt_logprobs(d.prompt_logprobs, d.prompt_token_ids, token_bytes)
+        out.append(chunk([{"index": idx, "text": d.text, "logprobs": lp, "finish_reason": None, **extra}]))
+        return out
+
     try:
         async for i, d in _merged(streams):
-            if d.usage is not None:  # the last Delta of prompt i: every choice's finish
+            if d.usage is not None:
                 final.append(d)
-                for c in d.choices or []:
-                    yield chunk([{"index": i * n + c.index, "text": "", "logprobs": None,
-                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
-                continue
             token_bytes.update(d.token_bytes or {})
-            idx = i * n + d.index
-            lp = None
-            if k is not None and d.logprobs is not None:
-                lp = _completion_logprobs(d.logprobs, d.token_ids, None if as_ids else token_bytes, k,
-                                          offsets.get(idx, 0))
-                offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in lp["tokens"])
-            extra = {}
-            if d.prompt_logprobs is not None:
-                extra["prompt_logprobs"] = _prompt_logprobs(d.prompt_logprobs, d.prompt_token_ids, token_bytes)
-            yield chunk([{"index": idx, "text": d.text, "logprobs": lp, "finish_reason": None, **extra}])
+            if echo is not None and i not in prompts:
+                if k is not None and d.prompt_logprobs is None:
+                    waiting.setdefault(i, []).append(d)
+                    continue
+                prompts[i] = (d.prompt_logprobs, d.prompt_token_ids)
+                for held in waiting.pop(i, []):
+                    for e in events(i, held):
+                        yield e
+            for e in events(i, d):
+                yield e
         if stream_options and stream_options.get("include_usage"):
             yield chunk([], usage=_usage(final))
     except ShardlineError as exc:

@@ -6,12 +6,16 @@ written for either means the same here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
+
+from shardline.structured_outputs import StructuredOutputsParams
 
 MAX_N = 16  # most choices per request
 MAX_LOGPROBS = 20  # most top-k logprobs per token (logprobs, prompt_logprobs)
 MAX_TOKENS = 2**31 - 1  # bound of every token count and token id (they travel as int32)
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (vLLM: _SAMPLING_EPS)
+MAX_LOGIT_BIAS = 1024  # most entries of logit_bias
+MAX_BIAS = 100.0  # |bias| bound (OpenAI: -100 to 100)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,12 @@ class SamplingParams:
     negative ones by r for every token seen in the prompt or the output (1 = off);
     `frequency_penalty` subtracts f x (count of the token in the output); `presence_penalty`
     subtracts p once for every token present in the output (0 = off).
+
+    logit_bias: {token id: bias in [-100, 100]} added to those logits (OpenAI's `logit_bias`;
+    -100 in effect bans a token); a JSON-style map with string keys is accepted. Like vLLM,
+    reported logprobs do not include it. structured_outputs: the constraint on the output
+    (`StructuredOutputsParams`, or its dict form); the coordinator turns it into an
+    allowed-token mask per step.
 
     Raises:
         ValueError: on construction, naming the field, when a value is outside its range.
@@ -50,6 +60,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -61,6 +73,12 @@ class SamplingParams:
         if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be a list of integers")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs", StructuredOutputsParams.from_dict(self.structured_outputs))
+        elif not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise ValueError(f"structured_outputs={self.structured_outputs!r}: must be a StructuredOutputsParams "
+                             f"or its dict form")
         self._check()
 
     def _check(self):
@@ -116,9 +134,15 @@ class SamplingParams:
         return replace(self, n=1, seed=seed)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The wire form (a msgpack map with string keys). `logit_bias` and `structured_outputs`
+        appear only when set, so a plain request reads the same to a peer that predates them."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _OPTIONAL_ON_WIRE}
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        if self.logit_bias:
+            d["logit_bias"] = {str(t): b for t, b in self.logit_bias.items()}
+        if self.structured_outputs is not None:
+            d["structured_outputs"] = self.structured_outputs.to_dict()
         return d
 
     @classmethod
@@ -138,6 +162,34 @@ class SamplingParams:
             return cls(**d)
         except TypeError as exc:
             raise ValueError(str(exc)) from None
+
+
+_OPTIONAL_ON_WIRE = ("logit_bias", "structured_outputs")
+
+
+def _logit_bias(value) -> dict[int, float] | None:
+    """`logit_bias` as {int token id: float bias}, None when empty. Keys may be ints or decimal
+    strings (OpenAI's JSON form).
+
+    Raises:
+        ValueError: naming logit_bias, for anything else or a value out of range.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias={value!r}: must be a map of token id to bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not _is_int(token) or not 0 <= token <= MAX_TOKENS:
+            raise ValueError(f"logit_bias: key {key!r} must be a token id in [0, {MAX_TOKENS}]")
+        if not _is_num(bias) or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise ValueError(f"logit_bias: bias {bias!r} of token {token} must be a number in "
+                             f"[{-MAX_BIAS:g}, {MAX_BIAS:g}]")
+        out[token] = float(bias)
+    return out or None
 
 
 def choice_seed(seed: int, index: int) -> int:

@@ -1,11 +1,19 @@
 """Token sampling on the last stage: greedy, temperature, top-k, top-p, min-p, penalties, seeded.
 
-Per row, in vLLM's order (vllm/v1/sample/sampler.py):
+Per row, in vLLM's order (vllm/v1/sample/sampler.py, and the grammar bitmask its model runner
+applies before calling the sampler):
 
-    raw logits --> logprobs reported to the client (log_softmax of the raw logits, as vLLM's
-        |          default `raw_logprobs` mode)
+    raw logits
+        v
+    allowed-token bitmask of a constrained row: disallowed tokens -> -inf (in place)
+        v  ------> logprobs reported to the client (log_softmax of these logits, as vLLM's
+        |          default `raw_logprobs` mode: a constrained row's logprobs are of the masked
+        |          distribution; logit bias and penalties are not in them)
         v
     min_tokens: EOS (unless ignore_eos) and stop_token_ids -> -inf while the output is shorter
+        |       (unless that would leave no token: a grammar that allows only EOS wins)
+        v
+    logit_bias: + bias of each listed token
         v
     penalties: repetition (prompt + output tokens), frequency and presence (output tokens)
         v
@@ -24,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardline.sampling import SamplingParams
+from shardline.token_bitmask import BITS_PER_WORD
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
 
@@ -50,6 +59,48 @@ class SequenceSampling:
     prompt_len: int | None = None
     token_ids: list[int] | None = None
     pending_logprobs: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed-token masks of the constrained rows of one step (the other rows are unconstrained).
+
+    rows:     [m] row indices into the step's logits, one per mask row
+    bitmask:  [m, ceil(vocab / 32)] int32, bit j of word w allows token 32 * w + j
+              (`shardline.token_bitmask` layout)
+    """
+
+    rows: list[int]
+    bitmask: torch.Tensor
+
+
+def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
+    """Set every token a row's mask disallows to -inf, in place. logits: [rows, vocab] float32;
+    tokens past the mask's 32 * words bits count as disallowed."""
+    if not mask.rows:
+        return
+    vocab = logits.shape[1]
+    m, words = mask.bitmask.shape
+    assert m == len(mask.rows), (m, len(mask.rows))
+    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32)
+    bits = (mask.bitmask.to(torch.int32)[:, :, None] >> shifts) & 1  # [m, words, 32]
+    allowed = bits.reshape(m, words * BITS_PER_WORD).bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(m, vocab - allowed.shape[1])], dim=1)
+    rows = torch.tensor(mask.rows, dtype=torch.int64)
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """logits [vocab] plus `bias` at its tokens (a new tensor); token ids outside the vocabulary
+    are ignored."""
+    vocab = logits.shape[0]
+    items = [(t, b) for t, b in bias.items() if 0 <= t < vocab]
+    x = logits.clone()
+    if items:
+        ids, values = zip(*items)
+        x[torch.tensor(ids, dtype=torch.int64)] += torch.tensor(values, dtype=x.dtype)
+    return x
 
 
 @dataclass
@@ -101,11 +152,15 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                 num_logprobs: list[int], seqs: list[SequenceSampling | None] | None = None) -> SampleResult:
+                 num_logprobs: list[int], seqs: list[SequenceSampling | None] | None = None,
+                 token_bitmask: TokenBitmask | None = None) -> SampleResult:
         """logits: [num_rows, vocab] float32; params/positions/num_logprobs: one per row
         (position = index of the token being sampled). `seqs` (optional, one per row) gives the
         prompt length (for min_tokens) and the token history (for penalties); without it those
-        options are not applied. Returns one token per row."""
+        options are not applied. `token_bitmask`: the allowed tokens of the constrained rows,
+        applied to `logits` in place. Returns one token per row."""
+        if token_bitmask is not None:
+            apply_token_bitmask(logits, token_bitmask)
         tokens = _argmax_rows(logits)
         drawn: list[int] = []  # rows sampled at random, drawn together below
         drawn_rows: list[torch.Tensor] = []
@@ -134,23 +189,25 @@ class Sampler:
 
     def _process_row(self, logits: torch.Tensor, p: SamplingParams, position: int,
                      seq: SequenceSampling | None) -> torch.Tensor:
-        """min_tokens masking and penalties: the processed row [vocab], or None when neither
-        applies (the raw row is used as is)."""
-        if seq is None or seq.prompt_len is None:
-            return None
+        """min_tokens masking, logit bias and penalties: the processed row [vocab], or None when
+        none applies (the row is used as is)."""
+        known = seq is not None and seq.prompt_len is not None  # min_tokens and penalties need it
         x = logits
         changed = False
-        num_output = position - seq.prompt_len
-        if num_output < p.min_tokens:
+        if known and position - seq.prompt_len < p.min_tokens:
             banned = list(p.stop_token_ids)
             if not p.ignore_eos and self.eos_token_id is not None:
                 banned.append(self.eos_token_id)
             banned = [t for t in banned if 0 <= t < x.shape[0]]
             if banned:
-                x = x.clone()
-                x[banned] = float("-inf")
-                changed = True
-        if p.needs_history and seq.token_ids is not None:
+                y = x.clone()
+                y[banned] = float("-inf")
+                if bool(torch.isfinite(y).any()):  # else a grammar allows only these: it wins
+                    x, changed = y, True
+        if p.logit_bias:
+            x = apply_logit_bias(x, p.logit_bias)
+            changed = True
+        if known and p.needs_history and seq.token_ids is not None:
             history = seq.token_ids[:position]
             x = apply_penalties(x, history[: seq.prompt_len], history[seq.prompt_len:], p)
             changed = True

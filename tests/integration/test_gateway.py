@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP gateway, driven by the official `openai` Python package, against
 the default cluster: completion, chat (the model's chat template, checked against
-transformers'), streaming, stop, max_tokens, n, logprobs (against transformers' logits), error
-statuses, API key, /health, disconnect cancels, and `shardline launch` starting the gateway."""
+transformers'), streaming, stop, max_tokens, n, logprobs (against transformers' logits), echo,
+logit_bias, error statuses, API key, /health, disconnect cancels, and `shardline launch`
+starting the gateway."""
 
 from __future__ import annotations
 
@@ -213,6 +214,62 @@ def test_logprobs_equal_transformers_log_softmax(oai):
     assert bytes(b for e in content for b in e.bytes).decode() == chat.choices[0].message.content
     assert all(len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=NEAR_TIE)
                for e in content)
+
+
+def test_echo_returns_the_prompt_first_with_its_logprobs(oai, cluster):
+    prompt = "The capital of France is"
+    ids = [504, 3575, 282, 4649, 314]  # its tokens
+    plain = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2)
+    r = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    c, gen = r.choices[0], plain.choices[0]
+    assert c.text == prompt + gen.text and r.usage.prompt_tokens == len(ids)
+    lp = c.logprobs
+    assert "".join(lp.tokens[:5]) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = cluster.client.generate(prompt, max_tokens=1, prompt_logprobs=2)
+    assert lp.token_logprobs[1:5] == pytest.approx([e[0] for e in ref.prompt_logprobs[1:]], abs=1e-5)
+    assert lp.token_logprobs[5:] == pytest.approx(gen.logprobs.token_logprobs, abs=1e-5)
+    assert lp.tokens[5:] == gen.logprobs.tokens
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert not hasattr(c, "prompt_logprobs") or c.prompt_logprobs is None  # not asked for
+    chunks = list(oai.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                         echo=True, stream=True))
+    texts = [ch.choices[0].text for ch in chunks if ch.choices]
+    assert texts[0] == prompt and "".join(texts) == c.text
+    streamed = [v for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    chunks = list(oai.completions.create(model=MODEL, prompt=[prompt, "Water boils at"], max_tokens=3,
+                                         temperature=0.8, seed=5, echo=True, stream=True, n=2, logprobs=1))
+    firsts = {}
+    for ch in chunks:
+        for choice in ch.choices:
+            if choice.index not in firsts:
+                firsts[choice.index] = (choice.text, choice.logprobs.token_logprobs[0])
+    assert firsts == {0: (prompt, None), 1: (prompt, None), 2: ("Water boils at", None), 3: ("Water boils at", None)}
+    with pytest.raises(openai.BadRequestError) as e:  # a token-id prompt has no text to echo here
+        oai.completions.create(model=MODEL, prompt=ids, max_tokens=4, echo=True)
+    assert e.value.body["param"] == "echo"
+
+
+def test_logit_bias_bans_and_forces_tokens(oai, cluster):
+    prompt = "The capital of France is"
+    ref = cluster.client.generate(prompt, max_tokens=1, logprobs=2)
+    best, second = ref.logprobs[0][1][0][0], ref.logprobs[0][1][1][0]
+    banned = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                    logit_bias={str(best): -100}, extra_body={"return_tokens_as_token_ids": True},
+                                    logprobs=1)
+    assert banned.choices[0].logprobs.tokens == [f"token_id:{second}"]
+    forced = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0.7, seed=1,
+                                    logit_bias={"1000": 100}, extra_body={"return_tokens_as_token_ids": True},
+                                    logprobs=1)
+    assert forced.choices[0].logprobs.tokens == ["token_id:1000"] * 3
+    chat = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       temperature=0, logit_bias={"1000": 100}, logprobs=True)
+    assert chat.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logit_bias={"1000": 101})
+    assert e.value.body["param"] == "logit_bias" and "[-100, 100]" in e.value.body["message"]
 
 
 def test_errors_are_openai_shaped(oai):

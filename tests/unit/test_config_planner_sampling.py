@@ -265,8 +265,8 @@ def test_sampling_params_wire_round_trip():
     d = p.to_dict()
     assert d["stop"] == ["END"] and d["stop_token_ids"] == [2, 3]
     assert SamplingParams.from_dict(d) == p
-    with pytest.raises(ValueError, match="unknown sampling parameter.*: best_of, logit_bias"):
-        SamplingParams.from_dict({"n": 2, "best_of": 2, "logit_bias": {}})
+    with pytest.raises(ValueError, match="unknown sampling parameter.*: best_of, suffix"):
+        SamplingParams.from_dict({"n": 2, "best_of": 2, "suffix": "x"})
     with pytest.raises(ValueError, match="must be a map, got list"):
         SamplingParams.from_dict([1])
 
